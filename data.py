@@ -1,0 +1,379 @@
+"""Grounding data: JSONL records (METHOD.md section 9), built-in synthetic sets, mask conversion.
+
+A dataset is a list of `Sample`s: an image (loaded on demand), a text query, the GT box in
+original-image pixels and where it came from (file:line). `load_dataset(spec)` takes a JSONL path
+or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix.
+
+    python data.py synth --kind xray --n 200 --out DIR          # PNGs + DIR/data.jsonl
+    python data.py from-masks --images DIR --masks DIR --query "Locate the lesion." --out DIR
+"""
+import argparse
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.transforms.functional import gaussian_blur
+
+from reward import parse_box
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad input data; the message lists file:line: reason for each offending record."""
+
+
+@dataclass
+class Sample:
+    load: Callable[[], Image.Image]  # RGB image, true size
+    query: str
+    box: tuple                       # (x1, y1, x2, y2) in original-image pixels
+    image_size: tuple                # (W, H)
+    source: str                      # "file:line" or "synth:kind:split:index"
+
+    def image(self):
+        return self.load()
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB; 16-bit/float grey is min-max scaled (12-bit X-rays stay visible)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.round().astype(np.uint8))
+    return img.convert("RGB")
+
+
+def read_image(path):
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+# ----------------------------------------------------------------------------- JSONL
+def _record_fields(obj):
+    """(image, query, box) of one record in either METHOD.md section 9 shape; raises ValueError."""
+    if not isinstance(obj, dict):
+        raise ValueError("record is not a JSON object")
+    if not isinstance(obj.get("image"), str) or not obj["image"]:
+        raise ValueError("field 'image': missing or not a string")
+    if "conversations" in obj:
+        turns = obj["conversations"]
+        try:
+            query = next(t["value"] for t in turns if t.get("from") == "human")
+            answer = next(t["value"] for t in turns if t.get("from") == "gpt")
+        except (StopIteration, TypeError, AttributeError, KeyError):
+            raise ValueError("field 'conversations': needs a 'human' and a 'gpt' turn with 'value'")
+        query = query.replace("<image>", "").strip()
+    elif "problem" in obj and "solution" in obj:
+        query, answer = obj["problem"], obj["solution"]
+    else:
+        missing = [k for k in ("problem", "solution") if k not in obj]
+        raise ValueError(f"field {missing[0]!r}: missing (or give 'conversations')")
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("field 'problem': missing or empty query")
+    return obj["image"], query.strip(), _box_field(answer)
+
+
+def _box_field(answer):
+    if isinstance(answer, str):
+        box = parse_box(answer)
+        if box is None:
+            raise ValueError(f"field 'solution': no box in {answer[:60]!r}")
+    elif isinstance(answer, list):
+        box = answer
+    else:
+        raise ValueError("field 'solution': expected [x1, y1, x2, y2] or a string holding one")
+    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and math.isfinite(v) for v in box):
+        raise ValueError(f"field 'solution': box is not 4 finite numbers: {box}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"field 'solution': need x2 > x1 and y2 > y1, got {box}")
+    return (x1, y1, x2, y2)
+
+
+def _image_size(path):
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise ValueError(f"field 'image': file not found: {path}")
+    except Exception as e:  # PIL raises many types for broken files
+        raise ValueError(f"field 'image': unreadable image {path}: {e}")
+
+
+def _parse_line(line, image_root):
+    obj = json.loads(line)
+    image, query, box = _record_fields(obj)
+    path = image if os.path.isabs(image) else os.path.join(image_root, image)
+    W, H = _image_size(path)
+    if box[0] < 0 or box[1] < 0 or box[2] > W or box[3] > H:
+        raise ValueError(f"field 'solution': box {list(box)} is outside the {W}x{H} image")
+    return Sample(lambda p=path: read_image(p), query, box, (W, H), "")
+
+
+def load_jsonl(path, image_root=None, skip_invalid=False):
+    """Records of a JSONL file; one error listing every bad line unless `skip_invalid`."""
+    image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    samples, errors = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                sample = _parse_line(line, image_root)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: invalid JSON ({e.msg})")
+                continue
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+                continue
+            sample.source = where
+            samples.append(sample)
+    if errors and not skip_invalid:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{path}: {len(errors)} invalid record(s) (use --skip-invalid to drop them):"
+                        f"\n  {shown}{more}")
+    if errors:
+        print(f"{path}: skipped {len(errors)} invalid record(s), e.g. {errors[0]}")
+    if not samples:
+        raise DataError(f"{path}: no valid records: the dataset is empty")
+    return samples
+
+
+# ----------------------------------------------------------------------------- synthetic data
+KINDS = ("derm", "xray", "us")
+SPLITS = {"train": 0, "test": 1}
+QUERIES = {"derm": "Locate the skin lesion.", "xray": "Locate the bright opacity.",
+           "us": "Locate the thyroid nodule."}
+# Original sizes vary (160-400 px wide) but each modality keeps one aspect ratio, as real data sets
+# mostly do (HAM10000 is 4:3): the processor then gives every image of a modality the same token
+# grid, which a randomly initialised tiny model needs to learn positions in minutes.
+ASPECT = {"derm": (4, 3), "xray": (3, 4), "us": (5, 4)}
+SYNTH_SIZES = {"train": 2000, "test": 200}
+
+
+def _smooth_noise(rng, W, H, cells, sigma=1.0):
+    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bicubically."""
+    grid = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    img = Image.fromarray(grid, mode="F").resize((W, H), Image.BICUBIC)
+    return np.clip(np.asarray(img), -sigma, sigma)
+
+
+def _blob_mask(rng, W, H, area_frac, irregular):
+    """Binary mask of a wobbly ellipse of about `area_frac` of the image, fully inside it."""
+    aspect = rng.uniform(0.6, 1.6)
+    r = math.sqrt(area_frac * W * H / math.pi)
+    rx, ry = max(r * math.sqrt(aspect), 2.5), max(r / math.sqrt(aspect), 2.5)
+    rx, ry = min(rx, W * 0.4), min(ry, H * 0.4)
+    cx, cy = rng.uniform(rx + 2, W - rx - 2), rng.uniform(ry + 2, H - ry - 2)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    theta = np.arctan2((yy - cy) / ry, (xx - cx) / rx)
+    wobble = 1 + sum(irregular * rng.uniform(0, 1) / k * np.cos(k * theta + rng.uniform(0, 6.3))
+                     for k in (2, 3, 5))
+    return (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2) <= wobble ** 2 * 0.9
+
+
+def _tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def _blur(a, sigma):
+    """Gaussian blur of a float image (PIL blurs only 8-bit images)."""
+    size = 2 * math.ceil(3 * sigma) + 1
+    t = torch.tensor(a, dtype=torch.float32)[None]
+    return gaussian_blur(t, [size, size], [sigma, sigma])[0].numpy()
+
+
+def _derm(rng, W, H):
+    skin = np.array([rng.uniform(190, 235), rng.uniform(140, 185), rng.uniform(110, 155)], np.float32)
+    img = skin + 18 * _smooth_noise(rng, W, H, 6)[..., None] + rng.normal(0, 4, (H, W, 1))
+    mask = _blob_mask(rng, W, H, math.exp(rng.uniform(math.log(0.02), math.log(0.25))), 0.15)
+    lesion = np.array([rng.uniform(60, 120), rng.uniform(35, 75), rng.uniform(25, 55)], np.float32)
+    alpha = _blur(mask * rng.uniform(0.8, 0.95), 1.5)[..., None]
+    img = img * (1 - alpha) + (lesion + 15 * _smooth_noise(rng, W, H, 12)[..., None]) * alpha
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(rng.integers(0, 4)):  # hairs cross lesion and skin alike
+        pts = [tuple(rng.uniform(0, [W, H])) for _ in range(3)]
+        draw.line(pts, fill=(60, 40, 30), width=1)
+    return pil, mask
+
+
+def _xray(rng, W, H):
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    img = 40 + 25 * _smooth_noise(rng, W, H, 4) + 20 * (1 - ((xx / W - 0.5) ** 2 + (yy / H - 0.5) ** 2))
+    bones = Image.new("F", (W, H), 0.0)
+    draw = ImageDraw.Draw(bones)
+    for _ in range(rng.integers(1, 4)):  # elongated bright distractors
+        x0, y0 = rng.uniform(0, W), rng.uniform(0, H)
+        ang, length, width = rng.uniform(0, math.pi), rng.uniform(0.4, 0.9) * max(W, H), rng.uniform(8, 22)
+        draw.line([(x0 - math.cos(ang) * length / 2, y0 - math.sin(ang) * length / 2),
+                   (x0 + math.cos(ang) * length / 2, y0 + math.sin(ang) * length / 2)],
+                  fill=float(rng.uniform(35, 60)), width=int(width))
+    img = img + _blur(np.asarray(bones), 3)
+    mask = _blob_mask(rng, W, H, math.exp(rng.uniform(math.log(0.01), math.log(0.12))), 0.06)
+    img = img + _blur(mask * rng.uniform(90, 130), 2.0)
+    img = img + rng.normal(0, 6, (H, W))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB"), mask
+
+
+def _us(rng, W, H):
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    tissue = 110 + 30 * _smooth_noise(rng, W, H, 5)
+    mask = _blob_mask(rng, W, H, math.exp(rng.uniform(math.log(0.015), math.log(0.15))), 0.1)
+    tissue = tissue * (1 - _blur(mask * rng.uniform(0.65, 0.85), 3.0))  # dark, blurry-edged nodule
+    speckle = _blur(rng.rayleigh(1.0, (H, W)).astype(np.float32), 0.8)
+    depth_fade = 1.1 - 0.5 * yy / H
+    return Image.fromarray(np.clip(tissue * speckle * depth_fade, 0, 255).astype(np.uint8)).convert("RGB"), mask
+
+
+GENERATORS = {"derm": _derm, "xray": _xray, "us": _us}
+
+
+def synth_sample(kind, split, index, seed=0):
+    """One deterministic synthetic sample; train and test draw from disjoint seed streams."""
+    rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS[split], index])
+    W = int(rng.integers(160, 400))
+    H = round(W * ASPECT[kind][1] / ASPECT[kind][0])
+    image, mask = GENERATORS[kind](rng, W, H)
+    query = QUERIES[kind]
+    return image, query, _tight_box(mask)
+
+
+class SynthSet(Sequence):
+    """`n` synthetic samples of `kind` (derm, xray, us or mix: the three interleaved).
+
+    Samples are made on first access and kept (a few hundred kB each), since drawing one costs
+    more than a tiny model's training step on it."""
+
+    def __init__(self, kind, split="train", n=None, seed=0):
+        if kind not in KINDS + ("mix",):
+            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}")
+        self.kind, self.split, self.seed = kind, split, seed
+        self.n = SYNTH_SIZES[split] if n is None else n
+        self.made = {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        if i not in self.made:
+            k, j = (KINDS[i % 3], i // 3) if self.kind == "mix" else (self.kind, i)
+            image, query, box = synth_sample(k, self.split, j, self.seed)
+            self.made[i] = Sample(lambda: image, query, box, image.size, f"synth:{k}:{self.split}:{j}")
+        return self.made[i]
+
+
+def load_dataset(spec, default_split="train", image_root=None, skip_invalid=False, n=None, seed=0):
+    """A JSONL path, or `synth:KIND[:SPLIT]` (SPLIT defaults to `default_split`)."""
+    if spec.startswith("synth:"):
+        parts = spec.split(":")
+        split = parts[2] if len(parts) > 2 else default_split
+        if split not in SPLITS:
+            raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
+        return SynthSet(parts[1], split, n, seed)
+    if not os.path.exists(spec):
+        raise DataError(f"{spec}: no such file (and not a synth:KIND spec)")
+    samples = load_jsonl(spec, image_root, skip_invalid)
+    return samples[:n] if n else samples
+
+
+# ----------------------------------------------------------------------------- writing JSONL
+def write_jsonl(records, out_dir, name="data.jsonl"):
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_synth(kind, n, out_dir, split="train", seed=0):
+    """Write `n` synthetic PNGs and a data.jsonl describing them (METHOD.md section 9 format)."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for i, s in enumerate(SynthSet(kind, split, n, seed)):
+        rel = os.path.join("images", f"{kind}_{split}_{i:05d}.png")
+        s.image().save(os.path.join(out_dir, rel))
+        records.append({"image": rel, "problem": s.query, "solution": [round(v) for v in s.box]})
+    return write_jsonl(records, out_dir)
+
+
+def mask_box(mask_path):
+    """Tight box [x1, y1, x2, y2] around the non-zero pixels of a mask image, or None if empty."""
+    with Image.open(mask_path) as m:
+        a = np.asarray(m)
+    a = a.max(-1) if a.ndim == 3 else a
+    return _tight_box(a > 0) if (a > 0).any() else None
+
+
+def from_masks(images, masks, query, out_dir, split=0.8, seed=0):
+    """Segmentation set -> train.jsonl / test.jsonl with tight mask boxes, seeded split."""
+    mask_by_stem = {os.path.splitext(f)[0]: f for f in os.listdir(masks)}
+    records, problems = [], []
+    for name in sorted(os.listdir(images)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        match = mask_by_stem.get(stem) or next((mask_by_stem[k] for k in mask_by_stem
+                                                if k.startswith(stem + "_")), None)
+        box = mask_box(os.path.join(masks, match)) if match else None
+        if box is None:
+            problems.append(f"{os.path.join(images, name)}: {'empty mask' if match else 'no mask with this stem'}")
+            continue
+        records.append({"image": os.path.abspath(os.path.join(images, name)), "problem": query,
+                        "solution": [int(v) for v in box]})
+    if not records:
+        raise DataError(f"{images}: no image has a non-empty mask in {masks}")
+    random.Random(seed).shuffle(records)
+    cut = int(round(len(records) * split))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = (write_jsonl(records[:cut], out_dir, "train.jsonl"), write_jsonl(records[cut:], out_dir, "test.jsonl"))
+    return paths, problems
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write a synthetic set as PNGs + JSONL")
+    s.add_argument("--kind", default="mix", choices=KINDS + ("mix",))
+    s.add_argument("--n", type=int, default=200)
+    s.add_argument("--split", default="train", choices=tuple(SPLITS))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    m = sub.add_parser("from-masks", help="segmentation masks -> JSONL with tight boxes")
+    m.add_argument("--images", required=True)
+    m.add_argument("--masks", required=True)
+    m.add_argument("--query", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--split", type=float, default=0.8, help="fraction of records in train.jsonl")
+    m.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cmd == "synth":
+        print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
+        return
+    (train, test), problems = from_masks(a.images, a.masks, a.query, a.out, a.split, a.seed)
+    for line in problems[:20]:
+        print(f"skipped {line}")
+    print(f"wrote {train} and {test} ({len(problems)} image(s) skipped)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""GRPO by hand: group sampling, group-normalised advantages, the clipped surrogate and k3 KL.
+
+METHOD.md section 5. Rows of every tensor are laid out group after group: completions 0..G-1
+of prompt 0, then those of prompt 1, and so on.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """G sampled completions for each of B prompts (N = B*G rows, group after group)."""
+    batch: dict                  # processor batch, each prompt repeated G times
+    completion_ids: torch.Tensor  # (N, T)
+    mask: torch.Tensor           # (N, T) 1 up to and including the first end-of-turn token
+    texts: list                  # decoded completions
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 on tokens up to and including the first end-of-turn token, 0 after (METHOD.md 5.4)."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_ids, device=completion_ids.device))
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # end-of-turn tokens strictly before t
+    return (eos_before == 0).float()
+
+
+@torch.no_grad()
+def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_tokens=64):
+    """Step 1 of METHOD.md section 5: G completions per prompt, explicit sampling parameters."""
+    repeat = lambda xs: [x for x in xs for _ in range(group_size)]
+    batch = policy.encode(repeat(images), repeat(queries))
+    ids = policy.generate(batch, max_new_tokens, temperature=temperature)
+    return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids))
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """A_i = (r_i - group mean) / (group std + eps), unbiased std; scale="none": Dr. GRPO (5.2)."""
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r}: expected 'group' or 'none'")
+    return centred.reshape(-1)
+
+
+def frac_equal_groups(rewards, group_size):
+    """Fraction of groups whose G rewards are all equal: they give zero gradient (reward sparsity)."""
+    groups = rewards.view(-1, group_size)
+    return (groups.max(1).values == groups.min(1).values).float().mean().item()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=None, beta=0.04,
+              loss_type="grpo", max_new_tokens=None):
+    """Clipped surrogate + beta * k3 KL per token, aggregated by loss_type (METHOD.md 5.3-5.4)."""
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp from a reference model")
+    eps_high = eps if eps_high is None else eps_high
+    # the gradient flows through logp alone: old policy, reference and advantages are constants
+    old_logp = (logp if old_logp is None else old_logp).detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    ratio = torch.exp(logp - old_logp)  # 1 in value when mu = 1, but carries the gradient
+    A = advantages.detach()[:, None]
+    clipped = torch.clamp(ratio, 1 - eps, 1 + eps_high)
+    per_token = -torch.min(ratio * A, clipped * A)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    if beta > 0:
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, loss_type, max_new_tokens)
+    n_tokens = mask.sum().clamp(min=1)
+    was_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    stats = {"kl": ((kl * mask).sum() / n_tokens).item(),
+             "clip_frac": ((was_clipped.float() * mask).sum() / n_tokens).item(),
+             "ratio": ((ratio * mask).sum() / n_tokens).item()}
+    return loss, stats
+
+
+def aggregate(per_token, mask, loss_type, max_new_tokens=None):
+    """grpo: mean of per-sequence token means; bnpo: token mean; dr_grpo: sum / (N * max_new_tokens)."""
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        if not max_new_tokens:
+            raise ValueError("loss_type 'dr_grpo' needs max_new_tokens")
+        return (per_token * mask).sum() / (per_token.shape[0] * max_new_tokens)
+    raise ValueError(f"unknown loss_type {loss_type!r}: expected 'grpo', 'bnpo' or 'dr_grpo'")
+
+
+def chunk_weight(loss_type, chunk_mask, full_mask):
+    """Weight of a micro-batch's loss so that micro-batches add up to the full batch's loss."""
+    if loss_type == "bnpo":
+        return (chunk_mask.sum() / full_mask.sum().clamp(min=1)).item()
+    return chunk_mask.shape[0] / full_mask.shape[0]  # grpo and dr_grpo average over sequences

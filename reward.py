@@ -1,0 +1,123 @@
+"""Rewards for grounding: parse a box from text, bring it to the original image, score it.
+
+METHOD.md sections 2 (coordinates), 3 (answer syntax) and 4 (rewards). Everything here is plain
+Python on floats; `score_completions` turns a batch of completions into reward tensors.
+"""
+import re
+
+import torch
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+# `[a, b, c, d]`: a bare list, also the value of a JSON "bbox_2d" key (any fence around it).
+_LIST_BOX = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+# Qwen2-VL `(x1,y1),(x2,y2)`, optionally between <|box_start|> and <|box_end|>.
+_PAIR_BOX = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FORMATS = {  # METHOD.md section 3: the answer structure each template asks for
+    "r1": re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL),
+    "short": re.compile(rf"\s*<answer>\s*\[\s*{_NUM}(?:\s*,\s*{_NUM}){{3}}\s*\]\s*</answer>\s*"),
+}
+
+
+def parse_box(text):
+    """First box in the first <answer> block (whole text if none), as written (METHOD.md 3)."""
+    answer = _ANSWER.search(text)
+    body = answer.group(1) if answer else text
+    found = [m for m in (_LIST_BOX.search(body), _PAIR_BOX.search(body)) if m]
+    if not found:
+        return None
+    first = min(found, key=lambda m: m.start())
+    return tuple(float(v) for v in first.groups())
+
+
+def to_image_frame(box, coord, image_size, input_size):
+    """Model-frame box -> original-image pixels, clipped to the image (METHOD.md section 2)."""
+    if box is None:
+        return None
+    W, H = image_size
+    if coord == "abs":  # Qwen2.5-VL: pixels of the processor-resized image (width, height)
+        sx, sy = W / input_size[0], H / input_size[1]
+    elif coord == "norm1000":  # Qwen2-VL: 0..1000 on both axes
+        sx, sy = W / 1000.0, H / 1000.0
+    else:
+        raise ValueError(f"unknown coordinate frame {coord!r}: expected 'abs' or 'norm1000'")
+    x1, y1, x2, y2 = box
+    clip = lambda v, hi: min(max(v, 0.0), float(hi))
+    return (clip(x1 * sx, W), clip(y1 * sy, H), clip(x2 * sx, W), clip(y2 * sy, H))
+
+
+def from_image_frame(box, coord, image_size, input_size):
+    """Original-image box -> the model's frame: the inverse of `to_image_frame` (METHOD.md 2)."""
+    W, H = image_size
+    if coord == "abs":
+        sx, sy = input_size[0] / W, input_size[1] / H
+    elif coord == "norm1000":
+        sx, sy = 1000.0 / W, 1000.0 / H
+    else:
+        raise ValueError(f"unknown coordinate frame {coord!r}: expected 'abs' or 'norm1000'")
+    x1, y1, x2, y2 = box
+    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+
+
+def _area(box):
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
+def _valid(box):
+    return box is not None and box[2] > box[0] and box[3] > box[1]
+
+
+def _inter_union(a, b):
+    inter = _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    return inter, _area(a) + _area(b) - inter
+
+
+def iou(a, b):
+    """Intersection over union in continuous coordinates; None/empty/inverted boxes -> 0 (METHOD.md 4)."""
+    if not (_valid(a) and _valid(b)):
+        return 0.0
+    inter, union = _inter_union(a, b)
+    return inter / union
+
+
+def giou01(a, b):
+    """Generalised IoU mapped from [-1, 1] to [0, 1]; invalid boxes -> 0 (METHOD.md section 4 option)."""
+    if not (_valid(a) and _valid(b)):
+        return 0.0
+    inter, union = _inter_union(a, b)
+    hull = _area((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])))
+    return (inter / union - (hull - union) / hull + 1.0) / 2.0
+
+
+def format_reward(text, template):
+    """1.0 when the completion has the template's answer structure, else 0.0 (METHOD.md 3-4)."""
+    return 1.0 if _FORMATS[template].fullmatch(text) and parse_box(text) is not None else 0.0
+
+
+def accuracy_reward(iou_value, giou_value, mode, tau):
+    """r_acc: 1[IoU >= tau] ("threshold"), IoU ("iou", Raw-IoU) or GIoU in [0, 1] ("giou")."""
+    if mode == "threshold":
+        if tau is None:
+            raise ValueError("reward mode 'threshold' needs a tau; use --reward iou with raw-iou")
+        return 1.0 if iou_value >= tau else 0.0
+    if mode == "iou":
+        return iou_value
+    if mode == "giou":
+        return giou_value
+    raise ValueError(f"unknown reward mode {mode!r}: expected 'threshold', 'iou' or 'giou'")
+
+
+def score_completions(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="threshold",
+                      template="short", w_fmt=1.0):
+    """Per-completion IoU, accuracy, format, total reward r = r_acc + w_fmt*r_fmt (METHOD.md 4)."""
+    cols = {k: [] for k in ("iou", "acc", "fmt", "reward", "parse_fail")}
+    for text, gt, size, in_size in zip(texts, gt_boxes, image_sizes, input_sizes, strict=True):
+        raw = parse_box(text)
+        box = to_image_frame(raw, coord, size, in_size)
+        overlap = iou(box, gt)
+        acc = accuracy_reward(overlap, giou01(box, gt) if mode == "giou" else 0.0, mode, tau)
+        fmt = format_reward(text, template)
+        for key, value in (("iou", overlap), ("acc", acc), ("fmt", fmt),
+                           ("reward", acc + w_fmt * fmt), ("parse_fail", float(raw is None))):
+            cols[key].append(value)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+import eval as ev
+from data import Sample
+
+
+def test_accuracy_and_pseudo_map_hand_computed():
+    ious = [0.0, 0.5, 0.79, 0.8, 0.96]
+    assert ev.accuracy_at(ious, 0.5) == pytest.approx(4 / 5)
+    assert ev.accuracy_at(ious, 0.8) == pytest.approx(2 / 5)
+    # thresholds 0.50..0.95: 0.5 passes 1; 0.79 passes 6 (<=0.75); 0.8 passes 7; 0.96 passes 10
+    assert ev.pseudo_map(ious) == pytest.approx((1 + 6 + 7 + 10) / (10 * 5))
+    assert ev.MAP_THRESHOLDS[0] == 0.5 and ev.MAP_THRESHOLDS[-1] == 0.95 and len(ev.MAP_THRESHOLDS) == 10
+    assert ev.accuracy_at([], 0.5) == 0.0
+
+
+def test_summarize_and_size_bins():
+    m = ev.summarize([1.0, 0.0], [False, True])
+    assert m == {"A@0.5": 0.5, "A@0.8": 0.5, "mAP": 0.5, "mIoU": 0.5, "parse_fail": 0.5, "n": 2}
+    s = lambda box: Sample(None, "q", box, (100, 100), "")
+    assert [ev.size_bin(s(b)) for b in [(0, 0, 10, 39), (0, 0, 20, 20), (0, 0, 39, 40), (0, 0, 40, 40)]] == \
+        ["small", "medium", "medium", "large"]  # bins: [0, 4 %), [4 %, 16 %), 16 % and up
+
+
+def test_eval_cli_writes_metrics_and_pictures(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    ev.main(["--model", "tiny", "--dataset", "synth:derm", "--n", "5", "--out", str(out), "--save-vis", "2"])
+    m = json.loads(out.read_text())
+    # a random model writes no box: every metric is 0 and every answer a parse failure
+    assert (m["A@0.5"], m["A@0.8"], m["mAP"], m["mIoU"], m["parse_fail"], m["n"]) == (0, 0, 0, 0, 1, 5)
+    assert set(m["by_size"]) == {"small", "medium", "large"}
+    assert sum(v["n"] for v in m["by_size"].values()) == 5
+    assert len(list((tmp_path / "m_vis").glob("*.png"))) == 2
+    assert "parse_fail" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_dataset_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: field 'problem'"):
+        ev.main(["--model", "tiny", "--dataset", str(bad)])

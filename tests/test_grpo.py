@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from grpo import aggregate, chunk_weight, completion_mask, frac_equal_groups, group_advantages, grpo_loss
+
+
+def test_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = group_advantages(r, 4)
+    std = (4 * 0.25 / 3) ** 0.5  # unbiased std of [1, 0, 0, 1]
+    assert a[:4].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1
+                                          + [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4)])
+    assert a[4:].tolist() == [0.0] * 4  # constant group: zeros, not NaN
+    assert group_advantages(r, 4, scale="none").tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
+
+
+def test_advantages_errors():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="advantage scale"):
+        group_advantages(torch.zeros(4), 2, scale="batch")
+
+
+def test_frac_equal_groups():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    assert frac_equal_groups(r, 2) == pytest.approx(2 / 3)
+
+
+def test_completion_mask_includes_first_eos_only():
+    ids = torch.tensor([[5, 6, 9, 0, 0], [5, 9, 9, 9, 9], [5, 6, 7, 8, 5], [8, 5, 5, 5, 5]])
+    m = completion_mask(ids, [9, 8])
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
+
+
+def slow_loss(logp, old, ref, adv, mask, eps, eps_high, beta, loss_type, max_new):
+    """Per-token loop straight from METHOD.md section 5."""
+    N, T = logp.shape
+    per_seq, total, count = [], 0.0, 0
+    for i in range(N):
+        seq_sum, seq_n = 0.0, 0
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            rho = torch.exp(logp[i, t] - old[i, t])
+            a = adv[i]
+            surrogate = -torch.min(rho * a, torch.clamp(rho, 1 - eps, 1 + eps_high) * a)
+            d = ref[i, t] - logp[i, t]
+            token = surrogate + beta * (torch.exp(d) - d - 1)
+            seq_sum, seq_n = seq_sum + token, seq_n + 1
+        per_seq.append(seq_sum / seq_n)
+        total, count = total + seq_sum, count + seq_n
+    if loss_type == "grpo":
+        return sum(per_seq) / N
+    if loss_type == "bnpo":
+        return total / count
+    return total / (N * max_new)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_loss_matches_per_token_loop(loss_type):
+    g = torch.Generator().manual_seed(0)
+    N, T = 6, 5
+    logp = -torch.rand(N, T, generator=g) * 3
+    old = logp + 0.4 * torch.randn(N, T, generator=g)  # ratios well outside [0.8, 1.3]
+    ref = logp + 0.3 * torch.randn(N, T, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0, 1.5])
+    mask = torch.ones(N, T)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    args = dict(eps=0.2, eps_high=0.3, beta=0.04, loss_type=loss_type, max_new_tokens=8)
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, **args)
+    expected = slow_loss(logp, old, ref, adv, mask, 0.2, 0.3, 0.04, loss_type, 8)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert 0 < stats["clip_frac"] < 1 and stats["kl"] > 0
+
+
+def test_on_policy_loss_value_and_gradient_flow_only_through_logp():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.25], [0.5, 0.5]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0], requires_grad=True)
+    mask = torch.ones(2, 2)
+    loss, stats = grpo_loss(logp, None, ref, adv, mask, beta=0.1)
+    # rho = 1: surrogate -A per token; k3 at token (0,0): d = ln 0.5 -> 0.5 - ln 0.5 - 1
+    k3 = 0.5 - torch.log(torch.tensor(0.5)).item() - 1
+    assert loss.item() == pytest.approx(((-1 + 0.1 * k3 / 2) + 1) / 2, abs=1e-6)
+    assert stats["ratio"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+    loss.backward()
+    assert ref.grad is None and adv.grad is None
+    # d/dlogp of -rho*A is -A per token, divided by tokens per sequence and sequences
+    assert logp.grad[1].tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_beta_zero_needs_no_reference_and_beta_positive_does():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, stats = grpo_loss(logp, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), beta=0.0)
+    assert loss.item() == pytest.approx(0.0) and stats["kl"] == 0.0
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, None, None, torch.ones(2), torch.ones(2, 3), beta=0.04)
+
+
+def test_aggregation_errors_and_chunk_weights_add_up():
+    x = torch.arange(12.0).view(4, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1.0]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        aggregate(x, mask, "dr_grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        aggregate(x, mask, "sum")
+    for lt in ("grpo", "bnpo", "dr_grpo"):
+        whole = aggregate(x, mask, lt, 3)
+        parts = sum(aggregate(x[s:s + 2], mask[s:s + 2], lt, 3) * chunk_weight(lt, mask[s:s + 2], mask)
+                    for s in (0, 2))
+        assert parts.item() == pytest.approx(whole.item())

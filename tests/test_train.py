@@ -1,0 +1,125 @@
+"""End-to-end checks of train.py on the tiny model and synthetic data (a minute or so)."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from model import load_vlm
+
+REQUIRED_KEYS = {"step", "reward_mean", "reward_std", "hit_rate", "iou_mean", "tau", "frac_equal_groups",
+                 "parse_fail", "kl", "clip_frac", "completion_len", "step_seconds"}
+SMALL = ["--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4", "--eval-n", "6",
+         "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory):
+    """A briefly supervised tiny model: it writes parseable boxes, so rewards differ within groups."""
+    out = str(tmp_path_factory.mktemp("warm") / "run")
+    train.main(["--algo", "sft", "--dataset", "synth:derm", "--steps", "100", "--batch-prompts", "16",
+                "--lr", "3e-3", "--out", out, "--eval-dataset", "none", "--threads", "1"])
+    return os.path.join(out, "final")
+
+
+def read_log(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(folder):
+    return load_vlm(folder).model.state_dict()
+
+
+def test_grpo_steps_log_every_key_and_change_the_weights(warm, tmp_path):
+    run = str(tmp_path / "run")
+    train.main(SMALL + ["--init", warm, "--steps", "3", "--out", run])
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(REQUIRED_KEYS <= set(r) for r in log)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert any(r["frac_equal_groups"] < 1 for r in log)  # some group had a learning signal
+    before, after = weights(warm), weights(os.path.join(run, "final"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    metrics = json.load(open(os.path.join(run, "eval.json")))
+    assert {"A@0.5", "A@0.8", "mAP", "mIoU", "parse_fail", "n", "by_size"} <= set(metrics)
+    assert metrics["n"] == 6 and 0 <= metrics["mIoU"] <= 1
+    assert json.load(open(os.path.join(run, "config.json")))["init"] == warm
+
+
+def test_resume_gives_the_same_taus_metrics_and_weights(warm, tmp_path):
+    # all readiness checks off and a 2-step window: tau rises every step once the window is full,
+    # so the window and tau must survive the restart exactly
+    args = SMALL + ["--init", warm, "--window", "2", "--no-reward-check", "--no-stability-check",
+                    "--no-margin-check", "--save-every", "3", "--eval-dataset", "none"]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    train.main(args + ["--steps", "6", "--out", whole])
+    train.main(args + ["--steps", "3", "--out", split])
+    train.main(["--resume", split, "--steps", "6"])
+    drop = lambda log: [{k: v for k, v in r.items() if k != "step_seconds"} for r in log]
+    assert drop(read_log(split)) == drop(read_log(whole))
+    assert [r["tau"] for r in read_log(whole)] == [0.3, 0.3, 0.45, 0.6, 0.7, 0.8]
+    a, b = weights(os.path.join(whole, "final")), weights(os.path.join(split, "final"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_tiny_run_warm_starts_and_anchors_the_kl_there(tmp_path):
+    run = str(tmp_path / "run")
+    train.main(["--dataset", "synth:us", "--sft-steps", "2", "--sft-batch", "2", "--steps", "1",
+                "--batch-prompts", "1", "--group-size", "2", "--out", run, "--eval-dataset", "none",
+                "--threads", "1"])
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["init"] == os.path.join(run, "warmstart", "model") and os.path.isdir(cfg["init"])
+    assert cfg["lr"] == 1e-4 and cfg["max_new_tokens"] == 24 and cfg["reward"] == "threshold"
+    assert read_log(run)[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+
+
+def test_sft_lowers_the_answer_loss(tmp_path):
+    run = str(tmp_path / "sft")
+    train.main(["--algo", "sft", "--dataset", "synth:xray", "--steps", "30", "--batch-prompts", "8",
+                "--lr", "3e-3", "--out", run, "--eval-dataset", "none", "--threads", "1"])
+    losses = [r["loss"] for r in read_log(run)]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "1"], "G >= 2"),
+    (["--micro-batch", "3"], "whole groups"),
+    (["--ref-model", "none"], "needs a reference model"),
+    (["--schedule", "raw-iou", "--reward", "threshold"], "raw-iou has no tau"),
+    (["--algo", "ppo"], "expected grpo or sft"),
+])
+def test_impossible_settings_fail_up_front(args, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(args)
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a run folder"):
+        train.main(["--resume", str(tmp_path / "nothing")])
+
+
+def test_bad_dataset_is_a_clear_error(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"image": "a.png", "problem": "q", "solution": [0, 0, 1]}\n')
+    with pytest.raises(SystemExit, match=r"d.jsonl:1: field 'solution': box is not 4 finite numbers"):
+        train.main(["--dataset", str(bad), "--out", str(tmp_path / "run")])
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    policy = load_vlm("tiny")
+    opt = torch.optim.AdamW(policy.model.parameters())
+    sched = train.make_run_schedule(train.Config())
+    first = train.save_checkpoint(str(tmp_path), 5, policy, opt, sched, keep=1)
+
+    def crash(folder):
+        os.makedirs(folder, exist_ok=True)
+        raise OSError("disk full")
+    monkeypatch.setattr(policy, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint(str(tmp_path), 10, policy, opt, sched, keep=1)
+    assert train.latest_checkpoint(str(tmp_path)) == first
+    assert os.path.exists(os.path.join(first, "trainer_state.pt"))
