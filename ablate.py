@@ -106,7 +106,15 @@ def run_study(args):
         for k, _ in enumerate(pool.map(method_run, jobs), 1):
             print(f"\r{k}/{len(jobs)} runs done ({time.time() - t0:.0f} s)", end="", flush=True)
     print()
-    return root, warm, cells, methods, time.time() - t0
+    # wall time over every invocation, so a resumed study still reports what it cost
+    timing = os.path.join(root, "wall_seconds.json")
+    spent = time.time() - t0
+    if os.path.exists(timing):
+        with open(timing) as f:
+            spent += json.load(f)
+    with open(timing, "w") as f:
+        json.dump(spent, f)
+    return root, warm, cells, methods, spent
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -128,11 +136,12 @@ def collect(root, warm, cells, methods):
         warm_rows.append({"modality": modality, "seed": seed, **{k: metrics[k] for k in METRICS}})
         for name in methods:
             metrics, log = read_run(os.path.join(cell_dir, name))
-            early = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r][:max(len(log) // 4, 1)]
+            sparsity = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r]
+            early = sparsity[:max(len(sparsity) // 4, 1)] if sparsity else None  # None: SFT rows
             rows.append({"modality": modality, "method": name, "seed": seed,
                          **{k: metrics[k] for k in METRICS}, "parse_fail": metrics["parse_fail"],
                          "by_size": metrics["by_size"], "final_tau": log[-1].get("tau") if log else None,
-                         "early_frac_equal_groups": statistics.mean(early) if early and log and "frac_equal_groups" in log[0] else None})
+                         "early_frac_equal_groups": statistics.mean(early) if early else None})
             curves[(modality, name, seed)] = log
     return rows, warm_rows, curves
 
@@ -206,9 +215,11 @@ def report(args, root, warm, cells, methods, wall):
     grpo_methods = [m for m in methods if m != "sft"]
     for key, ylabel, k in (("tau", "IoU threshold tau", 1), ("hit_rate", "hit rate (IoU >= tau)", 10),
                            ("frac_equal_groups", "all-equal-reward groups", 10)):
-        plot(curves, grpo_methods, modalities, seeds, key, ylabel, os.path.join(args.out, f"{name}_{key}.png"), k)
+        path = os.path.join(args.out, f"{name}_{key}.png")
+        plot(curves, grpo_methods, modalities, seeds, key, ylabel, path, k)
     md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mean ± std over seeds)", "",
-          f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min on this machine", "",
+          f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
+          "2-core machine (summed over invocations if it was resumed)", "",
           table(rows, warm_rows, methods, modalities), "",
           "All-equal-reward groups (no gradient) in the first quarter of training, %:", "",
           sparsity_table(rows, grpo_methods, modalities), "",

@@ -155,12 +155,14 @@ def load_jsonl(path, image_root=None, skip_invalid=False):
 # ----------------------------------------------------------------------------- synthetic data
 KINDS = ("derm", "xray", "us")
 SPLITS = {"train": 0, "test": 1}
-QUERIES = {"derm": "Locate the skin lesion.", "xray": "Locate the bright opacity.",
-           "us": "Locate the thyroid nodule."}
-# Original sizes vary (160-400 px wide) but each modality keeps one aspect ratio, as real data sets
-# mostly do (HAM10000 is 4:3): the processor then gives every image of a modality the same token
-# grid, which a randomly initialised tiny model needs to learn positions in minutes.
-ASPECT = {"derm": (4, 3), "xray": (3, 4), "us": (5, 4)}
+# Queries of one length and landscape images only: a randomly initialised tiny model has rotary
+# positions alone to tell where an image token sits, and it learns that in minutes only when the
+# token grid (3 x 4 here) and the distance from image to answer do not change between samples.
+QUERIES = {"derm": "Locate the skin lesion.", "xray": "Locate the bright spot.",
+           "us": "Locate the dark nodule."}
+# Original sizes vary (160-400 px wide) but each modality keeps one aspect ratio, as real data
+# sets mostly do (HAM10000 is 4:3); all three resize to the same 84 x 112 model input.
+ASPECT = {"derm": (4, 3), "xray": (4, 3), "us": (5, 4)}
 SYNTH_SIZES = {"train": 2000, "test": 200}
 
 
@@ -237,7 +239,8 @@ def _us(rng, W, H):
     tissue = tissue * (1 - _blur(mask * rng.uniform(0.65, 0.85), 3.0))  # dark, blurry-edged nodule
     speckle = _blur(rng.rayleigh(1.0, (H, W)).astype(np.float32), 0.8)
     depth_fade = 1.1 - 0.5 * yy / H
-    return Image.fromarray(np.clip(tissue * speckle * depth_fade, 0, 255).astype(np.uint8)).convert("RGB"), mask
+    img = np.clip(tissue * speckle * depth_fade, 0, 255).astype(np.uint8)
+    return Image.fromarray(img).convert("RGB"), mask
 
 
 GENERATORS = {"derm": _derm, "xray": _xray, "us": _us}
@@ -326,6 +329,9 @@ def mask_box(mask_path):
 
 def from_masks(images, masks, query, out_dir, split=0.8, seed=0):
     """Segmentation set -> train.jsonl / test.jsonl with tight mask boxes, seeded split."""
+    for folder in (images, masks):
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: no such folder")
     mask_by_stem = {os.path.splitext(f)[0]: f for f in os.listdir(masks)}
     records, problems = [], []
     for name in sorted(os.listdir(images)):
@@ -336,7 +342,8 @@ def from_masks(images, masks, query, out_dir, split=0.8, seed=0):
                                                 if k.startswith(stem + "_")), None)
         box = mask_box(os.path.join(masks, match)) if match else None
         if box is None:
-            problems.append(f"{os.path.join(images, name)}: {'empty mask' if match else 'no mask with this stem'}")
+            why = "empty mask" if match else "no mask with this stem"
+            problems.append(f"{os.path.join(images, name)}: {why}")
             continue
         records.append({"image": os.path.abspath(os.path.join(images, name)), "problem": query,
                         "solution": [int(v) for v in box]})
@@ -345,8 +352,8 @@ def from_masks(images, masks, query, out_dir, split=0.8, seed=0):
     random.Random(seed).shuffle(records)
     cut = int(round(len(records) * split))
     os.makedirs(out_dir, exist_ok=True)
-    paths = (write_jsonl(records[:cut], out_dir, "train.jsonl"), write_jsonl(records[cut:], out_dir, "test.jsonl"))
-    return paths, problems
+    train = write_jsonl(records[:cut], out_dir, "train.jsonl")
+    return (train, write_jsonl(records[cut:], out_dir, "test.jsonl")), problems
 
 
 def main(argv=None):
@@ -366,6 +373,13 @@ def main(argv=None):
     m.add_argument("--split", type=float, default=0.8, help="fraction of records in train.jsonl")
     m.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        run(a)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run(a):
     if a.cmd == "synth":
         print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
         return

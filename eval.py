@@ -112,7 +112,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny'")
     p.add_argument("--dataset", required=True, help="JSONL path or synth:KIND (test split by default)")
-    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the JSONL's)")
+    p.add_argument("--image-root", default=None,
+                   help="folder image paths are relative to (default: the JSONL's)")
     p.add_argument("--skip-invalid", action="store_true", help="drop bad records instead of stopping")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=32)

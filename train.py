@@ -7,6 +7,7 @@
 One step (METHOD.md section 5): B prompts -> G completions each -> rewards under the schedule's tau
 -> group advantages -> clipped surrogate + KL -> AdamW -> schedule update -> log.
 """
+import argparse
 import dataclasses
 import glob
 import json
@@ -29,8 +30,8 @@ from reward import from_image_frame, score_completions
 from scheduler import make_schedule
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -44,12 +45,12 @@ class Config:
     eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
     eval_n: int = opt(200, "evaluate on at most N samples")
     init: str = opt(None, "start from this checkpoint folder (e.g. an SFT run) instead of --model")
-    ref_model: str = opt(None, "reference policy for the KL (default: the starting policy); 'none' with beta 0")
-    template: str = opt(None, "prompt template: r1 or short (default: short for tiny, r1 otherwise)")
+    ref_model: str = opt(None, "KL reference policy (default: the starting policy); 'none' with --beta 0")
+    template: str = opt(None, "prompt template (default: short for tiny, r1 otherwise)", ("r1", "short"))
     min_pixels: int = opt(None, "processor min_pixels (default: the model's; tiny: 56*56)")
     max_pixels: int = opt(None, "processor max_pixels (default: the model's; tiny: 112*112)")
     # algorithm (METHOD.md section 5)
-    algo: str = opt("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)")
+    algo: str = opt("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
     steps: int = opt(150, "optimizer steps in total (with --resume: the total to reach)")
     batch_prompts: int = opt(4, "B: prompts per step")
     group_size: int = opt(8, "G: completions per prompt")
@@ -58,22 +59,24 @@ class Config:
     beta: float = opt(0.04, "KL weight; 0 loads no reference model")
     eps: float = opt(0.2, "clip range below 1 (and above, unless --eps-high)")
     eps_high: float = opt(None, "clip range above 1 (DAPO clip-higher); default eps")
-    loss_type: str = opt("grpo", "grpo (sequence mean), bnpo (token mean) or dr_grpo")
-    adv_scale: str = opt("group", "group: divide by group std; none: Dr. GRPO")
+    loss_type: str = opt("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T)",
+                         ("grpo", "bnpo", "dr_grpo"))
+    adv_scale: str = opt("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
     lr: float = opt(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "max gradient norm")
     micro_batch: int = opt(0, "sequences per forward/backward (0: all B*G at once); whole groups")
     # reward (METHOD.md section 4) and schedule (section 6)
-    schedule: str = opt("medloc", "medloc, fixed, raw-iou or stages")
-    reward: str = opt(None, "accuracy reward: threshold, iou or giou (default: iou for raw-iou)")
+    schedule: str = opt("medloc", "tau schedule", ("medloc", "fixed", "raw-iou", "stages"))
+    reward: str = opt(None, "accuracy reward (default: iou for raw-iou, else threshold)",
+                      ("threshold", "iou", "giou"))
     w_fmt: float = opt(1.0, "weight of the format reward")
     tau: float = opt(0.5, "fixed schedule: the threshold")
     tau0: float = opt(0.3, "medloc: starting threshold")
     tau_target: float = opt(0.8, "medloc: final threshold")
     window: int = opt(30, "medloc: N, steps in the sliding window")
     margin: float = opt(0.10, "medloc: Delta, required mean IoU above tau")
-    step_rule: str = opt("piecewise", "medloc: piecewise, linear, cosine or constant")
+    step_rule: str = opt("piecewise", "medloc: step size rule", ("piecewise", "linear", "cosine", "constant"))
     constant_delta: float = opt(0.15, "medloc: step size of the constant rule")
     delta0: float = opt(0.2, "medloc: first step of the linear / cosine rules")
     min_delta: float = opt(0.05, "medloc: smallest step of the linear / cosine rules")
@@ -82,7 +85,7 @@ class Config:
     no_margin_check: bool = opt(False, "medloc ablation: drop m_bar >= Delta")
     stages: str = opt("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
     # warm start, run folder, machine
-    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1000 for tiny without --init, else 0)")
+    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1000 for a fresh tiny, else 0)")
     sft_lr: float = opt(1e-3, "learning rate of the warm start")
     sft_batch: int = opt(16, "batch size of the warm start")
     out: str = opt(None, "run folder (default: runs/<schedule>-<time>)")
@@ -91,23 +94,24 @@ class Config:
     keep_checkpoints: int = opt(1, "how many step checkpoints to keep")
     seed: int = opt(0, "seed of data order, sampling and the tiny model's init")
     device: str = opt("auto", "auto (CUDA if present), cpu or cuda")
-    precision: str = opt("auto", "auto (bf16-mixed on CUDA, fp32 on CPU), bf16-mixed, bf16 or fp32")
+    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU",
+                         ("auto", "bf16-mixed", "bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory (real models on one GPU)")
     freeze_vision: bool = opt(False, "train the language model only")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
 
 
 def parse_args(argv=None):
-    import argparse
+    """Only the flags given on the command line, so a resumed run can tell them from defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=f.type, default=None, help=f.metadata["help"] + f" (default: {f.default})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
-    return given
+            p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"],
+                           help=f.metadata["help"] + f" (default: {f.default})")
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -116,7 +120,8 @@ def resolve(cfg, vlm):
     tiny_fresh = vlm.is_tiny and cfg.init is None and cfg.model == "tiny"
     cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if vlm.is_tiny else 1e-6)
     cfg.max_new_tokens = cfg.max_new_tokens or (24 if vlm.is_tiny else 256)
-    cfg.sft_steps = cfg.sft_steps if cfg.sft_steps is not None else (1000 if tiny_fresh and cfg.algo == "grpo" else 0)
+    if cfg.sft_steps is None:
+        cfg.sft_steps = 1000 if tiny_fresh and cfg.algo == "grpo" else 0
     cfg.reward = cfg.reward or ("iou" if cfg.schedule == "raw-iou" else "threshold")
 
 
@@ -135,13 +140,24 @@ def check(cfg):
         problems.append(f"--beta {cfg.beta} needs a reference model; use --beta 0 with --ref-model none")
     if cfg.reward == "threshold" and cfg.schedule == "raw-iou":
         problems.append("--schedule raw-iou has no tau: use --reward iou or giou")
-    if cfg.algo not in ("grpo", "sft"):
-        problems.append(f"--algo {cfg.algo!r}: expected grpo or sft")
+    try:
+        parse_stages(cfg.stages)
+    except ValueError:
+        problems.append(f"--stages {cfg.stages!r}: expected fraction:tau pairs, e.g. 0:0.5,0.5:0.8")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
 
 
+def parse_stages(text):
+    """'0:0.5,0.5:0.8' -> [(0.0, 0.5), (0.5, 0.8)]."""
+    pairs = [tuple(float(x) for x in pair.split(":")) for pair in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(text)
+    return pairs
+
+
 def make_run_schedule(cfg):
+    """The schedule named by --schedule, with its flags (METHOD.md section 6)."""
     if cfg.schedule == "medloc":
         return make_schedule("medloc", tau0=cfg.tau0, tau_target=cfg.tau_target, window=cfg.window,
                              margin=cfg.margin, step_rule=cfg.step_rule, delta0=cfg.delta0,
@@ -151,8 +167,7 @@ def make_run_schedule(cfg):
     if cfg.schedule == "fixed":
         return make_schedule("fixed", tau=cfg.tau)
     if cfg.schedule == "stages":
-        stages = [tuple(float(x) for x in pair.split(":")) for pair in cfg.stages.split(",")]
-        return make_schedule("stages", stages=stages, total_steps=cfg.steps)
+        return make_schedule("stages", stages=parse_stages(cfg.stages), total_steps=cfg.steps)
     return make_schedule(cfg.schedule)
 
 
@@ -279,7 +294,8 @@ def grpo_step(cfg, policy, ref, samples, tau):
     return scores, {
         "reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
         "hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item(),
-        "fmt_mean": scores["fmt"].mean().item(), "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
+        "fmt_mean": scores["fmt"].mean().item(),
+        "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
         "parse_fail": scores["parse_fail"].mean().item(), "completion_len": rollout.mask.sum(1).mean().item(),
         **stats}
 
@@ -291,12 +307,16 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
     optimizer = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = schedule or make_run_schedule(cfg)
     log_path = os.path.join(run_dir, "metrics.jsonl")
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="sft" if cfg.algo == "sft" else f"grpo:{cfg.schedule}", initial=start_step,
+    if start_step == 0 and os.path.exists(log_path):
+        os.remove(log_path)  # left by a run that died before its config was written
+    name = "sft" if cfg.algo == "sft" else f"grpo:{cfg.schedule}"
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=name, initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
     recent_hits = []
     for step in bar:
         t0 = time.time()
-        samples = [train_set[i] for i in prompt_indices(step - 1, cfg.batch_prompts, len(train_set), cfg.seed)]
+        rows = prompt_indices(step - 1, cfg.batch_prompts, len(train_set), cfg.seed)
+        samples = [train_set[i] for i in rows]
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step, "tau": schedule.tau}
         if cfg.algo == "sft":
@@ -340,24 +360,81 @@ def warm_start(cfg, policy, train_set, run_dir):
 
 
 def load_policy(cfg, name, device):
-    return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                    gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
-                    template=cfg.template, seed=cfg.seed)
+    try:
+        return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
+                        template=cfg.template, seed=cfg.seed)
+    except ValueError as e:  # an unsupported model family, named with its type
+        raise SystemExit(f"error: {e}")
+
+
+def load_config(given):
+    """A new run's Config from the flags; a resumed run's from its config.json."""
+    if "resume" not in given:
+        return Config(**given)
+    path = os.path.join(given["resume"], "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume {given['resume']}: no config.json there (not a run folder)")
+    with open(path) as f:
+        saved = json.load(f)
+    # a resumed run keeps its settings; only the step target and the machine may change
+    saved.update({k: v for k, v in given.items() if k in ("steps", "resume", "device", "threads")})
+    return Config(**saved)
+
+
+def load_data(cfg):
+    """(train set, eval set or None, eval spec); bad data ends the run with the loader's message."""
+    try:
+        # the synthetic benchmark is one fixed draw: --seed varies training, not the data
+        train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid)
+        spec = default_eval_spec(cfg)
+        eval_set = None if spec == "none" else load_dataset(spec, "test", cfg.image_root,
+                                                             cfg.skip_invalid, cfg.eval_n)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    return train_set, eval_set, spec
+
+
+def start(cfg, run_dir, device, train_set):
+    """A new run's policy (after the tiny model's warm start) and its frozen reference."""
+    policy = load_policy(cfg, cfg.init or cfg.model, device)
+    resolve(cfg, policy)
+    if cfg.sft_steps and cfg.algo == "grpo":
+        print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
+        cfg.init = warm_start(cfg, policy, train_set, run_dir)
+    write_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+    ref = None
+    if cfg.algo == "grpo" and cfg.beta > 0:
+        ref_name = cfg.ref_model or cfg.init or cfg.model
+        same = ref_name == (cfg.init or cfg.model)
+        ref = (policy if same else load_policy(cfg, ref_name, device)).frozen_copy()
+    return policy, ref
+
+
+def resume(cfg, run_dir, device):
+    """Policy, reference, optimizer, schedule and step of the latest checkpoint; RNG restored."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise SystemExit(f"error: --resume {run_dir}: no finished checkpoint to resume from")
+    policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
+    resolve(cfg, policy)
+    ref = None
+    if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
+        ref = load_policy(cfg, cfg.ref_model or cfg.init or cfg.model, device).frozen_copy()
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule = make_run_schedule(cfg)
+    schedule.load_state_dict(state["schedule"])
+    set_rng_state(state["rng"])
+    truncate_log(os.path.join(run_dir, "metrics.jsonl"), state["step"])
+    print(f"resumed {run_dir} at step {state['step']} (tau {schedule.tau})")
+    return policy, ref, optimizer, schedule, state["step"]
 
 
 def main(argv=None):
-    given = parse_args(argv)
-    if "resume" in given:
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"error: --resume {given['resume']}: no config.json there (not a run folder)")
-        with open(path) as f:
-            saved = json.load(f)
-        # a resumed run keeps its settings; only the step target (and the machine) may change
-        saved.update({k: v for k, v in given.items() if k in ("steps", "resume", "device", "threads")})
-        cfg = Config(**saved)
-    else:
-        cfg = Config(**given)
+    cfg = load_config(parse_args(argv))
     check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -369,48 +446,12 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-
-    try:
-        # the synthetic benchmark is one fixed draw: --seed varies training, not the data
-        train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid)
-        eval_spec = default_eval_spec(cfg)
-        eval_set = None if eval_spec == "none" else load_dataset(eval_spec, "test", cfg.image_root,
-                                                                  cfg.skip_invalid, cfg.eval_n)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-
-    start_step, optimizer, schedule = 0, None, None
-    if cfg.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise SystemExit(f"error: --resume {run_dir}: no finished checkpoint to resume from")
-        policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
-    else:
-        policy = load_policy(cfg, cfg.init or cfg.model, device)
-    resolve(cfg, policy)
+    train_set, eval_set, eval_spec = load_data(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    if not cfg.resume:
-        if cfg.sft_steps and cfg.algo == "grpo":
-            print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
-            cfg.init = warm_start(cfg, policy, train_set, run_dir)
-        write_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
-
-    ref = None
-    if cfg.algo == "grpo" and cfg.beta > 0:
-        ref_name = cfg.ref_model or cfg.init or cfg.model
-        ref = policy.frozen_copy() if not cfg.resume and ref_name == (cfg.init or cfg.model) \
-            else load_policy(cfg, ref_name, device).frozen_copy()
     if cfg.resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        start_step = state["step"]
-        optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
-                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule = make_run_schedule(cfg)
-        schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"])
-        truncate_log(os.path.join(run_dir, "metrics.jsonl"), start_step)
-        print(f"resumed {run_dir} at step {start_step} (tau {schedule.tau})")
+        policy, ref, optimizer, schedule, start_step = resume(cfg, run_dir, device)
+    else:
+        (policy, ref), optimizer, schedule, start_step = start(cfg, run_dir, device, train_set), None, None, 0
 
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
     save_model_atomic(policy, os.path.join(run_dir, "final"))

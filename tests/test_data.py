@@ -161,3 +161,9 @@ def test_from_masks_tight_boxes_and_seeded_split(tmp_path):
     again = tmp_path / "again"
     data.main(["from-masks", "--images", str(images), "--masks", str(masks), "--query", "q", "--out", str(again)])
     assert [s.box for s in load_jsonl(str(again / "test.jsonl"))] == [s.box for s in test]
+
+
+def test_from_masks_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such folder"):
+        data.main(["from-masks", "--images", str(tmp_path / "nope"), "--masks", str(tmp_path), "--query", "q",
+                   "--out", str(tmp_path / "o")])

@@ -87,11 +87,17 @@ def test_sft_lowers_the_answer_loss(tmp_path):
     (["--micro-batch", "3"], "whole groups"),
     (["--ref-model", "none"], "needs a reference model"),
     (["--schedule", "raw-iou", "--reward", "threshold"], "raw-iou has no tau"),
-    (["--algo", "ppo"], "expected grpo or sft"),
+    (["--stages", "0-0.5"], "fraction:tau pairs"),
 ])
 def test_impossible_settings_fail_up_front(args, message):
     with pytest.raises(SystemExit, match=message):
         train.main(args)
+
+
+def test_unknown_choices_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--algo", "ppo"])
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
@@ -123,3 +129,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
         train.save_checkpoint(str(tmp_path), 10, policy, opt, sched, keep=1)
     assert train.latest_checkpoint(str(tmp_path)) == first
     assert os.path.exists(os.path.join(first, "trainer_state.pt"))
+
+
+def test_a_model_family_without_a_coordinate_frame_is_refused(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="model type 'gpt2' is not supported"):
+        train.main(["--model", str(tmp_path), "--out", str(tmp_path / "run"), "--eval-dataset", "none"])
