@@ -85,7 +85,7 @@ class Config:
     no_margin_check: bool = opt(False, "medloc ablation: drop m_bar >= Delta")
     stages: str = opt("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
     # warm start, run folder, machine
-    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1000 for a fresh tiny, else 0)")
+    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1200 for a fresh tiny, else 0)")
     sft_lr: float = opt(1e-3, "learning rate of the warm start")
     sft_batch: int = opt(16, "batch size of the warm start")
     out: str = opt(None, "run folder (default: runs/<schedule>-<time>)")
@@ -121,7 +121,7 @@ def resolve(cfg, vlm):
     cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if vlm.is_tiny else 1e-6)
     cfg.max_new_tokens = cfg.max_new_tokens or (24 if vlm.is_tiny else 256)
     if cfg.sft_steps is None:
-        cfg.sft_steps = 1000 if tiny_fresh and cfg.algo == "grpo" else 0
+        cfg.sft_steps = 1200 if tiny_fresh and cfg.algo == "grpo" else 0
     cfg.reward = cfg.reward or ("iou" if cfg.schedule == "raw-iou" else "threshold")
 
 
@@ -346,8 +346,8 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
     return schedule
 
 
-def warm_start(cfg, policy, train_set, run_dir):
-    """Short SFT so the random tiny model can ground at all; saved as <run>/warmstart."""
+def warm_start(cfg, policy, train_set, eval_set, run_dir):
+    """Short SFT so the random tiny model can ground at all; saved (and scored) in <run>/warmstart."""
     sft = dataclasses.replace(cfg, algo="sft", steps=cfg.sft_steps, lr=cfg.sft_lr,
                               batch_prompts=cfg.sft_batch, save_every=10 ** 9, schedule="fixed", eval_every=0)
     folder = os.path.join(run_dir, "warmstart")
@@ -356,7 +356,17 @@ def warm_start(cfg, policy, train_set, run_dir):
     for ck in glob.glob(os.path.join(folder, "checkpoint-*")):
         shutil.rmtree(ck)  # the model folder below is what later stages use
     save_model_atomic(policy, os.path.join(folder, "model"))
+    if eval_set:  # the baseline that GRPO has to beat
+        report(policy, eval_set, cfg.max_new_tokens, os.path.join(folder, "eval.json"), "warm start")
     return os.path.join(folder, "model")
+
+
+def report(policy, eval_set, max_new_tokens, path, title):
+    """Evaluate, write the metrics JSON and print the table."""
+    metrics, _ = evaluate(policy, eval_set, max_new_tokens=max_new_tokens)
+    write_json(metrics, path)
+    print(f"\n{title}: {len(eval_set)} test samples")
+    print(format_table(metrics))
 
 
 def load_policy(cfg, name, device):
@@ -395,13 +405,13 @@ def load_data(cfg):
     return train_set, eval_set, spec
 
 
-def start(cfg, run_dir, device, train_set):
+def start(cfg, run_dir, device, train_set, eval_set):
     """A new run's policy (after the tiny model's warm start) and its frozen reference."""
     policy = load_policy(cfg, cfg.init or cfg.model, device)
     resolve(cfg, policy)
     if cfg.sft_steps and cfg.algo == "grpo":
         print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
-        cfg.init = warm_start(cfg, policy, train_set, run_dir)
+        cfg.init = warm_start(cfg, policy, train_set, eval_set, run_dir)
     write_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:
@@ -451,15 +461,15 @@ def main(argv=None):
     if cfg.resume:
         policy, ref, optimizer, schedule, start_step = resume(cfg, run_dir, device)
     else:
-        (policy, ref), optimizer, schedule, start_step = start(cfg, run_dir, device, train_set), None, None, 0
+        policy, ref = start(cfg, run_dir, device, train_set, eval_set)
+        optimizer, schedule, start_step = None, None, 0
 
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
     save_model_atomic(policy, os.path.join(run_dir, "final"))
     if eval_set:
-        metrics, _ = evaluate(policy, eval_set, max_new_tokens=cfg.max_new_tokens)
-        write_json(metrics, os.path.join(run_dir, "eval.json"))
-        print(f"\n{eval_spec} ({len(eval_set)} samples), final model {run_dir}/final:")
-        print(format_table(metrics))
+        method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
+        report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
+               f"{method}: {run_dir}/final on {eval_spec}")
     return run_dir
 
 
