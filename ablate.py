@@ -41,6 +41,8 @@ CONDITIONS = {
        for d in ("0.05", "0.15", "0.25")},
     "linear": ["--schedule", "medloc", "--step-rule", "linear", "--tau0", "0.2"],
     "cosine": ["--schedule", "medloc", "--step-rule", "cosine", "--tau0", "0.2"],
+    # reference for the reward-sparsity comparison: the strict threshold from the first step
+    "fixed-0.8": ["--schedule", "fixed", "--tau", "0.8"],
 }
 
 

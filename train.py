@@ -318,13 +318,14 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
         rows = prompt_indices(step - 1, cfg.batch_prompts, len(train_set), cfg.seed)
         samples = [train_set[i] for i in rows]
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "tau": schedule.tau}
+        record = {"step": step}
         if cfg.algo == "sft":
             policy.model.train()
             loss = sft_loss(policy, samples)
             loss.backward()
             record["loss"] = loss.item()
         else:
+            record["tau"] = schedule.tau  # the threshold this step's rewards used
             scores, logs = grpo_step(cfg, policy, ref, samples, schedule.tau)
             record.update(logs)
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
