@@ -3,7 +3,7 @@
 This file knows about Qwen2.5-VL / Qwen2-VL and their processors; it knows nothing about rewards.
 - `load_vlm("tiny")` builds the embedded default: a small Qwen2.5-VL of the real transformers
   class from a config, random init, with a character-level tokenizer made in code (no downloads).
-- `load_vlm(hub_id_or_folder)` loads a pretrained Qwen2.5-VL or Qwen2-VL (bf16 on CUDA).
+- `load_vlm(hub_id_or_folder)` loads a pretrained Qwen2.5-VL or Qwen2-VL (bf16-mixed on CUDA).
 The coordinate frame of the model's answers (METHOD.md section 2) is decided here, in `COORD_FRAMES`.
 """
 import copy
@@ -52,7 +52,7 @@ def prompt_text(query, template):
 
 
 def answer_text(box, template):
-    """The ideal completion for `box` (already in the model's frame, integers), METHOD.md section 3."""
+    """The ideal completion for `box` (in the model's frame; rounded to integers), METHOD.md 3."""
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     if template == "r1":
         return (f'<think>The target region is visible in the image.</think>'
@@ -135,7 +135,9 @@ class VLM:
         tok = processor.tokenizer
         tok.padding_side = "left"  # generation appends on the right
         self.pad_id = tok.pad_token_id
-        self.eos_ids = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+        # end of turn first: it is the token an SFT answer ends with
+        self.eos_ids = list(dict.fromkeys(i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
+                                                      tok.eos_token_id) if i is not None))
         self.vision_ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
     @property
