@@ -142,7 +142,7 @@ def collect(root, warm, cells, methods):
             early = sparsity[:max(len(sparsity) // 4, 1)] if sparsity else None  # None: SFT rows
             rows.append({"modality": modality, "method": name, "seed": seed,
                          **{k: metrics[k] for k in METRICS}, "parse_fail": metrics["parse_fail"],
-                         "by_size": metrics["by_size"], "final_tau": log[-1].get("tau") if log else None,
+                         "by_size": metrics["by_size"], "final_tau": log[-1]["tau"] if sparsity else None,
                          "early_frac_equal_groups": statistics.mean(early) if early else None})
             curves[(modality, name, seed)] = log
     return rows, warm_rows, curves
