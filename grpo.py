@@ -48,7 +48,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 
 def frac_equal_groups(rewards, group_size):
-    """Fraction of groups whose G rewards are all equal: they give zero gradient (reward sparsity)."""
+    """Fraction of groups whose G rewards are all equal, i.e. give no gradient (METHOD.md 5.2)."""
     groups = rewards.view(-1, group_size)
     return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
@@ -81,7 +81,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=N
 
 
 def aggregate(per_token, mask, loss_type, max_new_tokens=None):
-    """grpo: mean of per-sequence token means; bnpo: token mean; dr_grpo: sum / (N * max_new_tokens)."""
+    """METHOD.md 5.4: grpo: mean of sequence means; bnpo: token mean; dr_grpo: sum / (N * T_max)."""
     if loss_type == "grpo":
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if loss_type == "bnpo":
@@ -94,7 +94,7 @@ def aggregate(per_token, mask, loss_type, max_new_tokens=None):
 
 
 def chunk_weight(loss_type, chunk_mask, full_mask):
-    """Weight of a micro-batch's loss so that micro-batches add up to the full batch's loss."""
+    """Weight of a micro-batch's loss so that the parts add up to the batch loss (METHOD.md 5.4)."""
     if loss_type == "bnpo":
         return (chunk_mask.sum() / full_mask.sum().clamp(min=1)).item()
     return chunk_mask.shape[0] / full_mask.shape[0]  # grpo and dr_grpo average over sequences

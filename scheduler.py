@@ -16,6 +16,7 @@ READINESS_STAGES = ((0.60, 0.80, 0.20), (0.75, 0.75, 0.35), (math.inf, 0.55, 0.4
 
 
 def _stage(stages, tau):
+    """The values of the first stage whose bound lies above tau."""
     return next(s[1:] for s in stages if tau < s[0])
 
 
@@ -57,7 +58,7 @@ class MedLocScheduler:
         return max(self.delta0 * shrink, self.min_delta)  # the floor makes tau_target reachable
 
     def readiness(self):
-        """(r_bar, sigma, m_bar) over the window: mean and population std of hit rates, IoU margin."""
+        """(r_bar, sigma, m_bar) of METHOD.md 6: mean and population std of hit rates, IoU margin."""
         rates = [r for r, _ in self.entries]
         r_bar = sum(rates) / len(rates)
         sigma = math.sqrt(sum((r - r_bar) ** 2 for r in rates) / len(rates))
@@ -65,7 +66,7 @@ class MedLocScheduler:
         return r_bar, sigma, m_bar
 
     def ready(self):
-        """All enabled conditions: r_bar >= P(tau), sigma <= S(tau), m_bar >= margin."""
+        """METHOD.md 6: all enabled conditions r_bar >= P(tau), sigma <= S(tau), m_bar >= margin."""
         if len(self.entries) < self.window:
             return False
         r_bar, sigma, m_bar = self.readiness()
@@ -74,7 +75,7 @@ class MedLocScheduler:
                 and (not self.use_margin or m_bar >= self.margin))
 
     def update(self, ious):
-        """Record one step's (hit rate at current tau, mean IoU); raise tau when ready."""
+        """METHOD.md 6: record (hit rate at the current tau, mean IoU); raise tau when ready."""
         ious = _as_floats(ious)
         if not ious:
             raise ValueError("update() needs the IoUs of at least one completion")
@@ -130,7 +131,7 @@ class StagedSchedule:
         self.tau = self.stages[0][1]
 
     def update(self, ious):
-        """Count the step; tau becomes the last stage whose fraction has been reached."""
+        """Count the step; tau is the last stage whose fraction was reached (METHOD.md 6)."""
         self.step += 1
         old = self.tau
         progress = self.step / self.total_steps
