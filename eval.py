@@ -130,7 +130,10 @@ def main(argv=None):
         samples = load_dataset(a.dataset, "test", a.image_root, a.skip_invalid, a.n)
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    vlm = load_vlm(a.model, device, a.precision, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    try:
+        vlm = load_vlm(a.model, device, a.precision, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     metrics, preds = evaluate(vlm, samples, a.batch_size, a.max_new_tokens)
     print(format_table(metrics))
     if a.out:

@@ -239,7 +239,10 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         processor = build_tiny_processor(tok, min_pixels or 56 * 56, max_pixels or 112 * 112)
         model = build_tiny_model(tok, seed=seed)
     else:
-        model_type = AutoConfig.from_pretrained(name).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(name).model_type
+        except OSError as e:  # missing folder, bad hub id, no network
+            raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({e})")
         if model_type not in MODEL_CLASSES:
             raise ValueError(f"{name}: model type {model_type!r} is not supported; "
                              f"expected one of {sorted(MODEL_CLASSES)}")

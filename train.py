@@ -375,7 +375,7 @@ def load_policy(cfg, name, device):
         return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
                         template=cfg.template, seed=cfg.seed)
-    except ValueError as e:  # an unsupported model family, named with its type
+    except ValueError as e:  # a missing model or an unsupported family, named
         raise SystemExit(f"error: {e}")
 
 

@@ -136,3 +136,8 @@ def test_a_model_family_without_a_coordinate_frame_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="model type 'gpt2' is not supported"):
         train.main(["--model", str(tmp_path), "--out", str(tmp_path / "run"), "--eval-dataset", "none"])
+
+
+def test_a_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere: not a model folder"):
+        train.main(["--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--eval-dataset", "none"])
