@@ -169,10 +169,13 @@ class VLM:
             sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
         else:  # explicit top_k / top_p: never inherit a model's near-greedy defaults
             sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        was_training = self.model.training
+        self.model.eval()  # sample in eval mode: KV cache on even with gradient checkpointing
         with self.autocast():
             out = self.model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
                                       suppress_tokens=self.vision_ids, eos_token_id=self.eos_ids,
                                       pad_token_id=self.pad_id)
+        self.model.train(was_training)
         return out[:, batch["input_ids"].shape[1]:]
 
     def decode(self, completion_ids):
@@ -255,8 +258,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         model = model_cls.from_pretrained(name, dtype=dtype)
     model.to(device=device, dtype=dtype)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        model.gradient_checkpointing_enable()  # training forwards pass use_cache=False themselves
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     return VLM(model, processor, template=template, amp_dtype=amp_dtype)

@@ -9,6 +9,7 @@ One step (METHOD.md section 5): B prompts -> G completions each -> rewards under
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -178,12 +179,17 @@ def default_eval_spec(cfg):
     return f"synth:{cfg.dataset.split(':')[1]}:test" if cfg.dataset.startswith("synth:") else "none"
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def prompt_indices(step, batch, n, seed):
     """Dataset rows of `step`: a fresh seeded permutation per epoch, so a resumed run sees the same."""
     rows = []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, k = divmod(pos, n)
-        rows.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+        rows.append(int(epoch_order(seed, epoch, n)[k]))  # one permutation per epoch, not per row
     return rows
 
 
