@@ -258,7 +258,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         model = model_cls.from_pretrained(name, dtype=dtype)
     model.to(device=device, dtype=dtype)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # training forwards pass use_cache=False themselves
+        model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     return VLM(model, processor, template=template, amp_dtype=amp_dtype)
