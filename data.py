@@ -83,7 +83,20 @@ def _record_fields(obj):
     return obj["image"], query.strip(), _box_field(answer)
 
 
+# What each --box-format holds, and how it becomes [x1, y1, x2, y2] in pixels of a W x H image.
+BOX_FORMATS = {
+    "xyxy": lambda b, W, H: b,                                      # corners in pixels (default)
+    "xywh": lambda b, W, H: (b[0], b[1], b[0] + b[2], b[1] + b[3]),  # corner + size in pixels (COCO)
+    "norm1": lambda b, W, H: (b[0] * W, b[1] * H, b[2] * W, b[3] * H),
+    "norm1000": lambda b, W, H: (b[0] * W / 1000, b[1] * H / 1000, b[2] * W / 1000, b[3] * H / 1000),
+}
+MAX_QUERY_CHARS = 2000      # a grounding query is a sentence; beyond this it is a data error
+MAX_ASPECT = 200            # the Qwen processor refuses images more elongated than this
+MAX_IMAGE_PIXELS = 100_000_000  # decoding time per image is bounded by this
+
+
 def _box_field(answer):
+    """The 4 numbers of the answer field, as written (not yet converted to pixels)."""
     if isinstance(answer, str):
         box = parse_box(answer)
         if box is None:
@@ -95,51 +108,91 @@ def _box_field(answer):
     if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                 and math.isfinite(v) for v in box):
         raise ValueError(f"field 'solution': box is not 4 finite numbers: {box}")
-    x1, y1, x2, y2 = (float(v) for v in box)
+    return tuple(float(v) for v in box)
+
+
+def _to_pixels(raw, box_format, W, H):
+    """[x1, y1, x2, y2] in pixels of the W x H image from the box as the file holds it."""
+    x1, y1, x2, y2 = BOX_FORMATS[box_format](raw, W, H)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"field 'solution': need x2 > x1 and y2 > y1, got {box}")
+        hint = " (if the file holds [x, y, w, h], pass --box-format xywh)" if box_format == "xyxy" else ""
+        raise ValueError(f"field 'solution': need x2 > x1 and y2 > y1, got {list(raw)}{hint}")
+    if x1 < 0 or y1 < 0 or x2 > W or y2 > H:
+        raise ValueError(f"field 'solution': box {list(raw)} ({box_format}) is outside the {W}x{H} image")
     return (x1, y1, x2, y2)
 
 
 def _image_size(path):
+    """(W, H) of an image that decodes completely: a file with a good header and a broken body
+    fails here, not hours into training. Decoding time is bounded by MAX_IMAGE_PIXELS."""
     try:
         with Image.open(path) as img:
-            return img.size
+            W, H = img.size
+            if W * H > MAX_IMAGE_PIXELS:
+                raise ValueError(f"field 'image': {path} is {W}x{H}, over {MAX_IMAGE_PIXELS:,} pixels")
+            img.load()
     except FileNotFoundError:
         raise ValueError(f"field 'image': file not found: {path}")
-    except Exception as e:  # PIL raises many types for broken files
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises many types for broken or truncated files
         raise ValueError(f"field 'image': unreadable image {path}: {e}")
+    if max(W, H) / min(W, H) > MAX_ASPECT:
+        raise ValueError(f"field 'image': {path} is {W}x{H}; the Qwen processor takes aspect ratios "
+                         f"up to {MAX_ASPECT}")
+    return W, H
 
 
-def _parse_line(line, image_root):
-    obj = json.loads(line)
+def _parse_line(raw, image_root, box_format):
+    """One JSONL line (bytes) -> (Sample, the box as written); raises ValueError with the reason."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg})")
     image, query, box = _record_fields(obj)
+    if len(query) > MAX_QUERY_CHARS:
+        raise ValueError(f"field 'problem': query is {len(query):,} characters, at most {MAX_QUERY_CHARS:,}")
     path = image if os.path.isabs(image) else os.path.join(image_root, image)
     W, H = _image_size(path)
-    if box[0] < 0 or box[1] < 0 or box[2] > W or box[3] > H:
-        raise ValueError(f"field 'solution': box {list(box)} is outside the {W}x{H} image")
-    return Sample(lambda p=path: read_image(p), query, box, (W, H), "")
+    return Sample(lambda p=path: read_image(p), query, _to_pixels(box, box_format, W, H), (W, H), ""), box
 
 
-def load_jsonl(path, image_root=None, skip_invalid=False):
+def check_not_normalised(path, samples, raw_boxes, box_format):
+    """Pixel boxes that all lie in [0, 1] on images of real size are almost surely normalised."""
+    smallest = min(min(s.image_size) for s in samples)
+    if box_format == "xyxy" and smallest >= 32 and all(max(b) <= 1.0 for b in raw_boxes):
+        raise DataError(f"{path}: every box lies within [0, 1] on images at least {smallest} pixels a side: "
+                        f"the boxes look normalised; pass --box-format norm1 (or norm1000 / xywh, whichever "
+                        f"the file holds)")
+
+
+def load_jsonl(path, image_root=None, skip_invalid=False, box_format="xyxy"):
     """Records of a JSONL file; one error listing every bad line unless `skip_invalid`."""
+    if box_format not in BOX_FORMATS:
+        raise DataError(f"unknown box format {box_format!r}: expected one of {sorted(BOX_FORMATS)}")
     image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
-    samples, errors = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    samples, raw_boxes, errors = [], [], []
+    try:
+        f = open(path, "rb")  # bytes: a bad byte is one record's error, not the whole file's
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                sample = _parse_line(line, image_root)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg})")
-                continue
+                sample, box = _parse_line(raw, image_root, box_format)
             except ValueError as e:
                 errors.append(f"{where}: {e}")
                 continue
             sample.source = where
             samples.append(sample)
+            raw_boxes.append(box)
     if errors and not skip_invalid:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -149,6 +202,7 @@ def load_jsonl(path, image_root=None, skip_invalid=False):
         print(f"{path}: skipped {len(errors)} invalid record(s), e.g. {errors[0]}")
     if not samples:
         raise DataError(f"{path}: no valid records: the dataset is empty")
+    check_not_normalised(path, samples, raw_boxes, box_format)
     return samples
 
 
@@ -285,7 +339,8 @@ class SynthSet(Sequence):
         return self.made[i]
 
 
-def load_dataset(spec, default_split="train", image_root=None, skip_invalid=False, n=None, seed=0):
+def load_dataset(spec, default_split="train", image_root=None, skip_invalid=False, n=None, seed=0,
+                 box_format="xyxy"):
     """A JSONL path, or `synth:KIND[:SPLIT]` (SPLIT defaults to `default_split`)."""
     if spec.startswith("synth:"):
         parts = spec.split(":")
@@ -295,7 +350,7 @@ def load_dataset(spec, default_split="train", image_root=None, skip_invalid=Fals
         return SynthSet(parts[1], split, n, seed)
     if not os.path.exists(spec):
         raise DataError(f"{spec}: no such file (and not a synth:KIND spec)")
-    samples = load_jsonl(spec, image_root, skip_invalid)
+    samples = load_jsonl(spec, image_root, skip_invalid, box_format)
     return samples[:n] if n else samples
 
 

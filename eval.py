@@ -11,7 +11,8 @@ import os
 import torch
 from tqdm import tqdm
 
-from data import DataError, load_dataset, to_rgb
+from data import BOX_FORMATS, load_dataset, to_rgb
+from grpo import sample_groups
 from reward import iou, parse_box, to_image_frame
 
 MAP_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # 0.50, 0.55, ..., 0.95
@@ -52,9 +53,9 @@ def predict(vlm, samples, batch_size=32, max_new_tokens=None, desc="eval"):
     bar = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False)
     for start in bar:
         chunk = samples[start:start + batch_size]
-        batch = vlm.encode([s.image() for s in chunk], [s.query for s in chunk])
-        texts = vlm.decode(vlm.generate(batch, max_new_tokens, greedy=True))
-        for s, text, in_size in zip(chunk, texts, vlm.input_sizes(batch)):
+        out = sample_groups(vlm, [s.image() for s in chunk], [s.query for s in chunk], 1,
+                            max_new_tokens=max_new_tokens, greedy=True)
+        for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch)):
             box = to_image_frame(parse_box(text), vlm.coord, s.image_size, in_size)
             preds.append({"text": text, "box": box, "iou": iou(box, s.box), "parse_fail": box is None})
         bar.set_postfix(mIoU=sum(p["iou"] for p in preds) / len(preds))
@@ -108,6 +109,7 @@ def write_json(obj, path):
 
 
 def main(argv=None):
+    from config import device_problems
     from model import load_vlm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny'")
@@ -115,24 +117,30 @@ def main(argv=None):
     p.add_argument("--image-root", default=None,
                    help="folder image paths are relative to (default: the JSONL's)")
     p.add_argument("--skip-invalid", action="store_true", help="drop bad records instead of stopping")
+    p.add_argument("--box-format", default="xyxy", choices=sorted(BOX_FORMATS), help="what the JSONL boxes hold")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 (tiny) or 256")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed on CUDA), bf16, bf16-mixed or fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-mixed", "fp32"),
+                   help="auto: bf16-mixed on CUDA, fp32 on CPU")
     p.add_argument("--save-vis", type=int, default=0, help="write N images with GT and predicted boxes")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     a = p.parse_args(argv)
+    problems = [f"--{k.replace('_', '-')} {v}: must be >= {lo}" for k, lo in
+                (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("save_vis", 0),
+                 ("min_pixels", 28 * 28), ("max_pixels", 28 * 28))
+                if getattr(a, k) is not None and getattr(a, k) < lo]
+    problems += device_problems(a.device)
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
-        samples = load_dataset(a.dataset, "test", a.image_root, a.skip_invalid, a.n)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    try:
+        samples = load_dataset(a.dataset, "test", a.image_root, a.skip_invalid, a.n, box_format=a.box_format)
         vlm = load_vlm(a.model, device, a.precision, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
-    except ValueError as e:
+    except ValueError as e:  # DataError included
         raise SystemExit(f"error: {e}")
     metrics, preds = evaluate(vlm, samples, a.batch_size, a.max_new_tokens)
     print(format_table(metrics))

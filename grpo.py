@@ -11,10 +11,11 @@ import torch
 @dataclass
 class Rollout:
     """G sampled completions for each of B prompts (N = B*G rows, group after group)."""
-    batch: dict                  # processor batch, each prompt repeated G times
+    batch: dict                   # processor batch of the B prompts, one row per prompt
     completion_ids: torch.Tensor  # (N, T)
-    mask: torch.Tensor           # (N, T) 1 up to and including the first end-of-turn token
-    texts: list                  # decoded completions
+    mask: torch.Tensor            # (N, T) 1 up to and including the first end-of-turn token
+    texts: list                   # decoded completions
+    logps: torch.Tensor = None    # (N, T) log pi of each sampled token, as drawn (0 after the end)
 
 
 def completion_mask(completion_ids, eos_ids):
@@ -25,12 +26,34 @@ def completion_mask(completion_ids, eos_ids):
 
 
 @torch.no_grad()
-def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_tokens=64):
-    """Step 1 of METHOD.md section 5: G completions per prompt, explicit sampling parameters."""
-    repeat = lambda xs: [x for x in xs for _ in range(group_size)]
-    batch = policy.encode(repeat(images), repeat(queries))
-    ids = policy.generate(batch, max_new_tokens, temperature=temperature)
-    return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids))
+def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_tokens=64, greedy=False):
+    """Step 1 of METHOD.md section 5, by hand: G completions per prompt.
+
+    Each prompt (image and text) is prefilled once and its KV cache copied G times; the B*G rows
+    then decode together. Each token is drawn from pi = softmax(logits / T) without the vision
+    tokens (`policy.policy_logprobs`, the distribution the loss scores): no top-k, top-p,
+    repetition penalty or any other setting of the checkpoint's generation_config. A row stops at
+    its first stop token and is padded after it; decoding ends when every row has stopped."""
+    batch = policy.encode(images, queries)
+    was_training = policy.model.training
+    policy.model.eval()  # no dropout while sampling (Qwen has none, but a fork might)
+    state, logits = policy.prefill(batch, group_size)
+    stops = torch.as_tensor(policy.eos_ids, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        logp = policy.policy_logprobs(logits, temperature)
+        token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1)[:, 0]
+        token = token.masked_fill(done, policy.pad_id)
+        tokens.append(token)
+        logps.append(logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0))
+        done |= torch.isin(token, stops)
+        if done.all():
+            break
+        logits = policy.decode_step(state, token)
+    policy.model.train(was_training)
+    ids = torch.stack(tokens, 1)
+    return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids), torch.stack(logps, 1))
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):

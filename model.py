@@ -7,11 +7,14 @@ This file knows about Qwen2.5-VL / Qwen2-VL and their processors; it knows nothi
 The coordinate frame of the model's answers (METHOD.md section 2) is decided here, in `COORD_FRAMES`.
 """
 import copy
+import glob
+import os
 import string
 from itertools import accumulate
 
 import torch
-from transformers import (AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from torch.utils.checkpoint import checkpoint
+from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -30,6 +33,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
 TEMPLATE_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROPE_THETA = 20.0  # tiny model only; see build_tiny_model
 PATCH = 14  # Qwen vision patch size; the resized image is grid * PATCH pixels on each side.
+# Logit elements per chunk when scoring tokens: 16 M floats (64 MB), about 110 positions of a
+# 151,936-token vocabulary, and the whole batch at once for the tiny one.
+LOGIT_CHUNK = 2 ** 24
 
 # METHOD.md section 3: the two prompt templates.
 R1_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
@@ -61,10 +67,15 @@ def answer_text(box, template):
 
 
 # ----------------------------------------------------------------------------- the tiny model
-def build_tiny_tokenizer():
-    """Character-level tokenizer with the Qwen special tokens (no files needed)."""
+def build_tiny_tokenizer(vocab_size=None):
+    """Character-level tokenizer with the Qwen special tokens (no files needed).
+
+    `vocab_size` pads the vocabulary with unused tokens, e.g. to Qwen's 151,936, so a test or
+    benchmark model has real-sized embeddings and logits."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TEMPLATE_TOKENS + ["<unk>"] + chars)}
+    words = SPECIAL_TOKENS + TEMPLATE_TOKENS + ["<unk>"] + chars
+    words += [f"<|unused_{i}|>" for i in range((vocab_size or 0) - len(words))]
+    vocab = {tok: i for i, tok in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -85,7 +96,7 @@ def build_tiny_processor(tokenizer, min_pixels, max_pixels):
 
 
 def build_tiny_model(tokenizer, hidden=128, layers=4, vision_hidden=64, seed=0):
-    """A ~1.2 M parameter Qwen2_5_VLForConditionalGeneration from a config (see shared NOTES.md).
+    """A ~1.3 M parameter Qwen2_5_VLForConditionalGeneration built from a config, random init.
 
     Four text layers, not two: with rotary positions only, the model has to work out where an
     image token sits from attention alone, and two layers learned that several times slower."""
@@ -134,11 +145,15 @@ class VLM:
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
         tok = processor.tokenizer
         tok.padding_side = "left"  # generation appends on the right
-        self.pad_id = tok.pad_token_id
-        # end of turn first: it is the token an SFT answer ends with
-        self.eos_ids = list(dict.fromkeys(i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
-                                                      tok.eos_token_id) if i is not None))
-        self.vision_ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        # every stop token of the checkpoint (Qwen Instruct: <|im_end|> and <|endoftext|>), end of
+        # turn first: it is the token an SFT answer ends with
+        stops = model.generation_config.eos_token_id
+        stops = stops if isinstance(stops, list) else [stops]
+        self.eos_ids = list(dict.fromkeys(i for i in [tok.convert_tokens_to_ids("<|im_end|>"),
+                                                      tok.eos_token_id, *stops] if i is not None))
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
+        # never sampled: a vision token in a completion breaks the next forward (METHOD.md 3)
+        self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in VISION_TOKENS])
 
     @property
     def device(self):
@@ -162,41 +177,177 @@ class VLM:
         """(width, height) of each processor-resized image: grid_thw * 14 (METHOD.md section 2)."""
         return [(int(w) * PATCH, int(h) * PATCH) for _, h, w in batch["image_grid_thw"].tolist()]
 
+    # ------------------------------------------------------------------ the policy distribution
+    def policy_logprobs(self, logits, temperature):
+        """log pi(. | context) over the vocabulary, float32 (METHOD.md section 5).
+
+        The policy is the model's softmax at the rollout temperature T with the vision special
+        tokens removed: that is the distribution the sampler draws from, so the same function
+        scores the ratio and the KL."""
+        logits = logits.float() / temperature
+        return logits.index_fill(-1, self.suppress_ids.to(logits.device), float("-inf")).log_softmax(-1)
+
+    def prompt_positions(self, batch):
+        """Rotary positions (3, B, L) of the left-padded prompts and the next free position (B,).
+
+        Qwen's multimodal rope gives the image tokens (t, h, w) positions, so text after an image
+        continues from max(position) + 1, not from the token count (METHOD.md section 5)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        types = batch.get("mm_token_type_ids")
+        if types is None:  # older processors: image placeholders are type 1, everything else text
+            types = (ids == self.model.config.image_token_id).int()
+        positions, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                                       image_grid_thw=batch["image_grid_thw"],
+                                                       attention_mask=mask)
+        return positions, positions.amax(dim=(0, 2)) + 1
+
+    # ------------------------------------------------------------------ sampling primitives
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens, temperature=1.0, greedy=False):
-        """Completion token ids (N, T); vision special tokens are suppressed (METHOD.md section 3)."""
-        if greedy:
-            sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-        else:  # explicit top_k / top_p: never inherit a model's near-greedy defaults
-            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        was_training = self.model.training
-        self.model.eval()  # sample in eval mode: KV cache on even with gradient checkpointing
+    def prefill(self, batch, copies):
+        """Vision encoder and prompt once per prompt; the KV cache is then copied `copies` times.
+
+        Returns the decoding state and the next-token logits (B*copies, V), rows prompt after
+        prompt. grpo.sample_groups decodes from here, one token at a time with `decode_step`."""
+        positions, start = self.prompt_positions(batch)
         with self.autocast():
-            out = self.model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
-                                      suppress_tokens=self.vision_ids, eos_token_id=self.eos_ids,
-                                      pad_token_id=self.pad_id)
-        self.model.train(was_training)
-        return out[:, batch["input_ids"].shape[1]:]
+            out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=positions, pixel_values=batch["pixel_values"],
+                                   image_grid_thw=batch["image_grid_thw"], use_cache=True)
+            logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        cache = out.cache
+        cache.batch_repeat_interleave(copies)  # the G rows of a group share one prompt prefill
+        state = {"cache": cache, "mask": batch["attention_mask"].repeat_interleave(copies, 0),
+                 "next": start.repeat_interleave(copies)}
+        return state, logits.float().repeat_interleave(copies, 0)
+
+    @torch.no_grad()
+    def decode_step(self, state, tokens):
+        """Feed one token per row (N,) and return the next-token logits (N, V)."""
+        n = tokens.shape[0]
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(n, 1)], 1)
+        positions = state["next"].view(1, n, 1).expand(3, n, 1)
+        state["next"] = state["next"] + 1
+        with self.autocast():
+            out = self.model.model(input_ids=tokens[:, None], attention_mask=state["mask"],
+                                   position_ids=positions, cache=state["cache"], use_cache=True)
+            logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        return logits.float()
 
     def decode(self, completion_ids):
         return self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
-    def completion_logps(self, batch, completion_ids):
-        """log p(token) of each completion token, shape (N, T), float32; prompt logits never built."""
-        n, t = completion_ids.shape
+    # ------------------------------------------------------------------ scoring
+    def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None):
+        """log pi(token) of each completion token (N, T), float32, each prompt computed once.
+
+        `batch` holds B prompts and `completion_ids` their N = B*G completions, group after group.
+        One row per group: [prompt | completion 1 | ... | completion G] with an attention mask
+        that lets every completion see the prompt and its own earlier tokens only, and the same
+        rotary positions each completion would have alone. The vision encoder and the prompt
+        tokens run once per group and their gradient is the sum over the G completions: the same
+        numbers as G separate forwards. Only positions where `mask` is 1 are scored (0 elsewhere)."""
+        B, L = batch["input_ids"].shape
+        N, T = completion_ids.shape
+        G = N // B
+        mask = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask.bool()
+        body = completion_ids[:, :-1].reshape(B, G * (T - 1))  # the last token predicts nothing
+        positions, start = self.prompt_positions(batch)
+        block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)
+        positions = torch.cat([positions, block[None].expand(3, B, -1)], 2)
+        with self.autocast():
+            hidden = self.model.model(input_ids=torch.cat([batch["input_ids"], body], 1),
+                                      attention_mask=self.group_mask(batch["attention_mask"], G, T - 1),
+                                      position_ids=positions, pixel_values=batch["pixel_values"],
+                                      image_grid_thw=batch["image_grid_thw"], use_cache=False).last_hidden_state
+        # the hidden state that predicts token t of completion g: the prompt's last for t = 0
+        t = torch.arange(T, device=hidden.device)
+        source = torch.where(t == 0, L - 1, L + (t - 1).clamp(min=0))
+        source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))
+        hidden = hidden[:, source.flatten()].reshape(N, T, -1)
+        logps = torch.zeros(N, T, device=hidden.device)
+        return logps.masked_scatter(mask, self.token_logps(hidden[mask], completion_ids[mask], temperature))
+
+    def group_mask(self, prompt_mask, copies, length):
+        """4-D attention mask (B, 1, S, S) of a [prompt | copies x completion] row.
+
+        Query q may see key k when k <= q, k is a real (not padding) token, and k is in the prompt
+        or in q's own completion. Every token sees itself, so padding rows stay finite."""
+        B, L = prompt_mask.shape
+        S = L + copies * length
+        dev = prompt_mask.device
+        segment = torch.cat([torch.zeros(L, dtype=torch.long, device=dev),
+                             torch.arange(1, copies + 1, device=dev).repeat_interleave(length)])
+        index = torch.arange(S, device=dev)
+        visible = (index[None, :] <= index[:, None]) & (
+            (segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+        real = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, S - L, dtype=torch.bool)], 1)
+        allowed = (visible[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=dev)
+        attention = self.model.config.text_config._attn_implementation
+        if attention == "eager":  # eager adds the mask to the scores
+            return torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, float("-inf"))[:, None]
+        if attention != "sdpa":  # flash attention would ignore the mask and mix the completions
+            raise ValueError(f"scoring with a shared prompt needs sdpa or eager attention, not {attention}")
+        return allowed[:, None]
+
+    def token_logps(self, hidden, targets, temperature):
+        """log pi(target) for rows of final hidden states (M, H) -> (M,), in chunks of positions.
+
+        The logits of a chunk exist only inside it: the backward recomputes them (activation
+        checkpointing), so no (M, vocab) float32 tensor is ever held, whatever the vocabulary."""
+        rows = max(1, LOGIT_CHUNK // self.model.lm_head.out_features)
+
+        def chunk(h, y):
+            return self.policy_logprobs(self.model.lm_head(h), temperature).gather(-1, y[:, None])[:, 0]
+
+        parts = []
+        for s in range(0, hidden.shape[0], rows):
+            h, y = hidden[s:s + rows], targets[s:s + rows]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(chunk, h, y, use_reentrant=False))
+            else:
+                parts.append(chunk(h, y))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ the straightforward path
+    def repeat_rows(self, batch, copies):
+        """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
+        index = torch.arange(batch["input_ids"].shape[0]).repeat_interleave(copies)
+        rows = {k: v[index] for k, v in batch.items() if k != "pixel_values"}
+        offsets = [0] + list(accumulate(batch["image_grid_thw"].prod(-1).tolist()))
+        rows["pixel_values"] = torch.cat([batch["pixel_values"][offsets[i]:offsets[i + 1]] for i in index])
+        return rows
+
+    def completion_logps_repeated(self, batch, completion_ids, temperature=1.0):
+        """completion_logps the straightforward way: every prompt repeated G times through the
+        whole model and full (N, T, vocab) logits. The reference for tests and `bench.py --naive`."""
+        N, T = completion_ids.shape
+        rows = self.repeat_rows(batch, N // batch["input_ids"].shape[0])
         ones = torch.ones_like(completion_ids)
         extra = {}
-        if "mm_token_type_ids" in batch:  # completion tokens are text (type 0)
-            extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], 0 * ones], 1)
+        if "mm_token_type_ids" in rows:
+            extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
         with self.autocast():
-            out = self.model(input_ids=torch.cat([batch["input_ids"], completion_ids], 1),
-                             attention_mask=torch.cat([batch["attention_mask"], ones], 1),
-                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                             logits_to_keep=t + 1, use_cache=False, **extra)
-        logits = out.logits[:, :-1]  # position j predicts completion token j
-        # one sequence at a time keeps the float32 (T, vocab) buffer small for 150k-token vocabularies
-        return torch.stack([logits[i].float().log_softmax(-1).gather(-1, completion_ids[i, :, None])[:, 0]
-                            for i in range(n)])
+            logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
+                                attention_mask=torch.cat([rows["attention_mask"], ones], 1),
+                                pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
+                                logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
+        return self.policy_logprobs(logits, temperature).gather(-1, completion_ids[..., None])[..., 0]
+
+    @torch.no_grad()
+    def generate_repeated(self, batch, copies, max_new_tokens, temperature):
+        """transformers' generate on the prompts repeated `copies` times, every processing option
+        pinned so nothing comes from the checkpoint's generation_config (`bench.py --naive`)."""
+        rows = self.repeat_rows(batch, copies)
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                  repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
+                                  suppress_tokens=self.suppress_ids.tolist(), eos_token_id=self.eos_ids,
+                                  pad_token_id=self.pad_id)
+        was_training = self.model.training
+        self.model.eval()
+        with self.autocast():
+            out = self.model.generate(**rows, generation_config=config)
+        self.model.train(was_training)
+        return out[:, rows["input_ids"].shape[1]:]
 
     @staticmethod
     def select_rows(batch, start, end):
@@ -226,6 +377,19 @@ PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
               "bf16-mixed": (torch.float32, torch.bfloat16)}
 
 
+def model_type_of(name):
+    """The model family of a folder or hub id, or a one-line ValueError saying what `name` is instead."""
+    if os.path.isdir(os.path.join(name, "final")) or glob.glob(os.path.join(name, "checkpoint-*", "model")):
+        raise ValueError(f"{name} is a training run folder, not a model folder: did you mean "
+                         f"{os.path.join(name, 'final')} (or a checkpoint's model/ folder)?")
+    try:
+        return AutoConfig.from_pretrained(name).model_type
+    except OSError as e:  # missing folder, bad hub id, no network
+        raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
+    except ValueError as e:  # a config.json without a model_type, or broken JSON
+        raise ValueError(f"{name}: not a model folder ({str(e).splitlines()[0][:200]})")
+
+
 def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=None,
              gradient_checkpointing=False, freeze_vision=False, template=None, seed=0):
     """`tiny`, a hub id or a local folder -> VLM on `device`.
@@ -242,10 +406,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         processor = build_tiny_processor(tok, min_pixels or 56 * 56, max_pixels or 112 * 112)
         model = build_tiny_model(tok, seed=seed)
     else:
-        try:
-            model_type = AutoConfig.from_pretrained(name).model_type
-        except OSError as e:  # missing folder, bad hub id, no network
-            raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({e})")
+        model_type = model_type_of(name)
         if model_type not in MODEL_CLASSES:
             raise ValueError(f"{name}: model type {model_type!r} is not supported; "
                              f"expected one of {sorted(MODEL_CLASSES)}")

@@ -139,10 +139,12 @@ class StagedSchedule:
         return self.tau != old
 
     def state_dict(self):
-        return {"tau": self.tau, "step": self.step}
+        return {"tau": self.tau, "step": self.step, "total_steps": self.total_steps}
 
     def load_state_dict(self, state):
-        self.tau, self.step = state["tau"], state["step"]
+        """The stage bounds stay those of the run's first --steps: extending a run with a larger
+        --steps on resume continues the curriculum, it does not stretch it."""
+        self.tau, self.step, self.total_steps = state["tau"], state["step"], state["total_steps"]
 
 
 SCHEDULES = {"medloc": MedLocScheduler, "fixed": FixedSchedule, "raw-iou": RawIoUSchedule,

@@ -38,6 +38,7 @@ def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     for k, name in enumerate(ablate.CONDITIONS):
         fake_run(out / "runs" / "conditions-quick" / "derm-s0" / name, 0.5 + k / 100,
                  taus=[0.3, 0.3, 0.45, 0.45, 0.6, 0.6, 0.7, 0.8])
+    import matplotlib.pyplot  # noqa: F401  its first import may run fc-list through subprocess
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was redone"))
     ablate.main(["--study", "conditions", "--quick", "--modality", "derm", "--out", str(out)])
     rows = json.loads((out / "conditions-quick.json").read_text())

@@ -141,9 +141,12 @@ def test_staged_schedule_follows_progress_and_resumes():
         taus.append(s.tau)
         s.update([0.0])
     assert taus == [0.5, 0.5, 0.5, 0.5, 0.65, 0.65, 0.8, 0.8]
-    t = StagedSchedule([(0.0, 0.5), (0.5, 0.65)], total_steps=4)
-    t.load_state_dict({"tau": 0.65, "step": 3})
-    assert t.tau == 0.65 and t.step == 3
+    # resumed with a larger --steps (a longer run): the stage bounds stay those of the first 8 steps
+    t = StagedSchedule([(0.0, 0.5), (0.5, 0.65), (0.75, 0.8)], total_steps=20)
+    t.load_state_dict(s.state_dict())
+    assert (t.tau, t.step, t.total_steps) == (0.8, 8, 8)
+    t.update([0.0])
+    assert t.tau == 0.8  # not back to 0.65 at 9 / 20
 
 
 def test_make_schedule_and_errors():

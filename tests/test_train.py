@@ -1,26 +1,20 @@
 """End-to-end checks of train.py on the tiny model and synthetic data (a minute or so)."""
+import errno
 import json
 import os
 
 import pytest
 import torch
 
+import rundir
 import train
+from config import Config
 from model import load_vlm
 
 REQUIRED_KEYS = {"step", "reward_mean", "reward_std", "hit_rate", "iou_mean", "tau", "frac_equal_groups",
                  "parse_fail", "kl", "clip_frac", "completion_len", "step_seconds"}
 SMALL = ["--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4", "--eval-n", "6",
          "--threads", "1"]
-
-
-@pytest.fixture(scope="session")
-def warm(tmp_path_factory):
-    """A briefly supervised tiny model: it writes parseable boxes, so rewards differ within groups."""
-    out = str(tmp_path_factory.mktemp("warm") / "run")
-    train.main(["--algo", "sft", "--dataset", "synth:derm", "--steps", "100", "--batch-prompts", "16",
-                "--lr", "3e-3", "--out", out, "--eval-dataset", "none", "--threads", "1"])
-    return os.path.join(out, "final")
 
 
 def read_log(run):
@@ -34,7 +28,8 @@ def weights(folder):
 
 def test_grpo_steps_log_every_key_and_change_the_weights(warm, tmp_path):
     run = str(tmp_path / "run")
-    train.main(SMALL + ["--init", warm, "--steps", "3", "--out", run])
+    # the continuous IoU reward: a briefly warmed model rarely clears a threshold
+    train.main(SMALL + ["--init", warm, "--steps", "3", "--out", run, "--reward", "iou"])
     log = read_log(run)
     assert [r["step"] for r in log] == [1, 2, 3] and all(REQUIRED_KEYS <= set(r) for r in log)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -51,12 +46,12 @@ def test_resume_gives_the_same_taus_metrics_and_weights(warm, tmp_path):
     # all readiness checks off and a 2-step window: tau rises every step once the window is full,
     # so the window and tau must survive the restart exactly
     args = SMALL + ["--init", warm, "--window", "2", "--no-reward-check", "--no-stability-check",
-                    "--no-margin-check", "--save-every", "3", "--eval-dataset", "none"]
+                    "--no-margin-check", "--save-every", "3", "--eval-dataset", "none", "--reward", "iou"]
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     train.main(args + ["--steps", "6", "--out", whole])
     train.main(args + ["--steps", "3", "--out", split])
     train.main(["--resume", split, "--steps", "6"])
-    drop = lambda log: [{k: v for k, v in r.items() if k != "step_seconds"} for r in log]
+    drop = lambda log: [{k: v for k, v in r.items() if "seconds" not in k} for r in log]
     assert drop(read_log(split)) == drop(read_log(whole))
     assert [r["tau"] for r in read_log(whole)] == [0.3, 0.3, 0.45, 0.6, 0.7, 0.8]
     a, b = weights(os.path.join(whole, "final")), weights(os.path.join(split, "final"))
@@ -69,7 +64,8 @@ def test_default_tiny_run_warm_starts_and_anchors_the_kl_there(tmp_path):
                 "--batch-prompts", "1", "--group-size", "2", "--out", run, "--eval-dataset", "none",
                 "--threads", "1"])
     cfg = json.load(open(os.path.join(run, "config.json")))
-    assert cfg["init"] == os.path.join(run, "warmstart", "model") and os.path.isdir(cfg["init"])
+    # inside the run folder, so the folder can move: "{run}/..." in config.json
+    assert cfg["init"] == "{run}/warmstart/model" and os.path.isdir(os.path.join(run, "warmstart", "model"))
     assert cfg["lr"] == 1e-4 and cfg["max_new_tokens"] == 24 and cfg["reward"] == "threshold"
     assert read_log(run)[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
 
@@ -80,18 +76,6 @@ def test_sft_lowers_the_answer_loss(tmp_path):
                 "--lr", "3e-3", "--out", run, "--eval-dataset", "none", "--threads", "1"])
     losses = [r["loss"] for r in read_log(run)]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--group-size", "1"], "G >= 2"),
-    (["--micro-batch", "3"], "whole groups"),
-    (["--ref-model", "none"], "needs a reference model"),
-    (["--schedule", "raw-iou", "--reward", "threshold"], "raw-iou has no tau"),
-    (["--stages", "0-0.5"], "fraction:tau pairs"),
-])
-def test_impossible_settings_fail_up_front(args, message):
-    with pytest.raises(SystemExit, match=message):
-        train.main(args)
 
 
 def test_unknown_choices_are_refused_by_the_parser(capsys):
@@ -118,16 +102,16 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     policy = load_vlm("tiny")
     opt = torch.optim.AdamW(policy.model.parameters())
-    sched = train.make_run_schedule(train.Config())
-    first = train.save_checkpoint(str(tmp_path), 5, policy, opt, sched, keep=1)
+    sched = train.make_run_schedule(Config())
+    first = rundir.save_checkpoint(str(tmp_path), 5, policy, opt, sched, keep=1)
 
     def crash(folder):
         os.makedirs(folder, exist_ok=True)
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(policy, "save", crash)
-    with pytest.raises(OSError):
-        train.save_checkpoint(str(tmp_path), 10, policy, opt, sched, keep=1)
-    assert train.latest_checkpoint(str(tmp_path)) == first
+    with pytest.raises(rundir.RunError, match="disk full.*checkpoint-000005 is intact"):
+        rundir.save_checkpoint(str(tmp_path), 10, policy, opt, sched, keep=1)
+    assert rundir.checkpoints(str(tmp_path)) == [first] and not list(tmp_path.glob("*.tmp"))
     assert os.path.exists(os.path.join(first, "trainer_state.pt"))
 
 
@@ -141,3 +125,15 @@ def test_a_model_family_without_a_coordinate_frame_is_refused(tmp_path):
 def test_a_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="nowhere: not a model folder"):
         train.main(["--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--eval-dataset", "none"])
+
+
+def test_a_second_update_on_the_same_rollout_moves_the_ratio_and_logs_clipping(warm, tmp_path):
+    run = str(tmp_path / "mu2")
+    train.main(SMALL + ["--init", warm, "--steps", "2", "--out", run, "--eval-dataset", "none",
+                        "--updates-per-rollout", "2", "--lr", "1e-3", "--reward", "iou"])
+    log = read_log(run)
+    # update 1 has ratio exactly 1 (pi_old is the same forward); the logged mean moves only through update 2
+    assert all(abs(r["ratio"] - 1) > 1e-4 for r in log)
+    assert all(0 <= r["clip_frac"] <= 1 for r in log) and any(r["clip_frac"] > 0 for r in log)
+    assert all(r["sampler_logp_gap"] < 1e-4 for r in log)  # the sampler drew from what the loss scores
+    assert all(r["seconds_rollout"] > 0 and r["seconds_backward"] > 0 for r in log)

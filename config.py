@@ -1,0 +1,232 @@
+"""Every flag of train.py: its default, its help line, its allowed range (METHOD.md sections 4-6).
+
+`check` validates a whole Config before anything is loaded and reports every problem at once;
+`load_config` builds a new run's Config from the command line, or a resumed run's from its
+config.json (a resumed run keeps its settings: only --steps, --device and --threads may change).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from data import BOX_FORMATS
+from rundir import RunError, from_config_path
+
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # data and model
+    model: str = opt("tiny", "hub id or folder of Qwen2.5-VL / Qwen2-VL, or 'tiny' (built-in)")
+    dataset: str = opt("synth:mix", "training JSONL or synth:derm|xray|us|mix")
+    image_root: str = opt(None, "folder image paths are relative to (default: the JSONL's folder)")
+    box_format: str = opt("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
+                                  "norm1000 (0..1000)", tuple(BOX_FORMATS))
+    skip_invalid: bool = opt(False, "drop invalid records (and say how many) instead of stopping")
+    eval_dataset: str = opt("auto", "evaluation set; 'auto' = the synthetic test split, 'none' = skip")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+    eval_n: int = opt(200, "evaluate on at most N samples")
+    init: str = opt(None, "start from this checkpoint folder (e.g. an SFT run) instead of --model")
+    ref_model: str = opt(None, "KL reference policy (default: the starting policy); 'none' with --beta 0")
+    template: str = opt(None, "prompt template (default: short for tiny, r1 otherwise)", ("r1", "short"))
+    min_pixels: int = opt(None, "processor min_pixels (default: the model's; tiny: 56*56)")
+    max_pixels: int = opt(None, "processor max_pixels (default: the model's; tiny: 112*112)")
+    # algorithm (METHOD.md section 5)
+    algo: str = opt("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
+    steps: int = opt(150, "optimizer steps in total (with --resume: the total to reach)")
+    batch_prompts: int = opt(4, "B: prompts per step")
+    group_size: int = opt(8, "G: completions per prompt")
+    temperature: float = opt(0.9, "sampling temperature of the rollouts (top_k=0, top_p=1)")
+    max_new_tokens: int = opt(None, "completion length limit (default: 24 tiny, 256 otherwise)")
+    beta: float = opt(0.04, "KL weight; 0 loads no reference model")
+    eps: float = opt(0.2, "clip range below 1 (and above, unless --eps-high)")
+    eps_high: float = opt(None, "clip range above 1 (DAPO clip-higher); default eps")
+    loss_type: str = opt("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T)",
+                         ("grpo", "bnpo", "dr_grpo"))
+    adv_scale: str = opt("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
+    lr: float = opt(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "max gradient norm")
+    micro_batch: int = opt(0, "sequences per forward/backward (0: all B*G at once); whole groups")
+    updates_per_rollout: int = opt(1, "mu: optimizer steps on each rollout (> 1 lets the ratio clip)")
+    naive_step: bool = opt(False, "the straightforward step: every prompt repeated G times through "
+                                  "transformers' generate and full forwards (for bench.py and checks)")
+    # reward (METHOD.md section 4) and schedule (section 6)
+    schedule: str = opt("medloc", "tau schedule", ("medloc", "fixed", "raw-iou", "stages"))
+    reward: str = opt(None, "accuracy reward (default: iou for raw-iou, else threshold)",
+                      ("threshold", "iou", "giou"))
+    w_fmt: float = opt(1.0, "weight of the format reward")
+    tau: float = opt(0.5, "fixed schedule: the threshold")
+    tau0: float = opt(0.3, "medloc: starting threshold")
+    tau_target: float = opt(0.8, "medloc: final threshold")
+    window: int = opt(30, "medloc: N, steps in the sliding window")
+    margin: float = opt(0.10, "medloc: Delta, required mean IoU above tau")
+    step_rule: str = opt("piecewise", "medloc: step size rule", ("piecewise", "linear", "cosine", "constant"))
+    constant_delta: float = opt(0.15, "medloc: step size of the constant rule")
+    delta0: float = opt(0.2, "medloc: first step of the linear / cosine rules")
+    min_delta: float = opt(0.05, "medloc: smallest step of the linear / cosine rules")
+    no_reward_check: bool = opt(False, "medloc ablation: drop r_bar >= P(tau)")
+    no_stability_check: bool = opt(False, "medloc ablation: drop sigma <= S(tau)")
+    no_margin_check: bool = opt(False, "medloc ablation: drop m_bar >= Delta")
+    stages: str = opt("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
+    # warm start, run folder, machine
+    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1200 for a fresh tiny, else 0)")
+    sft_lr: float = opt(1e-3, "learning rate of the warm start")
+    sft_batch: int = opt(16, "batch size of the warm start")
+    out: str = opt(None, "run folder (default: runs/<schedule>-<time>)")
+    resume: str = opt(None, "continue the run in this folder from its latest checkpoint")
+    save_every: int = opt(50, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "how many step checkpoints to keep (2: one to fall back on)")
+    seed: int = opt(0, "seed of data order, sampling and the tiny model's init")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU",
+                         ("auto", "bf16-mixed", "bf16", "fp32"))
+    gradient_checkpointing: bool = opt(False, "trade compute for memory (real models on one GPU)")
+    freeze_vision: bool = opt(False, "train the language model only")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+
+
+def parse_args(argv=None):
+    """Only the flags given on the command line, so a resumed run can tell them from defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"],
+                           help=f.metadata["help"] + f" (default: {f.default})")
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
+
+
+# ----------------------------------------------------------------------------- allowed ranges
+def _between(lo, hi, lo_open=False, hi_open=False):
+    words = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return (lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)), words
+
+
+def _at_least(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _positive():
+    return (lambda v: v > 0), "> 0"
+
+
+MERGED_PATCH = 28 * 28  # one merged 2x2 block of 14-pixel patches: the smallest image Qwen encodes
+RANGES = {  # flag -> (test, allowed values in words); None means "the model's default"
+    "eval_every": _at_least(0), "eval_n": _at_least(1),
+    "min_pixels": _at_least(MERGED_PATCH), "max_pixels": _at_least(MERGED_PATCH),
+    "steps": _at_least(1), "batch_prompts": _at_least(1), "group_size": _at_least(2),
+    "temperature": _between(0, 10, lo_open=True), "max_new_tokens": _between(1, 32768),
+    "beta": _between(0, 100), "eps": _between(0, 1, lo_open=True, hi_open=True),
+    "eps_high": _between(0, 10, lo_open=True), "lr": _positive(), "weight_decay": _between(0, 1),
+    "grad_clip": _positive(), "micro_batch": _at_least(0), "updates_per_rollout": _between(1, 100),
+    "w_fmt": _between(0, 100), "tau": _between(0, 1), "tau0": _between(0, 1), "tau_target": _between(0, 1),
+    "window": _at_least(2), "margin": _between(0, 1), "constant_delta": _between(0, 1, lo_open=True),
+    "delta0": _between(0, 1, lo_open=True), "min_delta": _between(0, 1, lo_open=True),
+    "sft_steps": _at_least(0), "sft_lr": _positive(), "sft_batch": _at_least(1), "save_every": _at_least(1),
+    "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
+}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check(cfg):
+    """Every impossible setting, in one message, before any data or model is loaded."""
+    problems = []
+    for name, (ok, words) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag(name)} {value}: not a finite number")
+        elif not ok(value):
+            problems.append(f"{flag(name)} {value}: must be {words}")
+    n = cfg.batch_prompts * cfg.group_size
+    if cfg.micro_batch and (n % cfg.micro_batch or cfg.micro_batch % cfg.group_size):
+        problems.append(f"--micro-batch {cfg.micro_batch}: must hold whole groups of G = {cfg.group_size} "
+                        f"and divide B*G = {n}")
+    if cfg.tau0 > cfg.tau_target:
+        problems.append(f"--tau0 {cfg.tau0} is above --tau-target {cfg.tau_target}: tau never decreases")
+    if cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels:
+        problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
+    if cfg.beta > 0 and cfg.ref_model == "none":
+        problems.append(f"--beta {cfg.beta} needs a reference model; use --beta 0 with --ref-model none")
+    if cfg.reward == "threshold" and cfg.schedule == "raw-iou":
+        problems.append("--schedule raw-iou has no tau: use --reward iou or giou")
+    try:
+        parse_stages(cfg.stages)
+    except ValueError as e:
+        problems.append(f"--stages {cfg.stages!r}: {e}")
+    problems += device_problems(cfg.device)
+    if problems:
+        raise RunError("\n       ".join(problems))
+
+
+def device_problems(device):
+    if device in ("auto", "cpu"):
+        return []
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            return [f"--device {device}: CUDA is not available on this machine (use --device cpu)"]
+        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
+            return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"]
+        return []
+    return [f"--device {device!r}: expected auto, cpu, cuda or cuda:N"]
+
+
+def parse_stages(text):
+    """'0:0.5,0.5:0.8' -> [(0.0, 0.5), (0.5, 0.8)]: fractions rising from 0 below 1, taus in [0, 1]."""
+    try:
+        pairs = [tuple(float(x) for x in pair.split(":")) for pair in text.split(",")]
+    except ValueError:
+        pairs = [()]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError("expected fraction:tau pairs, e.g. 0:0.5,0.5:0.8")
+    fractions = [f for f, _ in pairs]
+    if fractions[0] != 0 or fractions != sorted(set(fractions)) or fractions[-1] >= 1:
+        raise ValueError("fractions must start at 0 and rise below 1, e.g. 0:0.5,0.5:0.8")
+    if not all(0 <= t <= 1 for _, t in pairs):
+        raise ValueError("each tau must be in [0, 1]")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- new or resumed
+MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads")
+
+
+def load_config(given):
+    """A new run's Config from the flags; a resumed run's from its config.json, refusing any flag
+    that would change the run (anything but --steps, --device and --threads)."""
+    if "resume" not in given:
+        return Config(**given)
+    run_dir = given["resume"]
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise RunError(f"--resume {run_dir}: no config.json there (not a run folder)")
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({e})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        raise RunError(f"{path}: not a config.json written by this train.py")
+    changed = [f"{flag(k)} {v} (the run has {saved.get(k)})" for k, v in given.items()
+               if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+    if changed:
+        raise RunError(f"--resume keeps the run's settings; refused: {', '.join(changed)}. "
+                       f"To change them, start a new run with --init {run_dir}/final or a checkpoint's model/")
+    saved.update({k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME})
+    for key in ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root"):
+        saved[key] = from_config_path(saved.get(key), run_dir)
+    return Config(**saved)

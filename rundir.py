@@ -1,0 +1,227 @@
+"""The run folder: one trainer at a time, checkpoints that are complete or absent, a log that is JSON.
+
+    RUN/config.json          the run's settings; paths inside the run are written "{run}/..."
+    RUN/metrics.jsonl        one JSON object per step (non-finite numbers become null)
+    RUN/checkpoint-<step>/   model/ (a save_pretrained folder) + trainer_state.pt
+    RUN/.lock                held by the trainer that owns the folder (released when it exits or dies)
+
+trainer_state.pt holds only tensors, numbers, strings, lists and dicts and is read with
+`torch.load(weights_only=True)`: a crafted file from a shared run folder cannot run code.
+"""
+import errno
+import fcntl
+import glob
+import json
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+
+class RunError(Exception):
+    """A problem with the run folder, said in one line."""
+
+
+# ----------------------------------------------------------------------------- the lock
+class Lock:
+    """Exclusive lock on RUN/.lock for the life of the trainer. flock is released by the kernel
+    when the process ends, so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, ".lock")
+        self.file = None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "?"
+            self.file.close()
+            raise RunError(f"{os.path.dirname(self.path)} is in use by another train.py (pid {owner}); "
+                           f"wait for it to finish or use another --out")
+        except OSError as e:
+            raise RunError(f"cannot write to {os.path.dirname(self.path)} ({e.strerror})")
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        run_dir = os.path.dirname(self.path)
+        for tmp in glob.glob(os.path.join(run_dir, "*.tmp")) + glob.glob(os.path.join(run_dir, "*", "*.tmp")):
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)  # left by a killed run
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def prepare(run_dir):
+    """Create the run folder, or say in one line why it cannot be used."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir} is a file, not a run folder; choose another --out")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {run_dir} ({e.strerror})")
+    if not os.access(run_dir, os.W_OK):
+        raise RunError(f"cannot write to {run_dir} (read-only); choose another --out")
+
+
+# ----------------------------------------------------------------------------- paths in config.json
+def to_config_path(path, run_dir):
+    """Paths inside the run become "{run}/...", others absolute: the folder can move, and resume
+    works from any working directory."""
+    if path is None or path in ("tiny", "none") or not os.path.exists(path):
+        return path  # a hub id, a built-in name or None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    return "{run}/" + rel if not rel.startswith("..") else os.path.abspath(path)
+
+
+def from_config_path(path, run_dir):
+    return os.path.join(run_dir, path[len("{run}/"):]) if isinstance(path, str) and path.startswith("{run}/") else path
+
+
+# ----------------------------------------------------------------------------- RNG state as plain data
+def rng_state():
+    """Every generator's state as tensors and numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep):
+    """checkpoint-<step>/ = model folder + trainer state, written to a temp folder then renamed;
+    older checkpoints are deleted only after. Refuses non-finite weights; a failed write leaves
+    no temp folder and the previous checkpoint intact."""
+    if not all_finite(policy.model):
+        raise RunError(f"step {step}: the weights are not finite; not saving them over checkpoint(s) "
+                       f"{[os.path.basename(c) for c in checkpoints(run_dir)]}")
+    final = os.path.join(run_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save(os.path.join(tmp, "model"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        previous = checkpoints(run_dir)
+        kept = f"{os.path.basename(previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        raise RunError(f"step {step}: could not write the checkpoint ({why(e)}); {kept}")
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def why(error):
+    return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+
+
+def save_model(policy, folder):
+    """A save_pretrained folder (final/, warmstart/model), written whole or not at all."""
+    if not all_finite(policy.model):
+        raise RunError(f"the weights are not finite; {folder} not written")
+    tmp = folder + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        raise RunError(f"could not write {folder} ({why(e)}); the last checkpoint is intact")
+
+
+def checkpoints(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoint-[0-9]*[0-9]")))
+
+
+def read_checkpoint(folder):
+    """The trainer state of a checkpoint whose files are all whole; raises RunError otherwise."""
+    try:
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+    except Exception as e:  # missing, empty, truncated, or holding more than plain data
+        raise RunError(f"{folder}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})")
+    weights = glob.glob(os.path.join(folder, "model", "*.safetensors"))
+    if not weights:
+        raise RunError(f"{folder}: no model weights")
+    for path in weights:
+        try:
+            with safe_open(path, "pt") as f:  # checks the header against the file's length
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:
+            raise RunError(f"{path}: damaged ({str(e)[:120]})")
+    return state
+
+
+def latest_intact(run_dir):
+    """(folder, trainer state) of the newest checkpoint that reads back whole, and the reasons
+    the newer ones were passed over; (None, None, reasons) if there is none."""
+    skipped = []
+    for folder in reversed(checkpoints(run_dir)):
+        try:
+            return folder, read_checkpoint(folder), skipped
+        except RunError as e:
+            skipped.append(str(e))
+    return None, None, skipped
+
+
+# ----------------------------------------------------------------------------- the metrics log
+def _finite_or_null(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def log_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _finite_or_null(v) for k, v in record.items()}, allow_nan=False) + "\n")
+
+
+def truncate_log(path, step):
+    """Keep the log lines up to `step` (a half-written last line is dropped); temp file, then rename."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue  # cut off by a kill mid-write
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                keep.append(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
