@@ -177,16 +177,26 @@ def table(results):
 
 
 def memory_probe(a):
-    """Fresh process: peak RSS growth of one log-prob forward + backward, 8 x 128 tokens."""
+    """Fresh process: peak RSS growth of one log-prob forward + backward, 8 x 128 tokens, either
+    the whole pass (model included) or the log-prob head alone (final hidden states -> log-probs)."""
     torch.manual_seed(0)
     policy = build("proxy", "cpu", "fp32")
-    data = load_dataset("synth:mix")
-    batch = policy.encode([data[0].image(), data[1].image()], [data[0].query, data[1].query])
     ids = torch.randint(200, 151_936, (8, 128))
-    base = rss_gib()
-    fn = policy.completion_logps_repeated if a.probe == "naive" else policy.completion_logps
-    fn(batch, ids).sum().backward()
-    print(json.dumps({"path": a.probe, "extra_gib": peak_rss_gib() - base}))
+    if a.probe.endswith("head"):
+        hidden = torch.randn(8 * 128, policy.model.lm_head.in_features, requires_grad=True)
+        base = rss_gib()
+        if a.probe == "lean-head":
+            policy.token_logps(hidden, ids.flatten(), 1.0).sum().backward()
+        else:
+            logits = policy.model.lm_head(hidden).view(8, 128, -1)
+            policy.policy_logprobs(logits, 1.0).gather(-1, ids[..., None]).sum().backward()
+    else:
+        data = load_dataset("synth:mix")
+        batch = policy.encode([data[0].image(), data[1].image()], [data[0].query, data[1].query])
+        base = rss_gib()
+        fn = policy.completion_logps_repeated if a.probe == "naive-pass" else policy.completion_logps
+        fn(batch, ids).sum().backward()
+    print(json.dumps({"probe": a.probe, "extra_gib": peak_rss_gib() - base}))
 
 
 def rss_gib():
@@ -200,12 +210,19 @@ def peak_rss_gib():
 
 def run_memory():
     out = {}
-    for path in ("lean", "naive"):
-        res = subprocess.run([sys.executable, __file__, "--probe", path], capture_output=True, text=True, check=True)
-        out[path] = json.loads(res.stdout.strip().splitlines()[-1])["extra_gib"]
-    print("log-prob pass, proxy model (151,936 vocab), 8 sequences x 128 tokens, fp32, forward + backward:")
-    print(f"| path | peak memory over the model (GiB) |\n|---|---|\n| lean | {out['lean']:.2f} |\n"
-          f"| naive | {out['naive']:.2f} |\n| lean / naive | {out['lean'] / out['naive']:.2f} |")
+    for probe in PROBES:
+        res = subprocess.run([sys.executable, __file__, "--probe", probe], capture_output=True, text=True, check=True)
+        out[probe] = json.loads(res.stdout.strip().splitlines()[-1])["extra_gib"]
+    print("peak memory over the loaded model (GiB), proxy model (151,936 vocab), 8 sequences x 128 tokens,")
+    print("fp32, forward + backward, each in a fresh process (peak RSS):")
+    print("| part | lean | naive | lean / naive |\n|---|---|---|---|")
+    for part in ("head", "pass"):
+        lean, naive = out[f"lean-{part}"], out[f"naive-{part}"]
+        label = "log-prob head (hidden states -> log-probs)" if part == "head" else "whole log-prob pass"
+        print(f"| {label} | {lean:.2f} | {naive:.2f} | {lean / naive:.2f} |")
+
+
+PROBES = ("lean-head", "naive-head", "lean-pass", "naive-pass")
 
 
 def main(argv=None):
@@ -221,7 +238,7 @@ def main(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "bf16-mixed"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for comparable timings)")
     p.add_argument("--memory", action="store_true", help="peak memory of one log-prob pass, lean vs naive")
-    p.add_argument("--probe", choices=("lean", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.probe:

@@ -129,9 +129,9 @@ def main(argv=None):
     p.add_argument("--save-vis", type=int, default=0, help="write N images with GT and predicted boxes")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     a = p.parse_args(argv)
-    problems = [f"--{k.replace('_', '-')} {v}: must be >= {lo}" for k, lo in
-                (("n", 1), ("batch_size", 1), ("max_new_tokens", 1), ("save_vis", 0),
-                 ("min_pixels", 28 * 28), ("max_pixels", 28 * 28))
+    lowest = {"n": 1, "batch_size": 1, "max_new_tokens": 1, "save_vis": 0, "min_pixels": 28 * 28,
+              "max_pixels": 28 * 28}
+    problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
                 if getattr(a, k) is not None and getattr(a, k) < lo]
     problems += device_problems(a.device)
     if problems:

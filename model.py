@@ -178,14 +178,16 @@ class VLM:
         return [(int(w) * PATCH, int(h) * PATCH) for _, h, w in batch["image_grid_thw"].tolist()]
 
     # ------------------------------------------------------------------ the policy distribution
-    def policy_logprobs(self, logits, temperature):
+    def policy_logprobs(self, logits, temperature, sampling=True):
         """log pi(. | context) over the vocabulary, float32 (METHOD.md section 5).
 
         The policy is the model's softmax at the rollout temperature T with the vision special
         tokens removed: that is the distribution the sampler draws from, so the same function
-        scores the ratio and the KL."""
-        logits = logits.float() / temperature
-        return logits.index_fill(-1, self.suppress_ids.to(logits.device), float("-inf")).log_softmax(-1)
+        scores the ratio and the KL. sampling=False: the model's plain softmax (the SFT loss)."""
+        logits = logits.float() / temperature  # a new tensor: filling it in place is safe for autograd
+        if sampling:
+            logits.index_fill_(-1, self.suppress_ids.to(logits.device), float("-inf"))
+        return logits.log_softmax(-1)
 
     def prompt_positions(self, batch):
         """Rotary positions (3, B, L) of the left-padded prompts and the next free position (B,).
@@ -237,7 +239,7 @@ class VLM:
         return self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ scoring
-    def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None):
+    def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
         """log pi(token) of each completion token (N, T), float32, each prompt computed once.
 
         `batch` holds B prompts and `completion_ids` their N = B*G completions, group after group.
@@ -245,7 +247,8 @@ class VLM:
         that lets every completion see the prompt and its own earlier tokens only, and the same
         rotary positions each completion would have alone. The vision encoder and the prompt
         tokens run once per group and their gradient is the sum over the G completions: the same
-        numbers as G separate forwards. Only positions where `mask` is 1 are scored (0 elsewhere)."""
+        numbers as G separate forwards. Only positions where `mask` is 1 are scored (0 elsewhere);
+        `sampling` as in `policy_logprobs`."""
         B, L = batch["input_ids"].shape
         N, T = completion_ids.shape
         G = N // B
@@ -265,7 +268,8 @@ class VLM:
         source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))
         hidden = hidden[:, source.flatten()].reshape(N, T, -1)
         logps = torch.zeros(N, T, device=hidden.device)
-        return logps.masked_scatter(mask, self.token_logps(hidden[mask], completion_ids[mask], temperature))
+        return logps.masked_scatter(mask, self.token_logps(hidden[mask], completion_ids[mask], temperature,
+                                                           sampling))
 
     def group_mask(self, prompt_mask, copies, length):
         """4-D attention mask (B, 1, S, S) of a [prompt | copies x completion] row.
@@ -289,7 +293,7 @@ class VLM:
             raise ValueError(f"scoring with a shared prompt needs sdpa or eager attention, not {attention}")
         return allowed[:, None]
 
-    def token_logps(self, hidden, targets, temperature):
+    def token_logps(self, hidden, targets, temperature, sampling=True):
         """log pi(target) for rows of final hidden states (M, H) -> (M,), in chunks of positions.
 
         The logits of a chunk exist only inside it: the backward recomputes them (activation
@@ -297,7 +301,8 @@ class VLM:
         rows = max(1, LOGIT_CHUNK // self.model.lm_head.out_features)
 
         def chunk(h, y):
-            return self.policy_logprobs(self.model.lm_head(h), temperature).gather(-1, y[:, None])[:, 0]
+            logp = self.policy_logprobs(self.model.lm_head(h), temperature, sampling)
+            return logp.gather(-1, y[:, None])[:, 0]
 
         parts = []
         for s in range(0, hidden.shape[0], rows):

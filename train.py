@@ -92,7 +92,8 @@ def sft_loss(policy, samples):
     T = max(map(len, ids))
     completion = torch.tensor([x + [policy.pad_id] * (T - len(x)) for x in ids], device=policy.device)
     mask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids], device=policy.device)
-    logp = policy.completion_logps(batch, completion, mask=mask)
+    # the usual cross-entropy: the model's plain softmax, not the sampling distribution
+    logp = policy.completion_logps(batch, completion, mask=mask, sampling=False)
     return -(logp * mask).sum() / mask.sum()
 
 

@@ -292,3 +292,13 @@ def test_eval_points_from_a_run_folder_to_its_final_model(tmp_path):
     run = sft_run(tmp_path / "run", 1)
     with pytest.raises(SystemExit, match="did you mean .*run/final"):
         ev.main(["--model", run, "--dataset", "synth:derm", "--n", "1"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n 0: must be >= 1"),
+                                           (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+                                           (["--max-pixels", "10"], "--max-pixels 10: must be >= 784"),
+                                           (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N")])
+def test_eval_flags_are_checked_before_loading(argv, message, monkeypatch):
+    monkeypatch.setattr(model, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=message):
+        ev.main(["--model", "tiny", "--dataset", "synth:derm"] + argv)
