@@ -26,8 +26,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 import train
 from config import Config
 from data import load_dataset
-from model import (ROPE_THETA, VLM, build_tiny_processor, build_tiny_tokenizer,
-                   load_vlm)
+from model import PRECISIONS, VLM, build_tiny_processor, build_tiny_tokenizer, load_vlm
 
 PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optimizer")
 # Shapes of the benchmark models. proxy: what a CPU can step in seconds with the real vocabulary
@@ -77,7 +76,7 @@ def build(name, device, precision):
 
 
 def train_precision(device, precision):
-    from model import PRECISIONS
+    """(weight dtype, autocast dtype) as load_vlm picks them."""
     if precision == "auto":
         precision = "bf16-mixed" if device == "cuda" else "fp32"
     return PRECISIONS[precision]

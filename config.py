@@ -89,6 +89,11 @@ class Config:
                          ("auto", "bf16-mixed", "bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory (real models on one GPU)")
     freeze_vision: bool = opt(False, "train the language model only")
+    lora_rank: int = opt(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
+    lora_targets: str = opt(None, "regex of the linear layers to adapt (default: the language model's "
+                                  "attention and MLP projections)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
 
 
@@ -133,6 +138,7 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "delta0": _between(0, 1, lo_open=True), "min_delta": _between(0, 1, lo_open=True),
     "sft_steps": _at_least(0), "sft_lr": _positive(), "sft_batch": _at_least(1), "save_every": _at_least(1),
     "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
+    "lora_rank": _between(0, 4096), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
 }
 
 

@@ -43,7 +43,7 @@ def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_
     tokens, logps = [], []
     for _ in range(max_new_tokens):
         logp = policy.policy_logprobs(logits, temperature)
-        token = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1)[:, 0]
+        token = logp.argmax(-1) if greedy else draw(logp.exp())
         token = token.masked_fill(done, policy.pad_id)
         tokens.append(token)
         logps.append(logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0))
@@ -54,6 +54,17 @@ def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_
     policy.model.train(was_training)
     ids = torch.stack(tokens, 1)
     return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids), torch.stack(logps, 1))
+
+
+def draw(probs):
+    """One index per row, with probability `probs`, by inverting the cumulative distribution.
+
+    torch.multinomial draws an exponential variate for every vocabulary entry: 73 ms per decoding
+    step for 32 rows of a 151,936-token vocabulary on one CPU thread. The float64 cumulative sum
+    keeps the tail's mass; right=True never picks a zero-probability entry (e.g. a vision token)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):

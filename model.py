@@ -6,8 +6,10 @@ This file knows about Qwen2.5-VL / Qwen2-VL and their processors; it knows nothi
 - `load_vlm(hub_id_or_folder)` loads a pretrained Qwen2.5-VL or Qwen2-VL (bf16-mixed on CUDA).
 The coordinate frame of the model's answers (METHOD.md section 2) is decided here, in `COORD_FRAMES`.
 """
+import contextlib
 import copy
 import glob
+import json
 import os
 import string
 from itertools import accumulate
@@ -20,6 +22,8 @@ from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers.utils import logging as hf_logging
+
+import lora
 
 hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watching
 
@@ -140,6 +144,8 @@ class VLM:
                              f"supported: {sorted(COORD_FRAMES)} (METHOD.md section 2)")
         self.model, self.processor = model, processor
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
+        self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
+        self.base_name = None       # what LoRA adapters are trained on (written into adapter_config.json)
         self.coord = COORD_FRAMES[model_type]
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
@@ -159,9 +165,14 @@ class VLM:
     def device(self):
         return self.model.device
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+    @contextlib.contextmanager
+    def context(self):
+        """Every forward runs here: bf16 autocast for bf16-mixed, and for a LoRA reference the
+        adapters switched off (the starting policy, METHOD.md section 5.3)."""
+        off = lora.disabled(self.model) if self.adapters_off else contextlib.nullcontext()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None), off:
+            yield
 
     def encode(self, images, queries):
         """Processor batch (left-padded) for one chat turn per (image, query) pair."""
@@ -211,7 +222,7 @@ class VLM:
         Returns the decoding state and the next-token logits (B*copies, V), rows prompt after
         prompt. grpo.sample_groups decodes from here, one token at a time with `decode_step`."""
         positions, start = self.prompt_positions(batch)
-        with self.autocast():
+        with self.context():
             out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    position_ids=positions, pixel_values=batch["pixel_values"],
                                    image_grid_thw=batch["image_grid_thw"], use_cache=True)
@@ -229,7 +240,7 @@ class VLM:
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(n, 1)], 1)
         positions = state["next"].view(1, n, 1).expand(3, n, 1)
         state["next"] = state["next"] + 1
-        with self.autocast():
+        with self.context():
             out = self.model.model(input_ids=tokens[:, None], attention_mask=state["mask"],
                                    position_ids=positions, cache=state["cache"], use_cache=True)
             logits = self.model.lm_head(out.last_hidden_state[:, -1])
@@ -257,7 +268,7 @@ class VLM:
         positions, start = self.prompt_positions(batch)
         block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)
         positions = torch.cat([positions, block[None].expand(3, B, -1)], 2)
-        with self.autocast():
+        with self.context():
             hidden = self.model.model(input_ids=torch.cat([batch["input_ids"], body], 1),
                                       attention_mask=self.group_mask(batch["attention_mask"], G, T - 1),
                                       position_ids=positions, pixel_values=batch["pixel_values"],
@@ -331,7 +342,7 @@ class VLM:
         extra = {}
         if "mm_token_type_ids" in rows:
             extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
-        with self.autocast():
+        with self.context():
             logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
                                 attention_mask=torch.cat([rows["attention_mask"], ones], 1),
                                 pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
@@ -349,7 +360,7 @@ class VLM:
                                   pad_token_id=self.pad_id)
         was_training = self.model.training
         self.model.eval()
-        with self.autocast():
+        with self.context():
             out = self.model.generate(**rows, generation_config=config)
         self.model.train(was_training)
         return out[:, rows["input_ids"].shape[1]:]
@@ -363,8 +374,12 @@ class VLM:
         return rows
 
     def frozen_copy(self):
-        """A frozen reference policy (METHOD.md section 5, the KL anchor)."""
+        """A frozen reference policy (METHOD.md section 5, the KL anchor). With LoRA adapters it
+        is the same model with the adapters off: no second copy in memory."""
         ref = copy.copy(self)
+        if lora.layers(self.model):
+            ref.adapters_off = True
+            return ref
         ref.model = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.amp_dtype is not None:  # no optimizer steps on it: plain bf16 weights suffice
             ref.model.to(self.amp_dtype)
@@ -372,9 +387,13 @@ class VLM:
         return ref
 
     def save(self, folder):
-        """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back."""
+        """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
+        with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`)."""
         self.model.config.medloc_template = self.template
-        self.model.save_pretrained(folder)
+        if lora.layers(self.model):
+            lora.save(self.model, folder, self.base_name)
+        else:
+            self.model.save_pretrained(folder)
         self.processor.save_pretrained(folder)
 
 
@@ -406,6 +425,14 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: expected auto or one of {sorted(PRECISIONS)}")
     dtype, amp_dtype = PRECISIONS[precision]
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):  # LoRA adapters on their base
+        with open(os.path.join(name, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        vlm = load_vlm(base, device, precision, min_pixels, max_pixels, gradient_checkpointing,
+                       freeze_vision, template, seed)
+        lora.load(vlm.model, name)
+        vlm.base_name = base
+        return vlm
     if name == "tiny":
         tok = build_tiny_tokenizer()
         processor = build_tiny_processor(tok, min_pixels or 56 * 56, max_pixels or 112 * 112)

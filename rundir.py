@@ -111,8 +111,10 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def all_finite(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def all_finite(params):
+    """True when every tensor of `params` (a model or an iterable of tensors) is finite; one sync."""
+    params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
 def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep):

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import grpo
+import lora
 import rundir
 from config import check, load_config, parse_args, parse_stages
 from data import DataError, load_dataset
@@ -38,7 +39,8 @@ from scheduler import make_schedule
 def resolve(cfg, vlm):
     """Fill the defaults that depend on the model (tiny vs pretrained)."""
     tiny_fresh = vlm.is_tiny and cfg.init is None and cfg.model == "tiny"
-    cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if vlm.is_tiny else 1e-6)
+    # LoRA moves a few parameters, so its usual learning rate is 10x that of full fine-tuning
+    cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if vlm.is_tiny else 1e-6) * (10 if cfg.lora_rank else 1)
     cfg.max_new_tokens = cfg.max_new_tokens or (24 if vlm.is_tiny else 256)
     if cfg.sft_steps is None:
         cfg.sft_steps = 1200 if tiny_fresh and cfg.algo == "grpo" else 0
@@ -188,7 +190,7 @@ def apply_update(cfg, params, optimizer):
     A non-finite gradient stops the run before the step, non-finite weights right after it."""
     grad_norm = check_finite("the gradient norm", torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
     optimizer.step()
-    if not all(torch.isfinite(p).all() for p in params):
+    if not rundir.all_finite(params):
         raise Diverged("the update made the weights non-finite")
     return grad_norm
 
@@ -320,6 +322,8 @@ def start(cfg, run_dir, device, train_set, eval_set):
     if cfg.sft_steps and cfg.algo == "grpo" and cfg.init != warmed:
         print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
         cfg.init = warm_start(cfg, policy, train_set, eval_set, run_dir)
+    if cfg.lora_rank:  # after the warm start: the adapters learn the RL update only
+        add_adapters(cfg, policy)
     saved = {k: rundir.to_config_path(v, run_dir) if k in PATH_KEYS else v
              for k, v in dataclasses.asdict(cfg).items()}
     write_json(saved, os.path.join(run_dir, "config.json"))
@@ -334,6 +338,19 @@ def start(cfg, run_dir, device, train_set, eval_set):
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root")
 
 
+def add_adapters(cfg, policy, folder=None):
+    """LoRA adapters on the policy: fresh ones, or those saved in `folder` (a checkpoint's model/)."""
+    policy.base_name = os.path.abspath(cfg.init) if cfg.init else cfg.model
+    try:
+        if folder:
+            lora.load(policy.model, folder)
+        else:
+            lora.inject(policy.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or lora.DEFAULT_TARGETS,
+                        cfg.lora_dropout)
+    except ValueError as e:  # a --lora-targets that matches nothing
+        raise RunError(str(e))
+
+
 def resume(cfg, run_dir, device):
     """Policy, reference, optimizer, schedule and step of the newest intact checkpoint; RNG restored."""
     ckpt, state, skipped = rundir.latest_intact(run_dir)
@@ -343,11 +360,16 @@ def resume(cfg, run_dir, device):
         raise RunError(f"--resume {run_dir}: no intact checkpoint to resume from")
     if cfg.steps <= state["step"]:
         raise RunError(f"--resume {run_dir}: the run is at step {state['step']}; pass --steps above that")
-    policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
+    if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's starting model
+        policy = load_policy(cfg, cfg.init or cfg.model, device)
+        add_adapters(cfg, policy, os.path.join(ckpt, "model"))
+    else:
+        policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
     resolve(cfg, policy)
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
-        ref = load_policy(cfg, cfg.ref_model or cfg.init or cfg.model, device).frozen_copy()
+        ref = (policy if cfg.lora_rank and not cfg.ref_model else
+               load_policy(cfg, cfg.ref_model or cfg.init or cfg.model, device)).frozen_copy()
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer.load_state_dict(state["optimizer"])
@@ -370,6 +392,7 @@ def run(cfg, run_dir, device):
         policy, ref = start(cfg, run_dir, device, train_set, eval_set)
         optimizer, schedule, start_step = None, None, 0
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
+    lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
     rundir.save_model(policy, os.path.join(run_dir, "final"))
     if eval_set:
         method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
@@ -400,8 +423,12 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     except Stopped as s:
         last = rundir.checkpoints(run_dir)
-        print(f"\nstopped at step {s.step}; last checkpoint: {os.path.basename(last[-1]) if last else 'none'}; "
-              f"resume with: python train.py --resume {run_dir}", file=sys.stderr)
+        if not os.path.exists(os.path.join(run_dir, "config.json")):  # Ctrl-C in the warm start
+            print(f"\nstopped in the warm start (step {s.step}); nothing to resume: start the run again",
+                  file=sys.stderr)
+        else:
+            print(f"\nstopped at step {s.step}; last checkpoint: {os.path.basename(last[-1]) if last else 'none'}; "
+                  f"resume with: python train.py --resume {run_dir}", file=sys.stderr)
         raise SystemExit(130)
     return run_dir
 

@@ -110,3 +110,14 @@ def test_aggregation_errors_and_chunk_weights_add_up():
         parts = sum(aggregate(x[s:s + 2], mask[s:s + 2], lt, 3) * chunk_weight(lt, mask[s:s + 2], mask)
                     for s in (0, 2))
         assert parts.item() == pytest.approx(whole.item())
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    from grpo import draw
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2])
+    n = 20000
+    counts = torch.bincount(draw(p.expand(n, 5)), minlength=5).double()
+    assert counts[0] == 0 and counts[2] == 0
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 4.5 * sigma + 1e-9).all()
