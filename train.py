@@ -39,8 +39,10 @@ from scheduler import make_schedule
 def resolve(cfg, vlm):
     """Fill the defaults that depend on the model (tiny vs pretrained)."""
     tiny_fresh = vlm.is_tiny and cfg.init is None and cfg.model == "tiny"
-    # LoRA moves a few parameters, so its usual learning rate is 10x that of full fine-tuning
-    cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if vlm.is_tiny else 1e-6) * (10 if cfg.lora_rank else 1)
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if vlm.is_tiny else 1e-6
+        if cfg.lora_rank:  # LoRA moves a few parameters: its usual rate is 10x that of full fine-tuning
+            cfg.lr = round(cfg.lr * 10, 12)
     cfg.max_new_tokens = cfg.max_new_tokens or (24 if vlm.is_tiny else 256)
     if cfg.sft_steps is None:
         cfg.sft_steps = 1200 if tiny_fresh and cfg.algo == "grpo" else 0
