@@ -117,10 +117,10 @@ def all_finite(params):
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
-def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep):
+def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep, rngs=None):
     """checkpoint-<step>/ = model folder + trainer state, written to a temp folder then renamed;
-    older checkpoints are deleted only after. Refuses non-finite weights; a failed write leaves
-    no temp folder and the previous checkpoint intact."""
+    older checkpoints are deleted only after. `rngs`: every rank's RNG state, in rank order.
+    Refuses non-finite weights; a failed write leaves no temp folder and the previous one intact."""
     if not all_finite(policy.model):
         raise RunError(f"step {step}: the weights are not finite; not saving them over checkpoint(s) "
                        f"{[os.path.basename(c) for c in checkpoints(run_dir)]}")
@@ -130,7 +130,7 @@ def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep):
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save(os.path.join(tmp, "model"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+                    "rng": rngs or [rng_state()]}, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except BaseException as e:  # Ctrl-C included: no half-written folder stays behind

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist
 import grpo
 import lora
 import rundir
@@ -98,7 +99,7 @@ def sft_loss(policy, samples):
     mask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids], device=policy.device)
     # the usual cross-entropy: the model's plain softmax, not the sampling distribution
     logp = policy.completion_logps(batch, completion, mask=mask, sampling=False)
-    return -(logp * mask).sum() / mask.sum()
+    return -(logp * mask).sum() / dist.total(mask.sum().item())  # token mean over every rank's batch
 
 
 @contextlib.contextmanager
@@ -138,8 +139,8 @@ def micro_batches(cfg, rollout, advantages):
 
 
 def grpo_step(cfg, policy, ref, optimizer, params, samples, tau, phases):
-    """One GRPO step (METHOD.md section 5): rollout, rewards, advantages, reference log-probs,
-    then `updates_per_rollout` (mu) clipped policy updates on the same rollout. Returns the logs."""
+    """One GRPO step (METHOD.md section 5) on this rank's prompts: rollout, rewards, advantages,
+    then the policy update. Returns the scores of every rank's completions and the step's logs."""
     G = cfg.group_size
     with timed(phases, "rollout"):
         rollout = sample(cfg, policy, samples)
@@ -149,10 +150,30 @@ def grpo_step(cfg, policy, ref, optimizer, params, samples, tau, phases):
         scores = score_completions(rollout.texts, [s.box for s in per_row], [s.image_size for s in per_row],
                                    in_sizes, policy.coord, tau, cfg.reward, policy.template, cfg.w_fmt)
         advantages = grpo.group_advantages(scores["reward"], G, cfg.adv_scale).to(policy.device)
+    stats = policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phases)
+    scores = {k: dist.gather(v) for k, v in scores.items()}  # every rank's groups, in rank order
+    hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
+    return scores, {
+        "reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
+        "hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item(),
+        "fmt_mean": scores["fmt"].mean().item(),
+        "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
+        "parse_fail": scores["parse_fail"].mean().item(),
+        "completion_len": dist.gather(rollout.mask.sum(1).cpu()).mean().item(),
+        "completion_tokens": int(dist.total(rollout.mask.sum().item())), **stats}
+
+
+def policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phases):
+    """Reference log-probs, then mu clipped updates on one rollout (METHOD.md 5.3-5.5).
+
+    Each micro-batch's loss is weighted by its share of the whole step's (all ranks') sequences
+    or tokens, so the gradients summed over ranks are those of one process on all prompts."""
     parts = micro_batches(cfg, rollout, advantages)
     with timed(phases, "reference"), torch.no_grad():
         ref_logps = [None if ref is None else score(cfg, ref, *part[:3]) for part in parts]
     policy.model.train()
+    local = rollout.mask.sum().item() if cfg.loss_type == "bnpo" else rollout.mask.shape[0]
+    share = local / dist.total(local)  # this rank's part of the global loss
     old_logps = [None] * len(parts)
     stats = {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
     for update in range(cfg.updates_per_rollout):
@@ -165,7 +186,7 @@ def grpo_step(cfg, policy, ref, optimizer, params, samples, tau, phases):
                 loss, s = grpo.grpo_loss(logp, old_logps[k], ref_logps[k], adv, mask, eps=cfg.eps,
                                          eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
                                          max_new_tokens=cfg.max_new_tokens)
-                weight = grpo.chunk_weight(cfg.loss_type, mask, rollout.mask)
+                weight = grpo.chunk_weight(cfg.loss_type, mask, rollout.mask) * share
             with timed(phases, "backward"):
                 (loss * weight).backward()
             for key in ("kl", "clip_frac", "ratio"):  # averaged over the mu updates
@@ -173,23 +194,18 @@ def grpo_step(cfg, policy, ref, optimizer, params, samples, tau, phases):
             stats["loss"] += check_finite("the loss", loss.item()) * weight / cfg.updates_per_rollout
         with timed(phases, "optimizer"):
             stats["grad_norm"] = apply_update(cfg, params, optimizer)
-    hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
-    logs = {
-        "reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
-        "hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item(),
-        "fmt_mean": scores["fmt"].mean().item(),
-        "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
-        "parse_fail": scores["parse_fail"].mean().item(), "completion_len": rollout.mask.sum(1).mean().item(),
-        "completion_tokens": int(rollout.mask.sum().item()), **stats}
+    stats = {k: dist.total(v) for k, v in stats.items() if k != "grad_norm"} | {"grad_norm": stats["grad_norm"]}
     if rollout.logps is not None:  # how far the sampler's numbers are from the scored ones
         m = rollout.mask.bool()
-        logs["sampler_logp_gap"] = (rollout.logps[m] - torch.cat(old_logps)[m]).abs().max().item()
-    return scores, logs
+        gap = (rollout.logps[m] - torch.cat(old_logps)[m]).abs().max()
+        stats["sampler_logp_gap"] = dist.gather(gap.reshape(1).cpu()).max().item()
+    return stats
 
 
 def apply_update(cfg, params, optimizer):
     """Clip the gradient and take one AdamW step; returns the gradient norm before clipping.
     A non-finite gradient stops the run before the step, non-finite weights right after it."""
+    dist.sum_gradients(params)  # every rank now holds the whole step's gradient
     grad_norm = check_finite("the gradient norm", torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
     optimizer.step()
     if not rundir.all_finite(params):
@@ -219,7 +235,7 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
         os.remove(log_path)  # left by a run that died before its first checkpoint
     name = "sft" if cfg.algo == "sft" else f"grpo:{cfg.schedule}"
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=name, initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
+               total=cfg.steps, dynamic_ncols=True, disable=not dist.is_main())
     recent_hits, step = [], start_step
     try:
         for step in bar:
@@ -230,12 +246,16 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
                                 hit=f"{sum(recent_hits) / len(recent_hits):.2f}")
             else:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and dist.is_main():
                 metrics, _ = evaluate(policy, eval_set, max_new_tokens=cfg.max_new_tokens)
                 record.update({f"eval_{k}": metrics[k] for k in ("A@0.5", "A@0.8", "mAP", "mIoU")})
-            rundir.log_line(log_path, record)
+            if dist.is_main():
+                rundir.log_line(log_path, record)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                rundir.save_checkpoint(run_dir, step, policy, optimizer, schedule, cfg.keep_checkpoints)
+                rngs = dist.gather_objects(rundir.rng_state())  # every rank's, to resume exactly
+                if dist.is_main():
+                    rundir.save_checkpoint(run_dir, step, policy, optimizer, schedule, cfg.keep_checkpoints, rngs)
+                dist.barrier()
     except KeyboardInterrupt:
         raise Stopped(step - 1)
     except Diverged as e:
@@ -248,20 +268,23 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
 def train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step):
     """One optimizer step of SFT, or one GRPO step (mu updates) and the schedule update; the log record."""
     t0 = time.time()
-    samples = [train_set[i] for i in prompt_indices(step - 1, cfg.batch_prompts, len(train_set), cfg.seed)]
+    rows = prompt_indices(step - 1, cfg.batch_prompts, len(train_set), cfg.seed)
+    share = len(rows) // dist.world()  # this rank's whole groups; all ranks together take `rows`
+    samples = [train_set[i] for i in rows[dist.rank() * share:(dist.rank() + 1) * share]]
     record, phases = {"step": step}, {}
     if cfg.algo == "sft":
         policy.model.train()
         optimizer.zero_grad(set_to_none=True)
         loss = sft_loss(policy, samples)
-        record["loss"] = check_finite("the loss", loss.item())
+        record["loss"] = check_finite("the loss", dist.total(loss.item()))
         loss.backward()
         record["grad_norm"] = apply_update(cfg, params, optimizer)
     else:
         record["tau"] = schedule.tau  # the threshold this step's rewards used
         scores, logs = grpo_step(cfg, policy, ref, optimizer, params, samples, schedule.tau, phases)
         record.update(logs)
-        record["tau_changed"] = schedule.update(scores["iou"])
+        record["tau_changed"] = schedule.update(scores["iou"])  # every rank's IoUs: one curriculum
+        dist.check_same(schedule.tau, "tau")
         record.update({f"seconds_{k}": v for k, v in phases.items()})
     record["step_seconds"] = time.time() - t0
     return record
@@ -280,11 +303,13 @@ def warm_start(cfg, policy, train_set, eval_set, run_dir):
     folder = os.path.join(run_dir, "warmstart")
     os.makedirs(folder, exist_ok=True)
     train_loop(sft, policy, None, train_set, None, folder)
-    for ck in rundir.checkpoints(folder):
-        shutil.rmtree(ck)  # the model folder below is what later stages use
-    rundir.save_model(policy, os.path.join(folder, "model"))
-    if eval_set:  # the baseline that GRPO has to beat
-        report(policy, eval_set, cfg.max_new_tokens, os.path.join(folder, "eval.json"), "warm start")
+    if dist.is_main():
+        for ck in rundir.checkpoints(folder):
+            shutil.rmtree(ck)  # the model folder below is what later stages use
+        rundir.save_model(policy, os.path.join(folder, "model"))
+        if eval_set:  # the baseline that GRPO has to beat
+            report(policy, eval_set, cfg.max_new_tokens, os.path.join(folder, "eval.json"), "warm start")
+    dist.barrier()
     return os.path.join(folder, "model")
 
 
@@ -328,7 +353,10 @@ def start(cfg, run_dir, device, train_set, eval_set):
         add_adapters(cfg, policy)
     saved = {k: rundir.to_config_path(v, run_dir) if k in PATH_KEYS else v
              for k, v in dataclasses.asdict(cfg).items()}
-    write_json(saved, os.path.join(run_dir, "config.json"))
+    if dist.is_main():
+        write_json(saved, os.path.join(run_dir, "config.json"))
+    if dist.world() > 1:  # ranks draw different completions for their groups
+        torch.manual_seed(cfg.seed + dist.rank())
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:
         ref_name = cfg.ref_model or cfg.init or cfg.model
@@ -377,8 +405,12 @@ def resume(cfg, run_dir, device):
     optimizer.load_state_dict(state["optimizer"])
     schedule = make_run_schedule(cfg)
     schedule.load_state_dict(state["schedule"])
-    rundir.set_rng_state(state["rng"])
-    rundir.truncate_log(os.path.join(run_dir, "metrics.jsonl"), state["step"])
+    rngs = state["rng"]  # one per rank of the run that saved it
+    rundir.set_rng_state(rngs[dist.rank() % len(rngs)])
+    if dist.rank() >= len(rngs):  # more ranks than before: a stream of its own
+        torch.manual_seed(cfg.seed + dist.rank() + state["step"])
+    if dist.is_main():
+        rundir.truncate_log(os.path.join(run_dir, "metrics.jsonl"), state["step"])
     print(f"resumed {run_dir} at step {state['step']} (tau {schedule.tau})")
     return policy, ref, optimizer, schedule, state["step"]
 
@@ -395,11 +427,24 @@ def run(cfg, run_dir, device):
         optimizer, schedule, start_step = None, None, 0
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
-    rundir.save_model(policy, os.path.join(run_dir, "final"))
-    if eval_set:
-        method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
-        report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
-               f"{method}: {run_dir}/final on {eval_spec}")
+    if dist.is_main():  # evaluation runs on rank 0 alone (the others wait)
+        rundir.save_model(policy, os.path.join(run_dir, "final"))
+        if eval_set:
+            method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
+            report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
+                   f"{method}: {run_dir}/final on {eval_spec}")
+    dist.barrier()
+
+
+def check_split(cfg, k):
+    """Under torchrun the B prompts (and the warm start's batch) split into whole groups per rank."""
+    problems = [f"--{flag} {n} does not split over {k} processes" for flag, n in
+                (("batch-prompts", cfg.batch_prompts), ("sft-batch", cfg.sft_batch)) if n % k]
+    if cfg.micro_batch and (cfg.batch_prompts // k * cfg.group_size) % cfg.micro_batch:
+        problems.append(f"--micro-batch {cfg.micro_batch} must divide each process's "
+                        f"{cfg.batch_prompts // k * cfg.group_size} sequences")
+    if problems:
+        raise RunError("\n       ".join(problems))
 
 
 def main(argv=None):
@@ -411,16 +456,19 @@ def main(argv=None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        check_split(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        device = dist.setup(device)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
         rundir.prepare(run_dir)
-        with rundir.Lock(run_dir):
+        with rundir.Lock(run_dir) if dist.is_main() else contextlib.nullcontext():
             if not cfg.resume and os.path.exists(os.path.join(run_dir, "config.json")):
                 raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             run(cfg, run_dir, device)
+        dist.teardown()
     except (RunError, DataError) as e:
         raise SystemExit(f"error: {e}")
     except Stopped as s:

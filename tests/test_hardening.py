@@ -57,7 +57,7 @@ def test_a_crafted_trainer_state_is_refused_and_runs_nothing(tmp_path):
 def test_trainer_state_is_plain_data(tmp_path):
     run = sft_run(tmp_path / "run", 1)
     state = torch.load(os.path.join(rundir.checkpoints(run)[-1], "trainer_state.pt"), weights_only=True)
-    assert state["step"] == 1 and {"torch", "numpy", "python"} <= set(state["rng"])
+    assert state["step"] == 1 and {"torch", "numpy", "python"} <= set(state["rng"][0])
 
 
 # ----------------------------------------------------------------------------- 2. non-finite training stops

@@ -1,0 +1,64 @@
+"""Run by tests/test_dist.py, under torchrun (K processes) or alone: one GRPO update per loss type on
+fixed rollouts, and the curriculum on fixed IoUs; writes what rank 0 ends with to OUT/."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dist  # noqa: E402
+import grpo  # noqa: E402
+import train  # noqa: E402
+from config import Config  # noqa: E402
+from model import VLM, load_vlm  # noqa: E402
+from test_model import images  # noqa: E402
+
+B, G = 4, 2
+
+
+def my_share(rollout, advantages):
+    """This rank's whole groups of a rollout of all B prompts."""
+    k, r = dist.world(), dist.rank()
+    p0, p1 = r * B // k, (r + 1) * B // k
+    rows = slice(p0 * G, p1 * G)
+    return (grpo.Rollout(VLM.select_rows(rollout.batch, p0, p1), rollout.completion_ids[rows],
+                         rollout.mask[rows], rollout.texts[rows], rollout.logps[rows]), advantages[rows])
+
+
+def updates(out):
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        policy = load_vlm("tiny")
+        torch.manual_seed(0)  # the same rollout on every rank, different completion lengths
+        rollout = grpo.sample_groups(policy, images((200, 300), (380, 170), (160, 160), (300, 200)),
+                                     ["a", "bb", "ccc", "dddd"], G, 1.3, 10)
+        advantages = torch.randn(B * G, generator=torch.Generator().manual_seed(1))
+        # plain SGD without clipping: unlike AdamW's first step, it shows any error in the gradient's scale
+        cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=10, loss_type=loss_type, lr=0.1,
+                     temperature=1.3, micro_batch=G, grad_clip=1e9)
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr)
+        train.policy_update(cfg, policy, policy.frozen_copy(), optimizer, params, *my_share(rollout, advantages), {})
+        if dist.is_main():
+            torch.save(policy.model.state_dict(), os.path.join(out, f"{loss_type}.pt"))
+
+
+def curriculum(out):
+    schedule = train.make_run_schedule(Config(window=2, no_reward_check=True, no_stability_check=True))
+    g = torch.Generator().manual_seed(2)
+    taus = []
+    for _ in range(8):
+        ious = 0.3 + 0.7 * torch.rand(B * G, generator=g)  # the same numbers on every rank
+        share = ious.view(dist.world(), -1)[dist.rank()]
+        schedule.update(dist.gather(share))
+        taus.append(schedule.tau)
+    with open(os.path.join(out, f"taus-{dist.rank()}.json"), "w") as f:
+        json.dump(taus, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.setup("cpu")
+    updates(sys.argv[1])
+    curriculum(sys.argv[1])
+    dist.teardown()

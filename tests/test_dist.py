@@ -1,0 +1,61 @@
+"""Data parallel under torchrun (2 CPU processes, gloo) computes what one process computes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+from test_train import read_log
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def torchrun(args, processes=2):
+    with socket.socket() as s:  # a free local port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+           f"--master_addr=127.0.0.1", f"--master_port={port}", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_update_the_weights_as_one_and_share_one_curriculum(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    subprocess.run([sys.executable, os.path.join(HERE, "dist_worker.py"), str(one)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    torchrun([os.path.join(HERE, "dist_worker.py"), str(two)])
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        a, b = torch.load(one / f"{loss_type}.pt"), torch.load(two / f"{loss_type}.pt")
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), (loss_type, name)
+    traces = [json.loads((d / f"taus-{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
+    assert traces[0] == traces[1] == traces[2] and traces[0][-1] > traces[0][0]
+
+
+def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(warm, tmp_path):
+    args = ["train.py", "--init", warm, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4",
+            "--eval-dataset", "none", "--reward", "iou", "--window", "2", "--no-reward-check",
+            "--no-stability-check", "--save-every", "2", "--threads", "1", "--device", "cpu"]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    torchrun(args + ["--steps", "4", "--out", whole])
+    torchrun(args + ["--steps", "2", "--out", split])
+    torchrun(["train.py", "--resume", split, "--steps", "4"])
+    drop = lambda log: [{k: v for k, v in r.items() if "seconds" not in k} for r in log]
+    assert drop(read_log(split)) == drop(read_log(whole))
+    assert len(read_log(whole)) == 4
+    metrics, _ = ev.evaluate(__import__("model").load_vlm(os.path.join(whole, "final")),
+                             __import__("data").load_dataset("synth:derm", "test", n=2), max_new_tokens=24)
+    assert metrics["n"] == 2
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(tmp_path):
+    with pytest.raises(AssertionError, match="--batch-prompts 3 does not split over 2 processes"):
+        torchrun(["train.py", "--batch-prompts", "3", "--out", str(tmp_path / "r")])
