@@ -1,4 +1,4 @@
-"""Everything that crosses processes under torchrun, in one place (torch.distributed, by hand).
+"""Everything that crosses processes under torchrun, in one place (METHOD.md section 5.4).
 
 Data parallel GRPO: each of K ranks takes B/K whole groups of the step, samples and scores them,
 and adds its share of the *global* loss (weights normalised over all ranks); the gradients are then

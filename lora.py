@@ -1,4 +1,4 @@
-"""LoRA by hand: low-rank adapters on chosen linear layers, saved in PEFT's layout.
+"""LoRA by hand: low-rank adapters on chosen linear layers, saved in PEFT's layout (METHOD.md 5.6).
 
 A wrapped layer computes  y = W x + (alpha / r) * B (A dropout(x)),  A (r x in) random, B (out x r)
 zero, so a fresh adapter leaves the model unchanged. Only A and B train; W stays frozen. With the
