@@ -3,6 +3,7 @@
     python train.py                                   # tiny Qwen2.5-VL + synthetic data, whole method
     python train.py --dataset train.jsonl --model Qwen/Qwen2.5-VL-3B-Instruct --gradient-checkpointing
     python train.py --schedule fixed --tau 0.5        # a baseline; see --help for every knob
+    torchrun --nproc_per_node 4 train.py --model ... # data parallel: B/4 groups per process
 
 One step (METHOD.md section 5): B prompts -> G completions each -> rewards under the schedule's tau
 -> group advantages -> clipped surrogate + KL -> AdamW -> schedule update -> log.
