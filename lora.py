@@ -119,16 +119,36 @@ def save(model, folder, base_name=None):
         json.dump(config, f, indent=2)
 
 
+def read_config(folder):
+    """adapter_config.json of `folder`; a ValueError naming the file and field if it cannot serve."""
+    path = os.path.join(folder, "adapter_config.json")
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})")
+    for field, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (list, str))):
+        if not isinstance(c.get(field) if isinstance(c, dict) else None, kind):
+            raise ValueError(f"{path}: field {field!r} missing or of the wrong type")
+    return c
+
+
 def load(model, folder):
     """Inject adapters as described by `folder`'s adapter_config.json and load their weights."""
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        c = json.load(f)
+    c = read_config(folder)
     names = c["target_modules"]
     pattern = "|".join(re.escape(n) for n in names) if isinstance(names, list) else names
     inject(model, c["r"], c["lora_alpha"], pattern, c.get("lora_dropout", 0.0))
-    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    path = os.path.join(folder, "adapter_model.safetensors")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # missing or damaged file
+        raise ValueError(f"{path}: unreadable ({str(e)[:160]})")
     with torch.no_grad():
         for name, m in layers(model):
             for part in ("lora_A", "lora_B"):
-                getattr(m, part).weight.copy_(tensors[f"base_model.model.{name}.{part}.weight"])
+                key = f"base_model.model.{name}.{part}.weight"
+                if key not in tensors:
+                    raise ValueError(f"{path}: no tensor {key!r}")
+                getattr(m, part).weight.copy_(tensors[key])
     return c

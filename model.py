@@ -9,7 +9,6 @@ The coordinate frame of the model's answers (METHOD.md section 2) is decided her
 import contextlib
 import copy
 import glob
-import json
 import os
 import string
 from itertools import accumulate
@@ -426,8 +425,9 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         raise ValueError(f"unknown precision {precision!r}: expected auto or one of {sorted(PRECISIONS)}")
     dtype, amp_dtype = PRECISIONS[precision]
     if os.path.isfile(os.path.join(name, "adapter_config.json")):  # LoRA adapters on their base
-        with open(os.path.join(name, "adapter_config.json")) as f:
-            base = json.load(f).get("base_model_name_or_path")
+        base = lora.read_config(name).get("base_model_name_or_path")
+        if not isinstance(base, str):
+            raise ValueError(f"{name}/adapter_config.json: field 'base_model_name_or_path' missing")
         vlm = load_vlm(base, device, precision, min_pixels, max_pixels, gradient_checkpointing,
                        freeze_vision, template, seed)
         lora.load(vlm.model, name)

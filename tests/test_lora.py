@@ -125,3 +125,20 @@ def test_adapters_stay_float32_on_a_bf16_base(setup):
     assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
     x = torch.randn(3, layer.base.in_features, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_config.json").write_text("{bad"), "adapter_config.json: unreadable"),
+    (lambda d: (d / "adapter_config.json").write_text('{"r": 4}'), "field 'lora_alpha' missing"),
+    (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: unreadable"),
+])
+def test_a_damaged_adapter_folder_is_named_in_one_line(setup, tmp_path, damage, message):
+    vlm = setup[0]
+    vlm.save(str(tmp_path / "base"))
+    lora.inject(vlm.model, rank=4, alpha=8)
+    vlm.base_name = str(tmp_path / "base")
+    folder = tmp_path / "adapters"
+    vlm.save(str(folder))
+    damage(folder)
+    with pytest.raises(SystemExit, match=message):
+        __import__("eval").main(["--model", str(folder), "--dataset", "synth:derm", "--n", "1"])
