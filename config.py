@@ -146,9 +146,14 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def check(cfg):
-    """Every impossible setting, in one message, before any data or model is loaded."""
-    problems = []
+def check(cfg, processes=1):
+    """Every impossible setting, in one message, before any data or model is loaded. Under
+    torchrun the B prompts (and the warm start's batch) split into whole groups per process."""
+    problems = [f"--{name} {n} does not split over {processes} processes" for name, n in
+                (("batch-prompts", cfg.batch_prompts), ("sft-batch", cfg.sft_batch)) if n % processes]
+    if processes > 1 and cfg.micro_batch and (cfg.batch_prompts // processes * cfg.group_size) % cfg.micro_batch:
+        problems.append(f"--micro-batch {cfg.micro_batch} must divide each process's "
+                        f"{cfg.batch_prompts // processes * cfg.group_size} sequences")
     for name, (ok, words) in RANGES.items():
         value = getattr(cfg, name)
         if value is None:

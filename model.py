@@ -326,11 +326,9 @@ class VLM:
     # ------------------------------------------------------------------ the straightforward path
     def repeat_rows(self, batch, copies):
         """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
-        index = torch.arange(batch["input_ids"].shape[0]).repeat_interleave(copies)
-        rows = {k: v[index] for k, v in batch.items() if k != "pixel_values"}
-        offsets = [0] + list(accumulate(batch["image_grid_thw"].prod(-1).tolist()))
-        rows["pixel_values"] = torch.cat([batch["pixel_values"][offsets[i]:offsets[i + 1]] for i in index])
-        return rows
+        parts = [self.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0])
+                 for _ in range(copies)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def completion_logps_repeated(self, batch, completion_ids, temperature=1.0):
         """completion_logps the straightforward way: every prompt repeated G times through the

@@ -195,7 +195,8 @@ def policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phas
             stats["loss"] += check_finite("the loss", loss.item()) * weight / cfg.updates_per_rollout
         with timed(phases, "optimizer"):
             stats["grad_norm"] = apply_update(cfg, params, optimizer)
-    stats = {k: dist.total(v) for k, v in stats.items() if k != "grad_norm"} | {"grad_norm": stats["grad_norm"]}
+    for key in ("kl", "clip_frac", "ratio", "loss"):  # each rank's part is already weighted globally
+        stats[key] = dist.total(stats[key])
     if rollout.logps is not None:  # how far the sampler's numbers are from the scored ones
         m = rollout.mask.bool()
         gap = (rollout.logps[m] - torch.cat(old_logps)[m]).abs().max()
@@ -437,27 +438,15 @@ def run(cfg, run_dir, device):
     dist.barrier()
 
 
-def check_split(cfg, k):
-    """Under torchrun the B prompts (and the warm start's batch) split into whole groups per rank."""
-    problems = [f"--{flag} {n} does not split over {k} processes" for flag, n in
-                (("batch-prompts", cfg.batch_prompts), ("sft-batch", cfg.sft_batch)) if n % k]
-    if cfg.micro_batch and (cfg.batch_prompts // k * cfg.group_size) % cfg.micro_batch:
-        problems.append(f"--micro-batch {cfg.micro_batch} must divide each process's "
-                        f"{cfg.batch_prompts // k * cfg.group_size} sequences")
-    if problems:
-        raise RunError("\n       ".join(problems))
-
-
 def main(argv=None):
     """The command line. A user's mistake ends in one line naming it, never a traceback."""
     run_dir = None
     try:
         cfg = load_config(parse_args(argv))
-        check(cfg)
+        check(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's process count
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        check_split(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         device = dist.setup(device)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
