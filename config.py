@@ -213,6 +213,7 @@ def parse_stages(text):
 
 # ----------------------------------------------------------------------------- new or resumed
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads")
+PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root")  # "{run}/..." in config.json
 
 
 def load_config(given):
@@ -238,6 +239,6 @@ def load_config(given):
         raise RunError(f"--resume keeps the run's settings; refused: {', '.join(changed)}. "
                        f"To change them, start a new run with --init {run_dir}/final or a checkpoint's model/")
     saved.update({k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME})
-    for key in ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root"):
+    for key in PATH_KEYS:
         saved[key] = from_config_path(saved.get(key), run_dir)
     return Config(**saved)

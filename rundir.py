@@ -50,14 +50,17 @@ class Lock:
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
-        run_dir = os.path.dirname(self.path)
-        for tmp in glob.glob(os.path.join(run_dir, "*.tmp")) + glob.glob(os.path.join(run_dir, "*", "*.tmp")):
-            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)  # left by a killed run
         return self
 
     def __exit__(self, *exc):
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+def remove_leftovers(run_dir):
+    """Temporary files and folders of a killed run (only ever half-written); call holding the lock."""
+    for tmp in glob.glob(os.path.join(run_dir, "*.tmp")) + glob.glob(os.path.join(run_dir, "*", "*.tmp")):
+        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
 
 
 def prepare(run_dir):

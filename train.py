@@ -28,7 +28,7 @@ import dist
 import grpo
 import lora
 import rundir
-from config import check, load_config, parse_args, parse_stages
+from config import PATH_KEYS, check, load_config, parse_args, parse_stages
 from data import DataError, load_dataset
 from eval import evaluate, format_table, write_json
 from model import VLM, answer_text, load_vlm
@@ -367,9 +367,6 @@ def start(cfg, run_dir, device, train_set, eval_set):
     return policy, ref
 
 
-PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root")
-
-
 def add_adapters(cfg, policy, folder=None):
     """LoRA adapters on the policy: fresh ones, or those saved in `folder` (a checkpoint's model/)."""
     policy.base_name = os.path.abspath(cfg.init) if cfg.init else cfg.model
@@ -454,6 +451,8 @@ def main(argv=None):
         with rundir.Lock(run_dir) if dist.is_main() else contextlib.nullcontext():
             if not cfg.resume and os.path.exists(os.path.join(run_dir, "config.json")):
                 raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            if dist.is_main():
+                rundir.remove_leftovers(run_dir)
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
