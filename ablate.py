@@ -1,16 +1,20 @@
 """The paper's comparison on the built-in benchmark, in one command (METHOD.md sections 6 and 8).
 
-    python ablate.py                      # main study: 3 modalities x 3 seeds x 5 methods
+    python ablate.py --study ceiling      # supervised to convergence, per modality: the ceiling
+    python ablate.py                      # main study: 3 modalities x 5 seeds x 5 methods
     python ablate.py --study conditions   # the rule ablations of MedLoc-R1 on one modality
     python ablate.py --quick              # 1 seed, short runs: a smoke test of the whole study
 
-Every method of a (modality, seed) starts from the same SFT warm-start checkpoint and runs the same
-number of steps with the same prompts and completions per step. Each run is a `train.py`
-subprocess in results/runs/<study>/; a run with an eval.json is finished and is not redone, one
-that stopped part-way is resumed from its checkpoint. Writes results/<study>.md, .json and PNG plots.
+The protocol (README, "The paper's comparison"): the ceiling runs come first; each modality's warm
+start is SFT for as many steps as its ceiling curve needed to reach --warm-fraction of its best
+mIoU; every method of a (modality, seed) starts from that warm start and runs the same number of
+steps with the same prompts and completions per step. Each run is a `train.py` subprocess in
+results/runs/; a run with an eval.json is finished and is not redone, one that stopped part-way is
+resumed from its checkpoint. Writes results/<study>.md, .json and PNG plots.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -47,9 +51,9 @@ CONDITIONS = {
 
 
 def plan(args):
-    """(modalities, seeds, methods, sizes) of the chosen study."""
-    full = dict(seeds=[0, 1, 2], warm_steps=args.warm_steps, steps=args.steps)
-    quick = dict(seeds=[0], warm_steps=args.warm_steps // 2, steps=args.steps // 3)
+    """(modalities, sizes, methods) of the chosen study."""
+    full = dict(seeds=list(range(args.seeds)), steps=args.steps)
+    quick = dict(seeds=[0], steps=args.steps // 3)
     sizes = quick if args.quick else full
     if args.study == "main":
         return MODALITIES, sizes, MAIN
@@ -77,6 +81,79 @@ def shared_flags(args, modality, seed):
             "--eval-n", str(args.eval_n), "--save-every", str(args.save_every)]
 
 
+def sft_flags(args, steps):
+    return ["--algo", "sft", "--steps", str(steps), "--batch-prompts", str(args.sft_batch), "--lr", str(args.sft_lr)]
+
+
+# ----------------------------------------------------------------------------- the ceiling
+def ceiling_dir(args, modality):
+    return os.path.join(args.out, "runs", "ceiling", modality)
+
+
+def run_ceiling(args, modalities=MODALITIES):
+    """Seed 0 of each modality supervised for --ceiling-steps, the test split scored every 250."""
+    os.makedirs(os.path.join(args.out, "runs", "ceiling"), exist_ok=True)
+    log = os.path.join(args.out, "runs", "ceiling", "train.log")
+
+    def one(modality):
+        flags = shared_flags(args, modality, 0) + sft_flags(args, args.ceiling_steps)
+        return run_train(flags + ["--eval-every", "250", "--save-every", "1000"], ceiling_dir(args, modality), log)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, modalities))
+
+
+def ceiling_curve(args, modality):
+    """[(step, metrics)] of a ceiling run: the periodic evaluations, then the final one."""
+    metrics, log = read_run(ceiling_dir(args, modality))
+    curve = [(r["step"], {k: r[f"eval_{k}"] for k in METRICS}) for r in log if "eval_mIoU" in r]
+    return curve + [(log[-1]["step"], {k: metrics[k] for k in METRICS})]
+
+
+def warm_steps(curve, fraction):
+    """SFT steps at which the ceiling curve first reaches `fraction` of its best mIoU (linear
+    between evaluations, from mIoU 0 at step 0), rounded up to a multiple of 50."""
+    target = fraction * max(m["mIoU"] for _, m in curve)
+    previous = (0, 0.0)
+    for step, m in curve:
+        if m["mIoU"] >= target:
+            s0, m0 = previous
+            exact = s0 + (step - s0) * (target - m0) / (m["mIoU"] - m0)
+            return int(math.ceil(exact / 50) * 50)
+        previous = (step, m["mIoU"])
+    raise ValueError("unreachable: the best point reaches any fraction <= 1")
+
+
+def report_ceiling(args, modalities=MODALITIES):
+    curves = {m: ceiling_curve(args, m) for m in modalities}
+    lines = [f"# ceiling: SFT of seed 0 for {args.ceiling_steps} steps (batch {args.sft_batch}, lr {args.sft_lr}), "
+             f"test split every 250 steps, metrics in %", "",
+             "| modality | best step | A@0.5 | A@0.8 | mAP | mIoU | warm start: steps to "
+             f"{args.warm_fraction:.0%} of best mIoU |", "|---|---|---|---|---|---|---|"]
+    for m in modalities:
+        step, best = max(curves[m], key=lambda point: point[1]["mIoU"])
+        lines.append(f"| synth:{m} | {step} | " + " | ".join(f"{100 * best[k]:.1f}" for k in METRICS)
+                     + f" | {warm_steps(curves[m], args.warm_fraction)} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("mIoU", "A@0.8")):
+        for m in modalities:
+            ax.plot([s for s, _ in curves[m]], [100 * p[key] for _, p in curves[m]], marker=".", label=f"synth:{m}")
+        ax.set_xlabel("SFT step")
+        ax.set_ylabel(f"test {key} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "ceiling.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(args.out, "ceiling.md"), "w") as f:
+        f.write("\n".join(lines + ["", "Plot: ceiling.png"]) + "\n")
+    print("\n".join(lines))
+    return {m: warm_steps(curves[m], args.warm_fraction) for m in modalities}
+
+
+# ----------------------------------------------------------------------------- the comparison
 def run_study(args):
     modalities, sizes, methods = plan(args)
     suffix = "-quick" if args.quick else ""
@@ -84,13 +161,17 @@ def run_study(args):
     os.makedirs(root, exist_ok=True)
     log = os.path.join(root, "train.log")
     cells = [(m, s) for m in modalities for s in sizes["seeds"]]
+    t0 = time.time()
+    if args.warm_steps:
+        steps = {m: args.warm_steps for m in modalities}
+    else:  # the protocol: warm starts at a fixed fraction of each modality's measured ceiling
+        run_ceiling(args, modalities)
+        steps = report_ceiling(args, modalities)
     # one warm start per (modality, seed), shared by both studies
-    warm = {c: os.path.join(args.out, "runs", "warmstart" + suffix, f"{c[0]}-s{c[1]}") for c in cells}
+    warm = {c: os.path.join(args.out, "runs", "warmstart", f"{c[0]}-s{c[1]}-w{steps[c[0]]}") for c in cells}
 
     def warm_start(cell):
-        flags = shared_flags(args, *cell) + ["--algo", "sft", "--steps", str(sizes["warm_steps"]),
-                                             "--batch-prompts", str(args.sft_batch), "--lr", str(args.sft_lr)]
-        return run_train(flags, warm[cell], log)
+        return run_train(shared_flags(args, *cell) + sft_flags(args, steps[cell[0]]), warm[cell], log)
 
     def method_run(job):
         cell, name = job
@@ -100,7 +181,6 @@ def run_study(args):
             flags += ["--batch-prompts", str(args.batch_prompts)]
         return run_train(flags, os.path.join(root, f"{cell[0]}-s{cell[1]}", name), log)
 
-    t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(warm_start, cells))
         print(f"warm starts done ({time.time() - t0:.0f} s)", flush=True)
@@ -179,11 +259,39 @@ def sparsity_table(rows, methods, modalities):
     return "\n".join(lines)
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (the normal's beyond 10)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_ci(a, b):
+    """Mean of the paired differences a - b (in %) and the half-width of its 95 % t interval."""
+    d = [100 * (x - y) for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return statistics.mean(d), float("nan")
+    return statistics.mean(d), T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+
+
+def paired_table(rows, methods, modalities, of="medloc", metrics=("A@0.8", "mAP")):
+    """`of` minus every other row, paired by seed (the same warm start), with 95 % intervals."""
+    others = [m for m in methods if m != of]
+    lines = ["| modality | metric | " + " | ".join(f"{of} - {o}" for o in others) + " |",
+             "|" + "---|" * (2 + len(others))]
+    for modality in modalities:
+        for k in metrics:
+            def by_seed(name):
+                return [r[k] for r in sorted(rows, key=lambda r: r["seed"])
+                        if r["modality"] == modality and r["method"] == name]
+            cells = [paired_ci(by_seed(of), by_seed(o)) for o in others]
+            lines.append(f"| synth:{modality} | {k} | " + " | ".join(f"{d:+.1f} ± {h:.1f}" for d, h in cells) + " |")
+    return "\n".join(lines)
+
+
 def smooth(values, k=10):
     return [statistics.mean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
 def plot(curves, methods, modalities, seeds, key, ylabel, path, k=1):
+    """Mean over seeds per step (smoothed over k steps), with a band of one standard deviation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,16 +302,27 @@ def plot(curves, methods, modalities, seeds, key, ylabel, path, k=1):
             if not logs[0] or key not in logs[0][0] or logs[0][0][key] is None:
                 continue
             n = min(len(log) for log in logs)
-            mean = [statistics.mean(log[i][key] for log in logs) for i in range(n)]
-            ax.plot(range(1, n + 1), smooth(mean, k), label=name)
+            mean = smooth([statistics.mean(log[i][key] for log in logs) for i in range(n)], k)
+            sd = smooth([statistics.pstdev(log[i][key] for log in logs) for i in range(n)], k)
+            ax.plot(range(1, n + 1), mean, label=name)
+            ax.fill_between(range(1, n + 1), [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                            alpha=0.2)
         ax.set_title(f"synth:{modality}")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_lines():
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# per-step curves: key in metrics.jsonl, axis label, smoothing window (steps)
+PLOTS = (("tau", "IoU threshold tau", 1), ("hit_rate", "hit rate (IoU >= tau)", 10),
+         ("frac_equal_groups", "all-equal-reward groups", 10),
+         ("r_bar", "MedLoc-R1 window: mean hit rate r_bar", 1), ("sigma", "window: hit-rate std sigma", 1),
+         ("m_bar", "window: mean IoU - tau (m_bar)", 1))
 
 
 def report(args, root, warm, cells, methods, wall):
@@ -215,17 +334,19 @@ def report(args, root, warm, cells, methods, wall):
     write_json(rows, os.path.join(args.out, f"{name}.json"))
     write_json(warm_rows, os.path.join(args.out, f"{name}_warmstart.json"))
     grpo_methods = [m for m in methods if m != "sft"]
-    for key, ylabel, k in (("tau", "IoU threshold tau", 1), ("hit_rate", "hit rate (IoU >= tau)", 10),
-                           ("frac_equal_groups", "all-equal-reward groups", 10)):
+    for key, ylabel, k in PLOTS:
         path = os.path.join(args.out, f"{name}_{key}.png")
         plot(curves, grpo_methods, modalities, seeds, key, ylabel, path, k)
     md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mean ± std over seeds)", "",
           f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
           "2-core machine (summed over invocations if it was resumed)", "",
           table(rows, warm_rows, methods, modalities), "",
+          "MedLoc-R1 minus each other row, paired by seed (same warm start), in points, "
+          "mean ± half-width of the 95 % t interval:", "",
+          paired_table(rows, methods, modalities), "",
           "All-equal-reward groups (no gradient) in the first quarter of training, %:", "",
           sparsity_table(rows, grpo_methods, modalities), "",
-          f"Plots: {name}_tau.png, {name}_hit_rate.png, {name}_frac_equal_groups.png"]
+          "Plots: " + ", ".join(f"{name}_{key}.png" for key, _, _ in PLOTS)]
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
@@ -233,21 +354,31 @@ def report(args, root, warm, cells, methods, wall):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="main", choices=("main", "conditions"))
+    p.add_argument("--study", default="main", choices=("main", "conditions", "ceiling"))
     p.add_argument("--modality", default="derm", choices=MODALITIES,
                    help="modality of the conditions study (the paper ablates on HAM10000)")
     p.add_argument("--quick", action="store_true", help="1 seed and shorter runs")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, each with its own warm start")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
-    p.add_argument("--warm-steps", type=int, default=900, help="SFT warm-start steps")
+    p.add_argument("--ceiling-steps", type=int, default=5000, help="SFT steps of the ceiling runs")
+    p.add_argument("--warm-fraction", type=float, default=0.4,
+                   help="warm start: SFT until this fraction of the ceiling's best mIoU (seed 0's curve)")
+    p.add_argument("--warm-steps", type=int, default=0, help="fixed SFT warm-start steps instead (0: from the ceiling)")
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=150, help="steps of every compared run")
+    p.add_argument("--steps", type=int, default=300, help="steps of every compared run")
     p.add_argument("--batch-prompts", type=int, default=4, help="B of GRPO, and the SFT rows' batch")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--save-every", type=int, default=50)
     args = p.parse_args(argv)
-    report(args, *run_study(args))
+    if not 0 < args.warm_fraction <= 1:
+        p.error(f"--warm-fraction {args.warm_fraction}: must be in (0, 1]")
+    if args.study == "ceiling":
+        run_ceiling(args)
+        report_ceiling(args)
+    else:
+        report(args, *run_study(args))
 
 
 if __name__ == "__main__":

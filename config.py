@@ -2,7 +2,7 @@
 
 `check` validates a whole Config before anything is loaded and reports every problem at once;
 `load_config` builds a new run's Config from the command line, or a resumed run's from its
-config.json (a resumed run keeps its settings: only --steps, --device and --threads may change).
+config.json (a resumed run keeps its settings: only --steps, --device, --threads and --fsdp may change).
 """
 import argparse
 import dataclasses
@@ -89,6 +89,8 @@ class Config:
                          ("auto", "bf16-mixed", "bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, "trade compute for memory (real models on one GPU)")
     freeze_vision: bool = opt(False, "train the language model only")
+    fsdp: bool = opt(False, "under torchrun: split the weights, gradients and optimizer state over the "
+                            "processes (FSDP2) instead of a whole copy on each")
     lora_rank: int = opt(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
     lora_targets: str = opt(None, "regex of the linear layers to adapt (default: the language model's "
@@ -179,6 +181,12 @@ def check(cfg, processes=1):
     except ValueError as e:
         problems.append(f"--stages {cfg.stages!r}: {e}")
     problems += device_problems(cfg.device)
+    if cfg.fsdp and "LOCAL_RANK" not in os.environ:
+        problems.append("--fsdp splits the model over torchrun's processes: launch with "
+                        "torchrun --nproc_per_node K train.py --fsdp ...")
+    if cfg.fsdp and cfg.lora_rank:
+        problems.append("--fsdp with --lora-rank: LoRA trains a few adapters on a frozen base that fits "
+                        "each GPU; run it data parallel (without --fsdp)")
     if problems:
         raise RunError("\n       ".join(problems))
 
@@ -212,13 +220,13 @@ def parse_stages(text):
 
 
 # ----------------------------------------------------------------------------- new or resumed
-MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads")
+MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp")
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root")  # "{run}/..." in config.json
 
 
 def load_config(given):
     """A new run's Config from the flags; a resumed run's from its config.json, refusing any flag
-    that would change the run (anything but --steps, --device and --threads)."""
+    that would change the run (anything but --steps, --device, --threads and --fsdp)."""
     if "resume" not in given:
         return Config(**given)
     run_dir = given["resume"]
@@ -239,6 +247,7 @@ def load_config(given):
         raise RunError(f"--resume keeps the run's settings; refused: {', '.join(changed)}. "
                        f"To change them, start a new run with --init {run_dir}/final or a checkpoint's model/")
     saved.update({k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME})
+    saved["fsdp"] = given.get("fsdp", False)  # how this launch splits the work, not the run's maths
     for key in PATH_KEYS:
         saved[key] = from_config_path(saved.get(key), run_dir)
     return Config(**saved)

@@ -5,16 +5,27 @@ and adds its share of the *global* loss (weights normalised over all ranks); the
 summed across ranks, so every rank applies the update a single process would compute on all B
 prompts. The curriculum sees every rank's IoUs, so tau is the same everywhere. With one process
 every helper here is a no-op.
+
+With --fsdp (`shard`) the weights are split too: each rank keeps 1/K of every transformer block
+and of the rest of the model body, gathers a block's weights just before the block runs and frees
+them after, and receives only its 1/K of the summed gradient (FSDP2's reduce-scatter). The output
+layer (tied to the input embeddings in Qwen2.5-VL-3B) stays whole on every rank: the step calls
+it outside the model body, chunk by chunk, and its gradient is summed like any replicated one.
 """
+import gc
+import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def setup(device):
-    """Join the process group when launched by torchrun; returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+def setup(device, fsdp=False):
+    """Join the process group when launched by torchrun (even alone, to shard); returns this rank's device."""
+    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
         return device
     cuda = device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -27,6 +38,7 @@ def setup(device):
 def teardown():
     """Leave the process group (a process that exits inside it can abort at exit)."""
     if dist.is_initialized():
+        gc.collect()  # sharded models freed while their process group still exists
         dist.barrier()
         dist.destroy_process_group()
 
@@ -77,12 +89,115 @@ def gather_objects(obj):
 
 
 def sum_gradients(params):
-    """grad <- sum over ranks of grad (the loss weights are already global)."""
+    """grad <- sum over ranks of grad (the loss weights are already global). Sharded gradients
+    were summed by FSDP's reduce-scatter already."""
     if not dist.is_initialized():
         return
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p.grad, DTensor):
             dist.all_reduce(p.grad)
+
+
+def everywhere(flag):
+    """True when `flag` holds on every rank (a sharded model's forwards need every rank, so a
+    loop over them ends on all ranks together)."""
+    return total(not flag) == 0
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def shard(model):
+    """Split a Qwen2(.5)-VL model over the ranks with FSDP2 (fully_shard), in place.
+
+    Units: each decoder layer, each vision block, then the body (`model.model`: embeddings, norms,
+    patch embedding, merger), whose forward is what the step calls. The output layer is left out
+    (see the module docstring). Gradients are reduced as sums, not FSDP's default mean, since the
+    loss weights are global already."""
+    body = model.model
+    for block in list(body.language_model.layers) + list(body.visual.blocks):
+        fully_shard(block)
+    fully_shard(body, ignored_params={model.lm_head.weight})
+    for unit in body.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    # the step only reads the body's output (indexing, never in place), which this warning is about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def trainable(model):
+    """The parameters the optimizer steps. Of a sharded model, its shards: a unit that a forward
+    left gathered (FSDP keeps the body whole after its forward) is split back first, or the list
+    would hold gathered tensors that the next reshard frees."""
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_sharded(model):
+    return isinstance(getattr(model, "model", None), FSDPModule)
+
+
+def local(t):
+    """This rank's part of a sharded tensor; the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_gradients(params, max_norm):
+    """Scale the gradient to norm <= max_norm; returns the norm before, the same on every rank.
+    torch's clip_grad_norm_ when nothing is sharded; else the squares of the local shards summed
+    over ranks, plus those of the replicated gradients once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    def square(gs):  # one sync per call
+        gs = list(gs)
+        return torch.stack([g.double().pow(2).sum() for g in gs]).sum().item() if gs else 0.0
+    norm = math.sqrt(total(square(local(g) for g in grads if isinstance(g, DTensor))) +
+                     square(g for g in grads if not isinstance(g, DTensor)))
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    for g in grads:
+        local(g).mul_(scale)
+    return norm
+
+
+def full_state(model):
+    """The whole state dict of a sharded model on rank 0 (CPU), gathered one tensor at a time so
+    no rank holds more than one whole tensor extra; {} on the other ranks; None if not sharded."""
+    if not is_sharded(model):
+        return None
+    state = {}
+    for name, t in model.state_dict().items():
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        if is_main():
+            state[name] = whole.detach().cpu()
+    return state
+
+
+def full_optimizer_state(optimizer):
+    """optimizer.state_dict() with every sharded state tensor made whole on rank 0 (None on the
+    others): the format a one-process run saves, so checkpoints move between K ranks and one."""
+    state = optimizer.state_dict()
+    # new dicts: state_dict() shares the per-parameter dicts with the live optimizer
+    state["state"] = {i: dict(per_param) for i, per_param in state["state"].items()}
+    for per_param in state["state"].values():
+        for key, t in per_param.items():
+            if isinstance(t, DTensor):
+                whole = t.full_tensor()
+                per_param[key] = whole.cpu() if is_main() else None
+    return state
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, splitting whole state tensors like the parameters they belong to."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_param in state["state"].items():
+        p = params[index]
+        if isinstance(p, DTensor):
+            for key, t in per_param.items():
+                if t.shape == p.shape:  # Adam's moments; its step counter stays a scalar
+                    per_param[key] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(state)
 
 
 def barrier():

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from data import BOX_FORMATS, load_dataset, to_rgb
+import dist
 from grpo import sample_groups
 from reward import iou, parse_box, to_image_frame
 
@@ -50,11 +51,11 @@ def predict(vlm, samples, batch_size=32, max_new_tokens=None, desc="eval"):
     max_new_tokens = max_new_tokens or (24 if vlm.is_tiny else 256)
     vlm.model.eval()
     preds = []
-    bar = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False)
+    bar = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=not dist.is_main())
     for start in bar:
         chunk = samples[start:start + batch_size]
         out = sample_groups(vlm, [s.image() for s in chunk], [s.query for s in chunk], 1,
-                            max_new_tokens=max_new_tokens, greedy=True)
+                            max_new_tokens=max_new_tokens, greedy=True, together=dist.is_sharded(vlm.model))
         for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch)):
             box = to_image_frame(parse_box(text), vlm.coord, s.image_size, in_size)
             preds.append({"text": text, "box": box, "iou": iou(box, s.box), "parse_fail": box is None})

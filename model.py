@@ -377,20 +377,27 @@ class VLM:
         if lora.layers(self.model):
             ref.adapters_off = True
             return ref
-        ref.model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if self.amp_dtype is not None:  # no optimizer steps on it: plain bf16 weights suffice
-            ref.model.to(self.amp_dtype)
-            ref.amp_dtype = None
-        return ref
+        ref.model = copy.deepcopy(self.model)
+        return ref.freeze()
 
-    def save(self, folder):
+    def freeze(self):
+        """This policy as a reference: no gradients, eval mode, and under bf16-mixed plain bf16
+        weights (no optimizer steps on it, so fp32 masters are not needed)."""
+        self.model.eval().requires_grad_(False)
+        if self.amp_dtype is not None:
+            self.model.to(self.amp_dtype)
+            self.amp_dtype = None
+        return self
+
+    def save(self, folder, state=None):
         """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
-        with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`)."""
+        with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
+        `state`: the whole weights of a sharded model (dist.full_state), else the model's own."""
         self.model.config.medloc_template = self.template
         if lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
         else:
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder, state_dict=state)
         self.processor.save_pretrained(folder)
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from dist import local
+
 
 class RunError(Exception):
     """A problem with the run folder, said in one line."""
@@ -115,24 +117,26 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- checkpoints
 def all_finite(params):
-    """True when every tensor of `params` (a model or an iterable of tensors) is finite; one sync."""
+    """True when every tensor of `params` (a model or an iterable of tensors) is finite; one sync.
+    Of a sharded tensor, this rank's part."""
     params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+    return bool(torch.stack([torch.isfinite(local(p)).all() for p in params]).all()) if params else True
 
 
-def save_checkpoint(run_dir, step, policy, optimizer, schedule, keep, rngs=None):
+def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs=None, weights=None):
     """checkpoint-<step>/ = model folder + trainer state, written to a temp folder then renamed;
-    older checkpoints are deleted only after. `rngs`: every rank's RNG state, in rank order.
-    Refuses non-finite weights; a failed write leaves no temp folder and the previous one intact."""
-    if not all_finite(policy.model):
+    older checkpoints are deleted only after. `rngs`: every rank's RNG state, in rank order;
+    `weights`: a sharded model's whole state dict (dist.full_state). Refuses non-finite weights;
+    a failed write leaves no temp folder and the previous one intact."""
+    if not all_finite(weights.values() if weights else policy.model):
         raise RunError(f"step {step}: the weights are not finite; not saving them over checkpoint(s) "
                        f"{[os.path.basename(c) for c in checkpoints(run_dir)]}")
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(os.path.join(tmp, "model"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        policy.save(os.path.join(tmp, "model"), weights)
+        torch.save({"step": step, "optimizer": optimizer_state, "schedule": schedule.state_dict(),
                     "rng": rngs or [rng_state()]}, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -152,14 +156,14 @@ def why(error):
     return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
 
 
-def save_model(policy, folder):
+def save_model(policy, folder, weights=None):
     """A save_pretrained folder (final/, warmstart/model), written whole or not at all."""
-    if not all_finite(policy.model):
+    if not all_finite(weights.values() if weights else policy.model):
         raise RunError(f"the weights are not finite; {folder} not written")
     tmp = folder + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(tmp)
+        policy.save(tmp, weights)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException as e:

@@ -46,6 +46,7 @@ class MedLocScheduler:
         self.keep_after_raise = window // 2 if keep_after_raise is None else keep_after_raise
         self.tau = tau0
         self.entries = deque(maxlen=window)  # (hit rate, mean IoU) per training step
+        self.seen = {}
 
     def delta(self, tau):
         """Step size delta(tau) of the chosen rule (METHOD.md section 6 table)."""
@@ -81,6 +82,7 @@ class MedLocScheduler:
             raise ValueError("update() needs the IoUs of at least one completion")
         hit_rate = sum(v >= self.tau for v in ious) / len(ious)
         self.entries.append((hit_rate, sum(ious) / len(ious)))
+        self.seen = dict(zip(("r_bar", "sigma", "m_bar"), self.readiness()))  # what this decision saw (logged)
         if self.tau >= self.tau_target or not self.ready():
             return False
         # round so that stage bounds (0.55, 0.60, 0.75) and the target are not decided by float error

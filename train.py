@@ -118,7 +118,8 @@ def sample(cfg, policy, samples):
     """The step's rollout: by hand with shared prompts, or transformers' generate on G copies."""
     images, queries = [s.image() for s in samples], [s.query for s in samples]
     if not cfg.naive_step:
-        return grpo.sample_groups(policy, images, queries, cfg.group_size, cfg.temperature, cfg.max_new_tokens)
+        return grpo.sample_groups(policy, images, queries, cfg.group_size, cfg.temperature, cfg.max_new_tokens,
+                                  together=True)
     batch = policy.encode(images, queries)
     ids = policy.generate_repeated(batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature)
     return grpo.Rollout(batch, ids, grpo.completion_mask(ids, policy.eos_ids), policy.decode(ids))
@@ -207,10 +208,10 @@ def policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phas
 def apply_update(cfg, params, optimizer):
     """Clip the gradient and take one AdamW step; returns the gradient norm before clipping.
     A non-finite gradient stops the run before the step, non-finite weights right after it."""
-    dist.sum_gradients(params)  # every rank now holds the whole step's gradient
-    grad_norm = check_finite("the gradient norm", torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
+    dist.sum_gradients(params)  # every rank now holds the whole step's gradient (or its shard of it)
+    grad_norm = check_finite("the gradient norm", dist.clip_gradients(params, cfg.grad_clip))
     optimizer.step()
-    if not rundir.all_finite(params):
+    if not dist.everywhere(rundir.all_finite(params)):
         raise Diverged("the update made the weights non-finite")
     return grad_norm
 
@@ -229,7 +230,7 @@ class Stopped(Exception):
 
 def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, optimizer=None, schedule=None):
     """Run steps start_step+1 .. cfg.steps of cfg.algo, logging and checkpointing as it goes."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    params = dist.trainable(policy.model)
     optimizer = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = schedule or make_run_schedule(cfg)
     log_path = os.path.join(run_dir, "metrics.jsonl")
@@ -248,15 +249,17 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
                                 hit=f"{sum(recent_hits) / len(recent_hits):.2f}")
             else:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and dist.is_main():
+            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and evaluates_here(policy):
                 metrics, _ = evaluate(policy, eval_set, max_new_tokens=cfg.max_new_tokens)
                 record.update({f"eval_{k}": metrics[k] for k in ("A@0.5", "A@0.8", "mAP", "mIoU")})
             if dist.is_main():
                 rundir.log_line(log_path, record)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 rngs = dist.gather_objects(rundir.rng_state())  # every rank's, to resume exactly
+                weights, optimizer_state = dist.full_state(policy.model), dist.full_optimizer_state(optimizer)
                 if dist.is_main():
-                    rundir.save_checkpoint(run_dir, step, policy, optimizer, schedule, cfg.keep_checkpoints, rngs)
+                    rundir.save_checkpoint(run_dir, step, policy, optimizer_state, schedule, cfg.keep_checkpoints,
+                                           rngs, weights)
                 dist.barrier()
     except KeyboardInterrupt:
         raise Stopped(step - 1)
@@ -286,6 +289,7 @@ def train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step):
         scores, logs = grpo_step(cfg, policy, ref, optimizer, params, samples, schedule.tau, phases)
         record.update(logs)
         record["tau_changed"] = schedule.update(scores["iou"])  # every rank's IoUs: one curriculum
+        record.update(getattr(schedule, "seen", {}))  # MedLoc-R1's window statistics
         dist.check_same(schedule.tau, "tau")
         record.update({f"seconds_{k}": v for k, v in phases.items()})
     record["step_seconds"] = time.time() - t0
@@ -305,22 +309,30 @@ def warm_start(cfg, policy, train_set, eval_set, run_dir):
     folder = os.path.join(run_dir, "warmstart")
     os.makedirs(folder, exist_ok=True)
     train_loop(sft, policy, None, train_set, None, folder)
+    weights = dist.full_state(policy.model)
     if dist.is_main():
         for ck in rundir.checkpoints(folder):
             shutil.rmtree(ck)  # the model folder below is what later stages use
-        rundir.save_model(policy, os.path.join(folder, "model"))
-        if eval_set:  # the baseline that GRPO has to beat
-            report(policy, eval_set, cfg.max_new_tokens, os.path.join(folder, "eval.json"), "warm start")
+        rundir.save_model(policy, os.path.join(folder, "model"), weights)
+    if eval_set and evaluates_here(policy):  # the baseline that GRPO has to beat
+        report(policy, eval_set, cfg.max_new_tokens, os.path.join(folder, "eval.json"), "warm start")
     dist.barrier()
     return os.path.join(folder, "model")
 
 
+def evaluates_here(policy):
+    """Evaluation runs on rank 0 alone, unless the model is split over the ranks: then each
+    forward needs them all, so every rank evaluates the same samples (rank 0 reports)."""
+    return dist.is_main() or dist.is_sharded(policy.model)
+
+
 def report(policy, eval_set, max_new_tokens, path, title):
-    """Evaluate, write the metrics JSON and print the table."""
+    """Evaluate; rank 0 writes the metrics JSON and prints the table."""
     metrics, _ = evaluate(policy, eval_set, max_new_tokens=max_new_tokens)
-    write_json(metrics, path)
-    print(f"\n{title}: {len(eval_set)} test samples")
-    print(format_table(metrics))
+    if dist.is_main():
+        write_json(metrics, path)
+        print(f"\n{title}: {len(eval_set)} test samples")
+        print(format_table(metrics))
 
 
 # ----------------------------------------------------------------------------- set-up and main
@@ -347,6 +359,8 @@ def start(cfg, run_dir, device, train_set, eval_set):
     """A new run's policy (after the tiny model's warm start) and its frozen reference."""
     policy = load_policy(cfg, cfg.init or cfg.model, device)
     resolve(cfg, policy)
+    if cfg.fsdp:
+        dist.shard(policy.model)
     warmed = os.path.join(run_dir, "warmstart", "model")
     if cfg.sft_steps and cfg.algo == "grpo" and cfg.init != warmed:
         print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
@@ -362,9 +376,19 @@ def start(cfg, run_dir, device, train_set, eval_set):
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:
         ref_name = cfg.ref_model or cfg.init or cfg.model
-        same = ref_name == (cfg.init or cfg.model)
-        ref = (policy if same else load_policy(cfg, ref_name, device)).frozen_copy()
+        ref = reference(cfg, policy, ref_name, device, same=ref_name == (cfg.init or cfg.model))
     return policy, ref
+
+
+def reference(cfg, policy, name, device, same):
+    """The frozen KL anchor (METHOD.md 5.3): a frozen copy of `policy` while that is still the
+    starting model (`same`), else loaded from `name`. Under --fsdp it is always loaded, then
+    sharded like the policy (a sharded model cannot be copied whole)."""
+    if cfg.fsdp:
+        ref = load_policy(cfg, name, device).freeze()
+        dist.shard(ref.model)
+        return ref
+    return (policy if same else load_policy(cfg, name, device)).frozen_copy()
 
 
 def add_adapters(cfg, policy, folder=None):
@@ -395,13 +419,15 @@ def resume(cfg, run_dir, device):
     else:
         policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
     resolve(cfg, policy)
+    if cfg.fsdp:
+        dist.shard(policy.model)
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
-        ref = (policy if cfg.lora_rank and not cfg.ref_model else
-               load_policy(cfg, cfg.ref_model or cfg.init or cfg.model, device)).frozen_copy()
-    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
+        ref = reference(cfg, policy, cfg.ref_model or cfg.init or cfg.model, device,
+                        same=cfg.lora_rank and not cfg.ref_model)
+    optimizer = torch.optim.AdamW(dist.trainable(policy.model),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizer.load_state_dict(state["optimizer"])
+    dist.load_optimizer_state(optimizer, state["optimizer"])
     schedule = make_run_schedule(cfg)
     schedule.load_state_dict(state["schedule"])
     rngs = state["rng"]  # one per rank of the run that saved it
@@ -426,12 +452,13 @@ def run(cfg, run_dir, device):
         optimizer, schedule, start_step = None, None, 0
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
-    if dist.is_main():  # evaluation runs on rank 0 alone (the others wait)
-        rundir.save_model(policy, os.path.join(run_dir, "final"))
-        if eval_set:
-            method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
-            report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
-                   f"{method}: {run_dir}/final on {eval_spec}")
+    weights = dist.full_state(policy.model)
+    if dist.is_main():
+        rundir.save_model(policy, os.path.join(run_dir, "final"), weights)
+    if eval_set and evaluates_here(policy):
+        method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
+        report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
+               f"{method}: {run_dir}/final on {eval_spec}")
     dist.barrier()
 
 
@@ -444,7 +471,7 @@ def main(argv=None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        device = dist.setup(device)
+        device = dist.setup(device, cfg.fsdp)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
         rundir.prepare(run_dir)

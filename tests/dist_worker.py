@@ -1,5 +1,6 @@
 """Run by tests/test_dist.py, under torchrun (K processes) or alone: one GRPO update per loss type on
-fixed rollouts, and the curriculum on fixed IoUs; writes what rank 0 ends with to OUT/."""
+fixed rollouts, and the curriculum on fixed IoUs; writes what rank 0 ends with to OUT/.
+`--fsdp`: the policy and the reference are sharded over the processes (FSDP2)."""
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ def my_share(rollout, advantages):
                          rollout.mask[rows], rollout.texts[rows], rollout.logps[rows]), advantages[rows])
 
 
-def updates(out):
+def updates(out, fsdp):
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
         policy = load_vlm("tiny")
         torch.manual_seed(0)  # the same rollout on every rank, different completion lengths
@@ -36,11 +37,16 @@ def updates(out):
         # plain SGD without clipping: unlike AdamW's first step, it shows any error in the gradient's scale
         cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=10, loss_type=loss_type, lr=0.1,
                      temperature=1.3, micro_batch=G, grad_clip=1e9)
-        params = [p for p in policy.model.parameters() if p.requires_grad]
+        ref = policy.frozen_copy()
+        if fsdp:
+            dist.shard(policy.model)
+            dist.shard(ref.model)
+        params = dist.trainable(policy.model)
         optimizer = torch.optim.SGD(params, lr=cfg.lr)
-        train.policy_update(cfg, policy, policy.frozen_copy(), optimizer, params, *my_share(rollout, advantages), {})
+        train.policy_update(cfg, policy, ref, optimizer, params, *my_share(rollout, advantages), {})
+        weights = dist.full_state(policy.model)
         if dist.is_main():
-            torch.save(policy.model.state_dict(), os.path.join(out, f"{loss_type}.pt"))
+            torch.save(weights or policy.model.state_dict(), os.path.join(out, f"{loss_type}.pt"))
 
 
 def curriculum(out):
@@ -58,7 +64,7 @@ def curriculum(out):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    dist.setup("cpu")
-    updates(sys.argv[1])
+    dist.setup("cpu", fsdp="--fsdp" in sys.argv)
+    updates(sys.argv[1], "--fsdp" in sys.argv)
     curriculum(sys.argv[1])
     dist.teardown()

@@ -34,13 +34,13 @@ def test_condition_study_lists_the_paper_ablations():
 
 def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     out = tmp_path / "results"
-    fake_run(out / "runs" / "warmstart-quick" / "derm-s0", 0.4)
+    fake_run(out / "runs" / "warmstart" / "derm-s0-w100", 0.4)
     for k, name in enumerate(ablate.CONDITIONS):
         fake_run(out / "runs" / "conditions-quick" / "derm-s0" / name, 0.5 + k / 100,
                  taus=[0.3, 0.3, 0.45, 0.45, 0.6, 0.6, 0.7, 0.8])
     import matplotlib.pyplot  # noqa: F401  its first import may run fc-list through subprocess
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was redone"))
-    ablate.main(["--study", "conditions", "--quick", "--modality", "derm", "--out", str(out)])
+    ablate.main(["--study", "conditions", "--quick", "--modality", "derm", "--out", str(out), "--warm-steps", "100"])
     rows = json.loads((out / "conditions-quick.json").read_text())
     assert len(rows) == len(ablate.CONDITIONS)
     first = rows[0]
@@ -51,3 +51,32 @@ def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     assert "| synth:derm | A@0.5 | 40.0 ± 0.0 | 50.0 ± 0.0 | 51.0 ± 0.0 |" in table
     for key in ("tau", "hit_rate", "frac_equal_groups"):
         assert (out / f"conditions-quick_{key}.png").stat().st_size > 1000
+
+
+def test_the_warm_start_length_is_read_off_the_ceiling_curve():
+    curve = [(250, {"mIoU": 0.1}), (500, {"mIoU": 0.3}), (750, {"mIoU": 0.5}), (1000, {"mIoU": 0.45})]
+    # half of the best 0.5 is 0.25: 3/4 of the way from step 250 to 500 = 437.5, rounded up to 450
+    assert ablate.warm_steps(curve, 0.5) == 450
+    assert ablate.warm_steps(curve, 0.2) == 250  # 0.1: reached exactly at the first evaluation
+    assert ablate.warm_steps(curve, 0.1) == 150  # 0.05: between step 0 (mIoU 0) and 250, 125 -> 150
+
+
+def test_paired_differences_with_a_t_interval():
+    mean, half = ablate.paired_ci([0.5, 0.6, 0.7], [0.4, 0.4, 0.5])  # differences 10, 20, 20 points
+    assert mean == pytest.approx(50 / 3)
+    assert half == pytest.approx(4.303 * (100 / 3) ** 0.5 / 3 ** 0.5)
+
+
+def test_the_ceiling_study_reports_the_best_point_and_the_warm_start_rule(tmp_path):
+    out = tmp_path / "results"
+    for m in ablate.MODALITIES:
+        run = out / "runs" / "ceiling" / m
+        fake_run(run, 0.8)  # final eval: mIoU 0.2
+        with open(run / "metrics.jsonl", "w") as f:
+            for step, miou in ((250, 0.1), (500, 0.4), (750, 0.3)):
+                f.write(json.dumps({"step": step, **{f"eval_{k}": miou for k in ablate.METRICS}}) + "\n")
+    ablate.main(["--study", "ceiling", "--out", str(out)])
+    text = (out / "ceiling.md").read_text()
+    # best mIoU 0.4 at step 500; 40 % of it (0.16) is reached 1/5 of the way from 250 to 500: 300
+    assert "| synth:derm | 500 | 40.0 | 40.0 | 40.0 | 40.0 | 300 |" in text
+    assert (out / "ceiling.png").stat().st_size > 1000

@@ -27,15 +27,20 @@ def torchrun(args, processes=2):
 
 
 def test_two_processes_update_the_weights_as_one_and_share_one_curriculum(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+    """Replicated (data parallel) and sharded (FSDP2) alike."""
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "sharded"
+    one.mkdir(), two.mkdir(), sharded.mkdir()
     subprocess.run([sys.executable, os.path.join(HERE, "dist_worker.py"), str(one)], cwd=ROOT, check=True,
                    capture_output=True, timeout=600)
     torchrun([os.path.join(HERE, "dist_worker.py"), str(two)])
+    torchrun([os.path.join(HERE, "dist_worker.py"), str(sharded), "--fsdp"])
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
-        a, b = torch.load(one / f"{loss_type}.pt"), torch.load(two / f"{loss_type}.pt")
-        for name in a:
-            assert torch.allclose(a[name], b[name], atol=1e-6), (loss_type, name)
+        a = torch.load(one / f"{loss_type}.pt")
+        for other in (two, sharded):
+            b = torch.load(other / f"{loss_type}.pt")
+            assert a.keys() == b.keys()
+            for name in a:
+                assert torch.allclose(a[name], b[name], atol=1e-6), (other.name, loss_type, name)
     traces = [json.loads((d / f"taus-{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
     assert traces[0] == traces[1] == traces[2] and traces[0][-1] > traces[0][0]
 
@@ -59,3 +64,36 @@ def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(wa
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(tmp_path):
     with pytest.raises(AssertionError, match="--batch-prompts 3 does not split over 2 processes"):
         torchrun(["train.py", "--batch-prompts", "3", "--out", str(tmp_path / "r")])
+
+
+def test_a_sharded_run_matches_the_replicated_one_resumes_and_evaluates_as_one_process(warm, tmp_path):
+    """--fsdp: the same metrics as data parallel (AdamW, clipping, micro-batches), checkpoints that
+    resume sharded, and an evaluation over both ranks equal to a one-process one of final/."""
+    args = ["train.py", "--init", warm, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4",
+            "--micro-batch", "4", "--grad-clip", "0.5", "--reward", "iou", "--save-every", "2", "--sft-steps", "3",
+            "--eval-dataset", "synth:derm", "--eval-n", "4", "--threads", "1", "--device", "cpu"]
+    replicated, sharded = str(tmp_path / "replicated"), str(tmp_path / "sharded")
+    torchrun(args + ["--steps", "4", "--out", replicated])
+    torchrun(args + ["--steps", "2", "--out", sharded, "--fsdp"])
+    torchrun(["train.py", "--resume", sharded, "--steps", "4", "--fsdp"])
+    for a, b in zip(read_log(replicated), read_log(sharded), strict=True):
+        for key in a:
+            if "seconds" not in key:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    final = __import__("model").load_vlm(os.path.join(sharded, "final"))
+    other = __import__("model").load_vlm(os.path.join(replicated, "final")).model.state_dict()
+    for name, w in final.model.state_dict().items():
+        assert torch.allclose(w, other[name], atol=1e-5), name
+    metrics, _ = ev.evaluate(final, __import__("data").load_dataset("synth:derm", "test", n=4), max_new_tokens=24)
+    with open(os.path.join(sharded, "eval.json")) as f:
+        assert json.load(f)["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+def test_fsdp_outside_torchrun_or_with_lora_is_refused_in_one_line(tmp_path, monkeypatch):
+    import train
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--fsdp", "--lora-rank", "4", "--out", str(tmp_path / "r")])
+    message = str(e.value.code)
+    assert "--fsdp splits the model over torchrun's processes" in message and "--fsdp with --lora-rank" in message
+    assert not (tmp_path / "r").exists()  # before anything is made

@@ -160,3 +160,11 @@ def test_make_schedule_and_errors():
         MedLocScheduler(step_rule="exp")
     with pytest.raises(ValueError, match="fraction 0"):
         StagedSchedule([(0.5, 0.7)])
+
+
+def test_the_window_statistics_each_decision_saw_are_kept_for_the_log():
+    s = MedLocScheduler(tau0=0.3, window=3)
+    s.update([0.5, 0.2])  # hit rate 0.5, mean IoU 0.35
+    s.update([0.4, 0.4])  # hit rate 1.0, mean IoU 0.40
+    assert s.seen["r_bar"] == pytest.approx(0.75) and s.seen["sigma"] == pytest.approx(0.25)
+    assert s.seen["m_bar"] == pytest.approx(0.375 - 0.3)

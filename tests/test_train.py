@@ -54,6 +54,9 @@ def test_resume_gives_the_same_taus_metrics_and_weights(warm, tmp_path):
     drop = lambda log: [{k: v for k, v in r.items() if "seconds" not in k} for r in log]
     assert drop(read_log(split)) == drop(read_log(whole))
     assert [r["tau"] for r in read_log(whole)] == [0.3, 0.3, 0.45, 0.6, 0.7, 0.8]
+    first = read_log(whole)[0]  # the window statistics of step 1: one entry, so no spread
+    assert first["r_bar"] == first["hit_rate"] and first["sigma"] == 0
+    assert first["m_bar"] == pytest.approx(first["iou_mean"] - 0.3)
     a, b = weights(os.path.join(whole, "final")), weights(os.path.join(split, "final"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -103,14 +106,14 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     policy = load_vlm("tiny")
     opt = torch.optim.AdamW(policy.model.parameters())
     sched = train.make_run_schedule(Config())
-    first = rundir.save_checkpoint(str(tmp_path), 5, policy, opt, sched, keep=1)
+    first = rundir.save_checkpoint(str(tmp_path), 5, policy, opt.state_dict(), sched, keep=1)
 
-    def crash(folder):
+    def crash(folder, weights=None):
         os.makedirs(folder, exist_ok=True)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(policy, "save", crash)
     with pytest.raises(rundir.RunError, match="disk full.*checkpoint-000005 is intact"):
-        rundir.save_checkpoint(str(tmp_path), 10, policy, opt, sched, keep=1)
+        rundir.save_checkpoint(str(tmp_path), 10, policy, opt.state_dict(), sched, keep=1)
     assert rundir.checkpoints(str(tmp_path)) == [first] and not list(tmp_path.glob("*.tmp"))
     assert os.path.exists(os.path.join(first, "trainer_state.pt"))
 
