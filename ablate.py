@@ -4,6 +4,7 @@
     python ablate.py                      # main study: 3 modalities x 5 seeds x 5 methods
     python ablate.py --study conditions   # the rule ablations of MedLoc-R1 on one modality
     python ablate.py --quick              # 1 seed, short runs: a smoke test of the whole study
+    python ablate.py --study vrft         # VRFT-Aug's augmentations on synth:grade and synth:type
 
 The protocol (README, "The paper's comparison"): the ceiling runs come first; each modality's warm
 start is SFT for as many steps as its ceiling curve needed to reach --warm-fraction of its best
@@ -48,6 +49,109 @@ CONDITIONS = {
     # reference for the reward-sparsity comparison: the strict threshold from the first step
     "fixed-0.8": ["--schedule", "fixed", "--tau", "0.8"],
 }
+
+
+# VRFT-Aug (METHOD.md section 10): rows of the augmentation study on the built-in classification
+# sets; every row uses the r1 template (so there is reasoning to recite or not).
+VRFT_SETS = ("grade", "type")
+VRFT = {
+    "sft": ["--algo", "sft"],
+    "rft": [],                                                      # plain visual RFT: accuracy + format
+    "+PA_p": ["--knowledge"],                                       # class descriptions in the prompt
+    "+PA_pi": [],                                                   # from a grounding-GRPO model (warm start)
+    "+MFRS": ["--mfrs-weight", "1"],                                # ordinal sets only
+    "+recite": ["--knowledge", "--recite-weight", "0.5"],          # rewarding recitation
+    "-recite": ["--knowledge", "--recite-weight", "-0.5"],         # penalising it (the paper's choice)
+    "all": ["--knowledge", "--mfrs-weight", "1", "--recite-weight", "-0.5"],  # + PA_pi; never tried by the paper
+}
+PERCEPTION_FIRST = ("+PA_pi", "all")  # rows whose warm start begins from a grounding-GRPO model
+VRFT_METRICS = ("accuracy", "macro_f1", "qwk", "mae")
+
+
+def vrft_rows(kind):
+    """The rows run on a set: MFRS needs ordinal grades (its row is skipped elsewhere)."""
+    return [r for r in VRFT if kind == "grade" or r != "+MFRS"]
+
+
+def vrft_flags(name, kind):
+    """A row's flags on a set; on a non-ordinal set "all" runs without MFRS."""
+    flags = VRFT[name]
+    if kind != "grade" and "--mfrs-weight" in flags:
+        i = flags.index("--mfrs-weight")
+        flags = flags[:i] + flags[i + 2:]
+    return flags
+
+
+def run_vrft(args):
+    """Per (set, seed): a classification warm start from the random tiny model and one from a
+    grounding-GRPO model (PA_pi: `--init` of a `train.py` grounding run), then every row."""
+    sizes = dict(seeds=[0] if args.quick else list(range(args.vrft_seeds)),
+                 steps=args.vrft_steps // 3 if args.quick else args.vrft_steps)
+    root = os.path.join(args.out, "runs", "vrft" + ("-quick" if args.quick else ""))
+    os.makedirs(root, exist_ok=True)
+    log = os.path.join(root, "train.log")
+    cells = [(k, s) for k in VRFT_SETS for s in sizes["seeds"]]
+    common = ["--task", "classify", "--template", "r1", "--threads", "1", "--eval-n", str(args.eval_n),
+              "--save-every", str(args.save_every)]
+
+    def grounding(seed):  # PA_pi's first stage: MedLoc-R1 GRPO on synth:derm from its SFT warm start
+        return run_train(["--dataset", "synth:derm", "--seed", str(seed), "--threads", "1", "--eval-n", "50",
+                          "--sft-steps", "650", "--steps", str(sizes["steps"])],
+                         os.path.join(root, f"grounding-s{seed}"), log)
+
+    def warm(cell, perception):
+        kind, seed = cell
+        init = ["--init", os.path.join(root, f"grounding-s{seed}", "final")] if perception else []
+        return run_train(common + init + ["--dataset", f"synth:{kind}", "--seed", str(seed)]
+                         + sft_flags(args, args.vrft_warm_steps), warm_dir(root, cell, perception), log)
+
+    def row(job):
+        (kind, seed), name = job
+        flags = common + ["--dataset", f"synth:{kind}", "--seed", str(seed), "--steps", str(sizes["steps"]),
+                          "--init", os.path.join(warm_dir(root, (kind, seed), name in PERCEPTION_FIRST), "final")]
+        if name == "sft":
+            flags += ["--batch-prompts", str(args.batch_prompts)]
+        return run_train(flags + vrft_flags(name, kind), os.path.join(root, f"{kind}-s{seed}", name), log)
+
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(grounding, sizes["seeds"]))
+        list(pool.map(lambda job: warm(*job), [(c, p) for c in cells for p in (False, True)]))
+        list(pool.map(row, [(c, name) for c in cells for name in vrft_rows(c[0])]))
+    return root, cells, time.time() - t0
+
+
+def warm_dir(root, cell, perception):
+    return os.path.join(root, "warmstart", f"{cell[0]}-s{cell[1]}" + ("-perception" if perception else ""))
+
+
+def report_vrft(args, root, cells, wall):
+    """results/vrft.md: a row per method, a column per (set, metric), mean ± std over seeds."""
+    from eval import write_json
+    name = "vrft" + ("-quick" if args.quick else "")
+    rows = []
+    for kind, seed in cells:
+        for method in vrft_rows(kind):
+            metrics, _ = read_run(os.path.join(root, f"{kind}-s{seed}", method))
+            rows.append({"set": kind, "seed": seed, "method": method,
+                         **{k: metrics[k] for k in VRFT_METRICS if k in metrics}})
+    write_json(rows, os.path.join(args.out, f"{name}.json"))
+    seeds = sorted({s for _, s in cells})
+    columns = [(k, m) for k in VRFT_SETS for m in VRFT_METRICS if k == "grade" or m in ("accuracy", "macro_f1")]
+    lines = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades), mean ± std over seeds", "",
+             f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min", "",
+             "| method | " + " | ".join(f"{k} {m}" for k, m in columns) + " |", "|" + "---|" * (1 + len(columns))]
+    for method in VRFT:
+        cells_text = []
+        for kind, metric in columns:
+            values = [r[metric] for r in rows if r["set"] == kind and r["method"] == method and metric in r]
+            scale = 1 if metric == "mae" else 100
+            cells_text.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.pstdev(values):.1f}"
+                              if values else "-")
+        lines.append(f"| {method} | " + " | ".join(cells_text) + " |")
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def plan(args):
@@ -354,7 +458,7 @@ def report(args, root, warm, cells, methods, wall):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="main", choices=("main", "conditions", "ceiling"))
+    p.add_argument("--study", default="main", choices=("main", "conditions", "ceiling", "vrft"))
     p.add_argument("--modality", default="derm", choices=MODALITIES,
                    help="modality of the conditions study (the paper ablates on HAM10000)")
     p.add_argument("--quick", action="store_true", help="1 seed and shorter runs")
@@ -371,12 +475,17 @@ def main(argv=None):
     p.add_argument("--batch-prompts", type=int, default=4, help="B of GRPO, and the SFT rows' batch")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--vrft-seeds", type=int, default=3, help="vrft study: seeds 0..N-1")
+    p.add_argument("--vrft-steps", type=int, default=90, help="vrft study: steps of every row")
+    p.add_argument("--vrft-warm-steps", type=int, default=150, help="vrft study: SFT warm-start steps")
     args = p.parse_args(argv)
     if not 0 < args.warm_fraction <= 1:
         p.error(f"--warm-fraction {args.warm_fraction}: must be in (0, 1]")
     if args.study == "ceiling":
         run_ceiling(args)
         report_ceiling(args)
+    elif args.study == "vrft":
+        report_vrft(args, *run_vrft(args))
     else:
         report(args, *run_study(args))
 

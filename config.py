@@ -37,6 +37,15 @@ class Config:
     template: str = opt(None, "prompt template (default: short for tiny, r1 otherwise)", ("r1", "short"))
     min_pixels: int = opt(None, "processor min_pixels (default: the model's; tiny: 56*56)")
     max_pixels: int = opt(None, "processor max_pixels (default: the model's; tiny: 112*112)")
+    # classification (VRFT-Aug, METHOD.md section 10)
+    task: str = opt("ground", "ground: one box per query (MedLoc-R1); classify: one class per image (VRFT-Aug)",
+                    ("ground", "classify"))
+    labels: str = opt(None, "classify: labels file (class names in order, descriptions, ordinal); "
+                            "synth:grade|type carry their own")
+    knowledge: bool = opt(False, "classify, PA_p: put each class's description in the prompt")
+    mfrs_weight: float = opt(0.0, "classify, ordinal sets: gamma, weight of the multi-grade fuzzy reward")
+    mfrs_decay: float = opt(0.25, "classify: R_MFRS = decay ** |grade error| (0.25: 1 / 0.25 / 0.0625 ...)")
+    recite_weight: float = opt(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
     # algorithm (METHOD.md section 5)
     algo: str = opt("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
     steps: int = opt(150, "optimizer steps in total (with --resume: the total to reach)")
@@ -140,7 +149,8 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "delta0": _between(0, 1, lo_open=True), "min_delta": _between(0, 1, lo_open=True),
     "sft_steps": _at_least(0), "sft_lr": _positive(), "sft_batch": _at_least(1), "save_every": _at_least(1),
     "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
-    "lora_rank": _between(0, 4096), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
+    "lora_rank": _between(0, 4096), "mfrs_weight": _between(0, 10), "mfrs_decay": _between(0, 1),
+    "recite_weight": _between(-10, 10), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
 }
 
 
@@ -184,6 +194,11 @@ def check(cfg, processes=1):
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         problems.append("--fsdp splits the model over torchrun's processes: launch with "
                         "torchrun --nproc_per_node K train.py --fsdp ...")
+    if cfg.recite_weight and not cfg.knowledge:
+        problems.append(f"--recite-weight {cfg.recite_weight} needs --knowledge: it scores the reasoning "
+                        "against the injected class descriptions")
+    if cfg.task == "ground" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
+        problems.append("--labels, --knowledge, --mfrs-weight and --recite-weight belong to --task classify")
     if cfg.fsdp and cfg.lora_rank:
         problems.append("--fsdp with --lora-rank: LoRA trains a few adapters on a frozen base that fits "
                         "each GPU; run it data parallel (without --fsdp)")
@@ -221,7 +236,7 @@ def parse_stages(text):
 
 # ----------------------------------------------------------------------------- new or resumed
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp")
-PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root")  # "{run}/..." in config.json
+PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels")  # "{run}/..." in config.json
 
 
 def load_config(given):

@@ -1,4 +1,5 @@
-"""Grounding data: JSONL records (METHOD.md section 9), built-in synthetic sets, mask conversion.
+"""Data: grounding JSONL records (METHOD.md section 9), built-in synthetic sets, mask conversion,
+and the classification sets of VRFT-Aug (section 10: labels files, synth:grade|type, .npz import).
 
 A dataset is a list of `Sample`s: an image (loaded on demand), a text query, the GT box in
 original-image pixels and where it came from (file:line). `load_dataset(spec)` takes a JSONL path
@@ -6,6 +7,7 @@ or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix.
 
     python data.py synth --kind xray --n 200 --out DIR          # PNGs + DIR/data.jsonl
     python data.py from-masks --images DIR --masks DIR --query "Locate the lesion." --out DIR
+    python data.py npz --npz retinamnist.npz --names "grade 0,grade 1,grade 2,grade 3,grade 4" --ordinal --out DIR
 """
 import argparse
 import json
@@ -143,16 +145,49 @@ def _image_size(path):
     return W, H
 
 
-def _parse_line(raw, image_root, box_format):
-    """One JSONL line (bytes) -> (Sample, the box as written); raises ValueError with the reason."""
+def _decode(raw):
+    """One JSONL line (bytes) -> its JSON value; raises ValueError saying what is wrong."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg})")
+
+
+def read_records(path, parse, skip_invalid):
+    """[(parse(record), "file:line")] of a JSONL file. Every bad line is listed in one DataError,
+    or with `skip_invalid` dropped and counted; an empty result is an error either way."""
+    results, errors = [], []
+    try:
+        f = open(path, "rb")  # bytes: a bad byte is one record's error, not the whole file's
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                results.append((parse(_decode(raw)), where))
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+    if errors and not skip_invalid:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{path}: {len(errors)} invalid record(s) (use --skip-invalid to drop them):"
+                        f"\n  {shown}{more}")
+    if errors:
+        print(f"{path}: skipped {len(errors)} invalid record(s), e.g. {errors[0]}")
+    if not results:
+        raise DataError(f"{path}: no valid records: the dataset is empty")
+    return results
+
+
+def _parse_record(obj, image_root, box_format):
+    """One grounding record -> (Sample, the box as written); raises ValueError with the reason."""
     image, query, box = _record_fields(obj)
     if len(query) > MAX_QUERY_CHARS:
         raise ValueError(f"field 'problem': query is {len(query):,} characters, at most {MAX_QUERY_CHARS:,}")
@@ -175,33 +210,12 @@ def load_jsonl(path, image_root=None, skip_invalid=False, box_format="xyxy"):
     if box_format not in BOX_FORMATS:
         raise DataError(f"unknown box format {box_format!r}: expected one of {sorted(BOX_FORMATS)}")
     image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
-    samples, raw_boxes, errors = [], [], []
-    try:
-        f = open(path, "rb")  # bytes: a bad byte is one record's error, not the whole file's
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})")
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                sample, box = _parse_line(raw, image_root, box_format)
-            except ValueError as e:
-                errors.append(f"{where}: {e}")
-                continue
-            sample.source = where
-            samples.append(sample)
-            raw_boxes.append(box)
-    if errors and not skip_invalid:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{path}: {len(errors)} invalid record(s) (use --skip-invalid to drop them):"
-                        f"\n  {shown}{more}")
-    if errors:
-        print(f"{path}: skipped {len(errors)} invalid record(s), e.g. {errors[0]}")
-    if not samples:
-        raise DataError(f"{path}: no valid records: the dataset is empty")
+    records = read_records(path, lambda obj: _parse_record(obj, image_root, box_format), skip_invalid)
+    samples, raw_boxes = [], []
+    for (sample, box), where in records:
+        sample.source = where
+        samples.append(sample)
+        raw_boxes.append(box)
     check_not_normalised(path, samples, raw_boxes, box_format)
     return samples
 
@@ -310,18 +324,12 @@ def synth_sample(kind, split, index, seed=0):
     return image, query, _tight_box(mask)
 
 
-class SynthSet(Sequence):
-    """`n` synthetic samples of `kind` (derm, xray, us or mix: the three interleaved).
+class MadeOnAccess(Sequence):
+    """`n` synthetic samples, each made by `make(i)` on first access and kept (a few hundred kB
+    each), since drawing one costs more than a tiny model's training step on it."""
 
-    Samples are made on first access and kept (a few hundred kB each), since drawing one costs
-    more than a tiny model's training step on it."""
-
-    def __init__(self, kind, split="train", n=None, seed=0):
-        if kind not in KINDS + ("mix",):
-            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}")
-        self.kind, self.split, self.seed = kind, split, seed
-        self.n = SYNTH_SIZES[split] if n is None else n
-        self.made = {}
+    def __init__(self, n):
+        self.n, self.made = n, {}
 
     def __len__(self):
         return self.n
@@ -333,10 +341,23 @@ class SynthSet(Sequence):
             raise IndexError(i)
         i %= self.n
         if i not in self.made:
-            k, j = (KINDS[i % 3], i // 3) if self.kind == "mix" else (self.kind, i)
-            image, query, box = synth_sample(k, self.split, j, self.seed)
-            self.made[i] = Sample(lambda: image, query, box, image.size, f"synth:{k}:{self.split}:{j}")
+            self.made[i] = self.make(i)
         return self.made[i]
+
+
+class SynthSet(MadeOnAccess):
+    """`n` synthetic grounding samples of `kind` (derm, xray, us or mix: the three interleaved)."""
+
+    def __init__(self, kind, split="train", n=None, seed=0):
+        if kind not in KINDS + ("mix",):
+            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}")
+        self.kind, self.split, self.seed = kind, split, seed
+        super().__init__(SYNTH_SIZES[split] if n is None else n)
+
+    def make(self, i):
+        k, j = (KINDS[i % 3], i // 3) if self.kind == "mix" else (self.kind, i)
+        image, query, box = synth_sample(k, self.split, j, self.seed)
+        return Sample(lambda: image, query, box, image.size, f"synth:{k}:{self.split}:{j}")
 
 
 def load_dataset(spec, default_split="train", image_root=None, skip_invalid=False, n=None, seed=0,
@@ -352,6 +373,195 @@ def load_dataset(spec, default_split="train", image_root=None, skip_invalid=Fals
         raise DataError(f"{spec}: no such file (and not a synth:KIND spec)")
     samples = load_jsonl(spec, image_root, skip_invalid, box_format)
     return samples[:n] if n else samples
+
+
+# ----------------------------------------------------------------------------- classification (VRFT-Aug)
+@dataclass
+class Labels:
+    """The classes of a classification set, in order (grade order when `ordinal`), with an
+    optional short description of each: the prior knowledge PA_p puts in the prompt (METHOD.md 10)."""
+    names: list
+    descriptions: list
+    ordinal: bool = False
+    question: str = "What is the diagnosis?"
+
+    def to_json(self):
+        return {"classes": [{"name": n, "description": d} for n, d in zip(self.names, self.descriptions)],
+                "ordinal": self.ordinal, "question": self.question}
+
+
+def read_labels(path):
+    """A labels file: {"classes": [name or {"name", "description"}, ...], "ordinal": bool, "question": str}."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})")
+    return labels_from_json(obj, path)
+
+
+def labels_from_json(obj, where):
+    classes = obj.get("classes") if isinstance(obj, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise DataError(f"{where}: field 'classes': a list of at least two class names")
+    names, descriptions = [], []
+    for k, c in enumerate(classes):
+        if isinstance(c, dict):
+            name, text = c.get("name"), c.get("description", "")
+        else:
+            name, text = c, ""
+        if not isinstance(name, str) or not name.strip() or not isinstance(text, str):
+            raise DataError(f"{where}: field 'classes[{k}]': a name, or an object with 'name' and "
+                            f"optionally 'description' (strings)")
+        names.append(name.strip())
+        descriptions.append(text.strip())
+    if len({n.lower() for n in names}) < len(names):
+        raise DataError(f"{where}: field 'classes': names repeat (case-insensitively): {names}")
+    ordinal, question = obj.get("ordinal", False), obj.get("question", Labels.question)
+    if not isinstance(ordinal, bool) or not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: field 'ordinal' must be true/false and 'question' a non-empty string")
+    return Labels(names, descriptions, ordinal, question.strip())
+
+
+@dataclass
+class ClassSample:
+    load: Callable[[], Image.Image]
+    query: str
+    label: int                       # index into Labels.names
+    image_size: tuple
+    source: str
+
+    def image(self):
+        return self.load()
+
+
+def load_class_jsonl(path, labels, image_root=None, skip_invalid=False):
+    """Records {"image": path, "label": name or index, "problem": optional question}; one error
+    listing every bad line unless `skip_invalid` (the same rules as the grounding loader)."""
+    image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    by_name = {n.lower(): i for i, n in enumerate(labels.names)}
+
+    def parse(obj):
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+            raise ValueError("field 'image': missing or not a string")
+        y = obj.get("label")
+        if isinstance(y, str) and y.strip().lower() in by_name:
+            y = by_name[y.strip().lower()]
+        elif not (isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(labels.names)):
+            raise ValueError(f"field 'label': {y!r} is not one of {labels.names} or an index below "
+                             f"{len(labels.names)}")
+        query = obj.get("problem", labels.question)
+        if not isinstance(query, str) or not query.strip() or len(query) > MAX_QUERY_CHARS:
+            raise ValueError(f"field 'problem': empty, not a string or over {MAX_QUERY_CHARS} characters")
+        image = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(image_root, obj["image"])
+        size = _image_size(image)
+        return ClassSample(lambda p=image: read_image(p), query.strip(), y, size, "")
+
+    samples = []
+    for sample, where in read_records(path, parse, skip_invalid):
+        sample.source = where
+        samples.append(sample)
+    return samples
+
+
+# Built-in sets: `grade` is ordinal (a lesion grade 0-4 visible in the number and size of dark
+# spots), `type` is not (four lesion types told apart by colour and shape).
+SYNTH_LABELS = {
+    "grade": Labels(["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"],
+                    ["no dark spot", "one small dark spot", "two dark spots", "three larger dark spots",
+                     "four or more large dark spots"], True, "What is the lesion grade?"),
+    "type": Labels(["nevus", "melanoma", "keratosis", "vascular"],
+                   ["round even brown spot", "dark irregular black patch", "pale rough grey plaque",
+                    "small bright red round spot"], False, "What is the lesion type?"),
+}
+CLASS_SIZES = {"train": 1000, "test": 200}
+
+
+def _spots(rng, W, H, count, radius, colour, irregular=0.0):
+    """A skin-coloured image with `count` blurred blobs of `colour`."""
+    skin = np.array([rng.uniform(195, 230), rng.uniform(150, 180), rng.uniform(120, 150)], np.float32)
+    img = skin + 12 * _smooth_noise(rng, W, H, 6)[..., None] + rng.normal(0, 4, (H, W, 1))
+    for _ in range(count):
+        mask = _blob_mask(rng, W, H, math.pi * radius ** 2 / (W * H), irregular)
+        alpha = _blur(mask * 0.9, 1.2)[..., None]
+        img = img * (1 - alpha) + np.asarray(colour, np.float32) * alpha
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def synth_class_sample(kind, split, index, seed=0):
+    """(image, label) of one deterministic sample; train and test draw from disjoint streams."""
+    rng = np.random.default_rng([seed, 10 + list(SYNTH_LABELS).index(kind), SPLITS[split], index])
+    label = int(rng.integers(len(SYNTH_LABELS[kind].names)))
+    W = int(rng.integers(160, 320))
+    H = W * 3 // 4
+    if kind == "grade":  # grade g: g spots (4 or 5 at grade 4), growing with the grade
+        count = label if label < 4 else int(rng.integers(4, 6))
+        return _spots(rng, W, H, count, W * (0.05 + 0.015 * label), (70, 45, 35), 0.1 * label), label
+    colour, radius, irregular = [((120, 80, 55), 0.12, 0.02), ((35, 25, 25), 0.16, 0.3),
+                                 ((170, 165, 150), 0.15, 0.15), ((200, 40, 50), 0.06, 0.0)][label]
+    return _spots(rng, W, H, 1, W * radius, colour, irregular), label
+
+
+class SynthClassSet(MadeOnAccess):
+    """`n` samples of the built-in classification set `kind`."""
+
+    def __init__(self, kind, split="train", n=None, seed=0):
+        if kind not in SYNTH_LABELS:
+            raise DataError(f"unknown synthetic classification set {kind!r}: expected one of {list(SYNTH_LABELS)}")
+        self.kind, self.split, self.seed, self.labels = kind, split, seed, SYNTH_LABELS[kind]
+        super().__init__(CLASS_SIZES[split] if n is None else n)
+
+    def make(self, i):
+        image, label = synth_class_sample(self.kind, self.split, i, self.seed)
+        return ClassSample(lambda: image, self.labels.question, label, image.size, f"synth:{self.kind}:{self.split}:{i}")
+
+
+def load_class_dataset(spec, labels=None, default_split="train", image_root=None, skip_invalid=False, n=None):
+    """(samples, Labels) of `synth:grade|type[:SPLIT]` or a JSONL file; `labels`: a labels file's
+    path or a Labels (a synthetic set's own by default; a JSONL file needs them)."""
+    labels_path = labels if isinstance(labels, str) else None
+    given = labels if isinstance(labels, Labels) else None
+    if spec.startswith("synth:"):
+        parts = spec.split(":")
+        split = parts[2] if len(parts) > 2 else default_split
+        if split not in SPLITS:
+            raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
+        data = SynthClassSet(parts[1], split, n)
+        return data, given or (read_labels(labels_path) if labels_path else data.labels)
+    if not os.path.exists(spec):
+        raise DataError(f"{spec}: no such file (and not a synth:grade|type spec)")
+    if not (given or labels_path):
+        raise DataError(f"{spec}: a classification JSONL needs --labels FILE (the class names in order)")
+    labels = given or read_labels(labels_path)
+    samples = load_class_jsonl(spec, labels, image_root, skip_invalid)
+    return (samples[:n] if n else samples), labels
+
+
+def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
+    """A MedMNIST-style .npz ({split}_images (N, H, W[, 3]) uint8, {split}_labels (N[, 1])) ->
+    PNGs + {split}.jsonl + labels.json (class names as given, in label-index order)."""
+    try:
+        with np.load(npz_path) as z:
+            images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{npz_path}: not a readable .npz ({e})")
+    except KeyError as e:
+        raise DataError(f"{npz_path}: no array {e} (expected {split}_images and {split}_labels)")
+    if len(images) != len(labels) or images.ndim not in (3, 4):
+        raise DataError(f"{npz_path}: {split}_images {images.shape} and {split}_labels {labels.shape} do not match")
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise DataError(f"{npz_path}: labels run {labels.min()}..{labels.max()}, but {len(names)} names were given")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        rel = os.path.join("images", f"{split}_{i:06d}.png")
+        Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB").save(os.path.join(out_dir, rel))
+        records.append({"image": rel, "label": int(y)})
+    with open(os.path.join(out_dir, "labels.json"), "w") as f:
+        json.dump({"classes": list(names), "ordinal": ordinal}, f, indent=1)
+    return write_jsonl(records, out_dir, f"{split}.jsonl")
 
 
 # ----------------------------------------------------------------------------- writing JSONL
@@ -427,6 +637,12 @@ def main(argv=None):
     m.add_argument("--out", required=True)
     m.add_argument("--split", type=float, default=0.8, help="fraction of records in train.jsonl")
     m.add_argument("--seed", type=int, default=0)
+    z = sub.add_parser("npz", help="MedMNIST-style .npz -> PNGs + JSONL + labels.json (classification)")
+    z.add_argument("--npz", required=True)
+    z.add_argument("--names", required=True, help="class names in label order, comma-separated")
+    z.add_argument("--split", default="train", help="which arrays: train, val or test")
+    z.add_argument("--ordinal", action="store_true", help="the labels are grades in order")
+    z.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
         run(a)
@@ -437,6 +653,9 @@ def main(argv=None):
 def run(a):
     if a.cmd == "synth":
         print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
+        return
+    if a.cmd == "npz":
+        print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], a.split, a.ordinal))
         return
     (train, test), problems = from_masks(a.images, a.masks, a.query, a.out, a.split, a.seed)
     for line in problems[:20]:

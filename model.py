@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers.utils import logging as hf_logging
 
 import lora
+from data import labels_from_json
 
 hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watching
 
@@ -51,10 +52,15 @@ TINY_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def prompt_text(query, template):
-    """The user text of METHOD.md section 3 for `template` ("r1" or "short")."""
+# METHOD.md section 10: the classification prompt asks for one option, not a box.
+R1_CLASS_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
+                   " answer, one of the options, in <answer> </answer> tags.")
+
+
+def prompt_text(query, template, task="ground"):
+    """The user text of METHOD.md section 3 (section 10 for task "classify") for `template`."""
     if template == "r1":
-        return query + R1_SUFFIX
+        return query + (R1_CLASS_SUFFIX if task == "classify" else R1_SUFFIX)
     if template == "short":
         return query
     raise ValueError(f"unknown template {template!r}: expected 'r1' or 'short'")
@@ -67,6 +73,28 @@ def answer_text(box, template):
         return (f'<think>The target region is visible in the image.</think>'
                 f'<answer>{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}</answer>')
     return f"<answer>[{x1},{y1},{x2},{y2}]</answer>"
+
+
+def class_query(question, labels, knowledge):
+    """A classification question with its options and, for PA_p (METHOD.md 10), the prior
+    knowledge: one line per class with its description."""
+    lines = [question]
+    if knowledge:
+        lines += [f"{n}: {d}." for n, d in zip(labels.names, labels.descriptions) if d]
+    return "\n".join(lines + ["Options: " + ", ".join(labels.names) + "."])
+
+
+def class_answer(name, template):
+    """The ideal classification completion (SFT target)."""
+    think = "<think>I compare the options.</think>" if template == "r1" else ""
+    return f"{think}<answer>{name}</answer>"
+
+
+def default_max_new_tokens(vlm):
+    """Completion length limit: the tiny model's answers are short (a class with reasoning longer)."""
+    if not vlm.is_tiny:
+        return 256
+    return 64 if vlm.task == "classify" else 24
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -148,6 +176,11 @@ class VLM:
         self.coord = COORD_FRAMES[model_type]
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
+        # the task travels in config.json, so eval.py prompts and scores a classifier as trained
+        self.task, self.labels, self.knowledge = "ground", None, False
+        if getattr(model.config, "medloc_task", "ground") == "classify":
+            self.set_task("classify", labels_from_json(model.config.medloc_labels, "config.json"),
+                          model.config.medloc_knowledge)
         tok = processor.tokenizer
         tok.padding_side = "left"  # generation appends on the right
         # every stop token of the checkpoint (Qwen Instruct: <|im_end|> and <|endoftext|>), end of
@@ -159,6 +192,20 @@ class VLM:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         # never sampled: a vision token in a completion breaks the next forward (METHOD.md 3)
         self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in VISION_TOKENS])
+
+    def set_task(self, task, labels=None, knowledge=False):
+        """Ground (boxes) or classify among `labels`, with their descriptions in the prompt or not."""
+        self.task, self.labels, self.knowledge = task, labels, knowledge
+
+    def query_of(self, sample):
+        """The text of a sample's prompt before the template's instructions."""
+        if self.task == "classify":
+            return class_query(sample.query, self.labels, self.knowledge)
+        return sample.query
+
+    def known_text(self):
+        """The injected prior knowledge (what R_recite compares the reasoning with), or ''."""
+        return " ".join(d for d in self.labels.descriptions) if self.task == "classify" and self.knowledge else ""
 
     @property
     def device(self):
@@ -177,7 +224,7 @@ class VLM:
         """Processor batch (left-padded) for one chat turn per (image, query) pair."""
         texts = [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"},
-                                          {"type": "text", "text": prompt_text(q, self.template)}]}],
+                                          {"type": "text", "text": prompt_text(q, self.template, self.task)}]}],
             tokenize=False, add_generation_prompt=True) for q in queries]
         batch = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt")
         return batch.to(self.device)
@@ -394,6 +441,9 @@ class VLM:
         with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
         `state`: the whole weights of a sharded model (dist.full_state), else the model's own."""
         self.model.config.medloc_template = self.template
+        self.model.config.medloc_task = self.task
+        if self.task == "classify":
+            self.model.config.medloc_labels, self.model.config.medloc_knowledge = self.labels.to_json(), self.knowledge
         if lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
         else:
@@ -416,6 +466,18 @@ def model_type_of(name):
         raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
     except ValueError as e:  # a config.json without a model_type, or broken JSON
         raise ValueError(f"{name}: not a model folder ({str(e).splitlines()[0][:200]})")
+
+
+def saved_task(name):
+    """("ground", None) or ("classify", Labels): what a model folder was trained for, read from its
+    config.json alone (eval.py checks its data against it before loading any weights)."""
+    if name == "tiny" or os.path.isfile(os.path.join(name, "adapter_config.json")):
+        return "ground", None
+    model_type_of(name)  # a one-line error for a run folder or a missing model
+    config = AutoConfig.from_pretrained(name)
+    if getattr(config, "medloc_task", "ground") != "classify":
+        return "ground", None
+    return "classify", labels_from_json(config.medloc_labels, os.path.join(name, "config.json"))
 
 
 def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=None,

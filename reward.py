@@ -121,3 +121,82 @@ def score_completions(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mod
                            ("reward", acc + w_fmt * fmt), ("parse_fail", float(raw is None))):
             cols[key].append(value)
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
+
+
+# ----------------------------------------------------------------------------- classification (VRFT-Aug)
+# METHOD.md section 10. A class answer is the text of the <answer> block; it scores only when it is
+# exactly one class name after normalisation, so "A or B" (the hack of substring matchers) scores 0.
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_CLASS_FORMATS = {
+    "r1": re.compile(r"\s*<think>.*?</think>\s*<answer>[^<]+</answer>\s*", re.DOTALL),
+    "short": re.compile(r"\s*<answer>[^<]+</answer>\s*"),
+}
+
+
+def normalise(label):
+    """Lower case, single spaces, no surrounding spaces or final full stop."""
+    return " ".join(label.lower().split()).rstrip(".").strip()
+
+
+def parse_class(text, names):
+    """Index of the class named in the first <answer> block (the whole text if none), or None."""
+    answer = _ANSWER.search(text)
+    said = normalise(answer.group(1) if answer else text)
+    matches = [i for i, name in enumerate(names) if normalise(name) == said]
+    return matches[0] if len(matches) == 1 else None
+
+
+def mfrs(predicted, true, decay):
+    """Multi-grade fuzzy reward: decay ** |predicted - true| grades (1 when exact, 0 if unparsed)."""
+    return 0.0 if predicted is None else decay ** abs(predicted - true)
+
+
+def _ngrams(words, n):
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def recitation(reasoning, knowledge, orders=(1, 2)):
+    """Mean over n in `orders` of the clipped n-gram precision of `reasoning` against `knowledge`
+    (BLEU's modified precision, without its brevity penalty): the share of the reasoning's n-grams
+    found in the injected text, each counted at most as often as it occurs there."""
+    said, known = normalise(reasoning).split(), normalise(knowledge).split()
+    scores = []
+    for n in orders:
+        grams = _ngrams(said, n)
+        if not grams:
+            scores.append(0.0)
+            continue
+        pool = {}
+        for g in _ngrams(known, n):
+            pool[g] = pool.get(g, 0) + 1
+        hits = 0
+        for g in grams:
+            if pool.get(g, 0) > 0:
+                pool[g] -= 1
+                hits += 1
+        scores.append(hits / len(grams))
+    return sum(scores) / len(scores)
+
+
+def reasoning_of(text):
+    """The <think> block, or the text outside the <answer> block when there is none."""
+    think = _THINK.search(text)
+    return think.group(1) if think else _ANSWER.sub(" ", text)
+
+
+def score_classes(texts, true, names, template="short", w_fmt=1.0, mfrs_weight=0.0, mfrs_decay=0.25,
+                  recite_weight=0.0, knowledge=""):
+    """Per-completion reward of VRFT-Aug (METHOD.md 10):
+    r = r_acc + w_fmt * r_fmt + mfrs_weight * R_MFRS + recite_weight * R_recite."""
+    cols = {k: [] for k in ("acc", "fmt", "mfrs", "recite", "reward", "parse_fail")}
+    for text, y in zip(texts, true, strict=True):
+        pred = parse_class(text, names)
+        acc = float(pred == y)
+        fmt = 1.0 if _CLASS_FORMATS[template].fullmatch(text) and pred is not None else 0.0
+        fuzzy = mfrs(pred, y, mfrs_decay) if mfrs_weight else 0.0
+        recite = recitation(reasoning_of(text), knowledge) if recite_weight and knowledge else 0.0
+        reward = acc + w_fmt * fmt + mfrs_weight * fuzzy + recite_weight * recite
+        for key, value in (("acc", acc), ("fmt", fmt), ("mfrs", fuzzy), ("recite", recite),
+                           ("reward", reward), ("parse_fail", float(pred is None))):
+            cols[key].append(value)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}

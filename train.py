@@ -29,10 +29,10 @@ import grpo
 import lora
 import rundir
 from config import PATH_KEYS, check, load_config, parse_args, parse_stages
-from data import DataError, load_dataset
-from eval import evaluate, format_table, write_json
-from model import VLM, answer_text, load_vlm
-from reward import from_image_frame, score_completions
+from data import DataError, load_class_dataset, load_dataset
+from eval import evaluate, format_table, save_confusion, write_json
+from model import VLM, answer_text, class_answer, default_max_new_tokens, load_vlm
+from reward import from_image_frame, score_classes, score_completions
 from rundir import RunError
 from scheduler import make_schedule
 
@@ -45,7 +45,7 @@ def resolve(cfg, vlm):
         cfg.lr = 1e-4 if vlm.is_tiny else 1e-6
         if cfg.lora_rank:  # LoRA moves a few parameters: its usual rate is 10x that of full fine-tuning
             cfg.lr = round(cfg.lr * 10, 12)
-    cfg.max_new_tokens = cfg.max_new_tokens or (24 if vlm.is_tiny else 256)
+    cfg.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens(vlm)
     if cfg.sft_steps is None:
         cfg.sft_steps = 1200 if tiny_fresh and cfg.algo == "grpo" else 0
     cfg.reward = cfg.reward or ("iou" if cfg.schedule == "raw-iou" else "threshold")
@@ -89,10 +89,13 @@ def prompt_indices(step, batch, n, seed):
 
 # ----------------------------------------------------------------------------- the two losses
 def sft_loss(policy, samples):
-    """Token-mean negative log-likelihood of the GT answer (in the model's frame)."""
-    batch = policy.encode([s.image() for s in samples], [s.query for s in samples])
-    answers = [answer_text(from_image_frame(s.box, policy.coord, s.image_size, in_size), policy.template)
-               for s, in_size in zip(samples, policy.input_sizes(batch))]
+    """Token-mean negative log-likelihood of the GT answer (a box in the model's frame, or a class)."""
+    batch = policy.encode([s.image() for s in samples], [policy.query_of(s) for s in samples])
+    if policy.task == "classify":
+        answers = [class_answer(policy.labels.names[s.label], policy.template) for s in samples]
+    else:
+        answers = [answer_text(from_image_frame(s.box, policy.coord, s.image_size, in_size), policy.template)
+                   for s, in_size in zip(samples, policy.input_sizes(batch))]
     tok = policy.processor.tokenizer
     ids = [tok(a, add_special_tokens=False)["input_ids"] + [policy.eos_ids[0]] for a in answers]
     T = max(map(len, ids))
@@ -116,7 +119,7 @@ def timed(phases, name):
 
 def sample(cfg, policy, samples):
     """The step's rollout: by hand with shared prompts, or transformers' generate on G copies."""
-    images, queries = [s.image() for s in samples], [s.query for s in samples]
+    images, queries = [s.image() for s in samples], [policy.query_of(s) for s in samples]
     if not cfg.naive_step:
         return grpo.sample_groups(policy, images, queries, cfg.group_size, cfg.temperature, cfg.max_new_tokens,
                                   together=True)
@@ -147,22 +150,34 @@ def grpo_step(cfg, policy, ref, optimizer, params, samples, tau, phases):
     with timed(phases, "rollout"):
         rollout = sample(cfg, policy, samples)
     with timed(phases, "reward"):
-        per_row = [s for s in samples for _ in range(G)]
-        in_sizes = [size for size in policy.input_sizes(rollout.batch) for _ in range(G)]
-        scores = score_completions(rollout.texts, [s.box for s in per_row], [s.image_size for s in per_row],
-                                   in_sizes, policy.coord, tau, cfg.reward, policy.template, cfg.w_fmt)
+        scores = rewards(cfg, policy, rollout, samples, tau)
         advantages = grpo.group_advantages(scores["reward"], G, cfg.adv_scale).to(policy.device)
     stats = policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phases)
     scores = {k: dist.gather(v) for k, v in scores.items()}  # every rank's groups, in rank order
-    hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
+    if cfg.task == "classify":
+        task_stats = {f"{k}_mean": scores[k].mean().item() for k in ("acc", "mfrs", "recite")}
+    else:
+        hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
+        task_stats = {"hit_rate": (scores["iou"] >= hit_tau).float().mean().item(),
+                      "iou_mean": scores["iou"].mean().item()}
     return scores, {
         "reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
-        "hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item(),
-        "fmt_mean": scores["fmt"].mean().item(),
+        **task_stats, "fmt_mean": scores["fmt"].mean().item(),
         "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
         "parse_fail": scores["parse_fail"].mean().item(),
         "completion_len": dist.gather(rollout.mask.sum(1).cpu()).mean().item(),
         "completion_tokens": int(dist.total(rollout.mask.sum().item())), **stats}
+
+
+def rewards(cfg, policy, rollout, samples, tau):
+    """Reward columns of the rollout's completions: grounding (METHOD.md 4) or classification (10)."""
+    per_row = [s for s in samples for _ in range(cfg.group_size)]
+    if cfg.task == "classify":
+        return score_classes(rollout.texts, [s.label for s in per_row], policy.labels.names, policy.template,
+                             cfg.w_fmt, cfg.mfrs_weight, cfg.mfrs_decay, cfg.recite_weight, policy.known_text())
+    in_sizes = [size for size in policy.input_sizes(rollout.batch) for _ in range(cfg.group_size)]
+    return score_completions(rollout.texts, [s.box for s in per_row], [s.image_size for s in per_row],
+                             in_sizes, policy.coord, tau, cfg.reward, policy.template, cfg.w_fmt)
 
 
 def policy_update(cfg, policy, ref, optimizer, params, rollout, advantages, phases):
@@ -236,22 +251,23 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
     log_path = os.path.join(run_dir, "metrics.jsonl")
     if start_step == 0 and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that died before its first checkpoint
-    name = "sft" if cfg.algo == "sft" else f"grpo:{cfg.schedule}"
+    name = "sft" if cfg.algo == "sft" else "grpo" if cfg.task == "classify" else f"grpo:{cfg.schedule}"
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=name, initial=start_step,
                total=cfg.steps, dynamic_ncols=True, disable=not dist.is_main())
     recent_hits, step = [], start_step
     try:
         for step in bar:
             record = train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step)
-            if cfg.algo == "grpo":
-                recent_hits = (recent_hits + [record["hit_rate"]])[-20:]
-                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tau=schedule.tau,
+            if cfg.algo == "grpo":  # hits: IoU >= tau, or right classes
+                recent_hits = (recent_hits + [record.get("hit_rate", record.get("acc_mean"))])[-20:]
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tau=record.get("tau"),
                                 hit=f"{sum(recent_hits) / len(recent_hits):.2f}")
             else:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and evaluates_here(policy):
                 metrics, _ = evaluate(policy, eval_set, max_new_tokens=cfg.max_new_tokens)
-                record.update({f"eval_{k}": metrics[k] for k in ("A@0.5", "A@0.8", "mAP", "mIoU")})
+                record.update({f"eval_{k}": metrics[k] for k in ("A@0.5", "A@0.8", "mAP", "mIoU", "accuracy",
+                                                                  "macro_f1", "qwk") if k in metrics})
             if dist.is_main():
                 rundir.log_line(log_path, record)
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -284,6 +300,8 @@ def train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step):
         record["loss"] = check_finite("the loss", dist.total(loss.item()))
         loss.backward()
         record["grad_norm"] = apply_update(cfg, params, optimizer)
+    elif cfg.task == "classify":  # no threshold to schedule
+        record.update(grpo_step(cfg, policy, ref, optimizer, params, samples, None, phases)[1])
     else:
         record["tau"] = schedule.tau  # the threshold this step's rewards used
         scores, logs = grpo_step(cfg, policy, ref, optimizer, params, samples, schedule.tau, phases)
@@ -331,33 +349,48 @@ def report(policy, eval_set, max_new_tokens, path, title):
     metrics, _ = evaluate(policy, eval_set, max_new_tokens=max_new_tokens)
     if dist.is_main():
         write_json(metrics, path)
+        if policy.task == "classify":
+            save_confusion(metrics, os.path.splitext(path)[0] + "_confusion.png")
         print(f"\n{title}: {len(eval_set)} test samples")
         print(format_table(metrics))
 
 
 # ----------------------------------------------------------------------------- set-up and main
-def load_policy(cfg, name, device):
+def load_policy(cfg, name, device, labels=None):
+    """A policy or reference from `name`, set to this run's task (the labels of a classifier)."""
     try:
-        return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
-                        template=cfg.template, seed=cfg.seed)
+        vlm = load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                       gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
+                       template=cfg.template, seed=cfg.seed)
     except ValueError as e:  # a missing model or an unsupported family, named
         raise RunError(str(e))
+    if cfg.task == "classify":
+        vlm.set_task("classify", labels or vlm.labels, cfg.knowledge)
+    return vlm
 
 
 def load_data(cfg):
-    """(train set, eval set or None, eval spec); bad data ends the run with the loader's message."""
-    # the synthetic benchmark is one fixed draw: --seed varies training, not the data
-    train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid, box_format=cfg.box_format)
+    """(train set, eval set or None, eval spec, labels or None); bad data ends the run with the
+    loader's message. The synthetic benchmark is one fixed draw: --seed varies training, not the data."""
     spec = default_eval_spec(cfg)
+    if cfg.task == "classify":
+        train_set, labels = load_class_dataset(cfg.dataset, cfg.labels, "train", cfg.image_root, cfg.skip_invalid)
+        eval_set = None if spec == "none" else load_class_dataset(spec, cfg.labels, "test", cfg.image_root,
+                                                                   cfg.skip_invalid, cfg.eval_n)[0]
+        if cfg.mfrs_weight and not labels.ordinal:
+            raise DataError(f"--mfrs-weight {cfg.mfrs_weight}: the classes of {cfg.dataset} are not ordinal grades")
+        if cfg.knowledge and not any(labels.descriptions):
+            raise DataError(f"--knowledge: the labels of {cfg.dataset} have no descriptions to inject")
+        return train_set, eval_set, spec, labels
+    train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid, box_format=cfg.box_format)
     eval_set = None if spec == "none" else load_dataset(spec, "test", cfg.image_root, cfg.skip_invalid,
                                                          cfg.eval_n, box_format=cfg.box_format)
-    return train_set, eval_set, spec
+    return train_set, eval_set, spec, None
 
 
-def start(cfg, run_dir, device, train_set, eval_set):
+def start(cfg, run_dir, device, train_set, eval_set, labels):
     """A new run's policy (after the tiny model's warm start) and its frozen reference."""
-    policy = load_policy(cfg, cfg.init or cfg.model, device)
+    policy = load_policy(cfg, cfg.init or cfg.model, device, labels)
     resolve(cfg, policy)
     if cfg.fsdp:
         dist.shard(policy.model)
@@ -385,10 +418,10 @@ def reference(cfg, policy, name, device, same):
     starting model (`same`), else loaded from `name`. Under --fsdp it is always loaded, then
     sharded like the policy (a sharded model cannot be copied whole)."""
     if cfg.fsdp:
-        ref = load_policy(cfg, name, device).freeze()
+        ref = load_policy(cfg, name, device, policy.labels).freeze()
         dist.shard(ref.model)
         return ref
-    return (policy if same else load_policy(cfg, name, device)).frozen_copy()
+    return (policy if same else load_policy(cfg, name, device, policy.labels)).frozen_copy()
 
 
 def add_adapters(cfg, policy, folder=None):
@@ -404,7 +437,7 @@ def add_adapters(cfg, policy, folder=None):
         raise RunError(str(e))
 
 
-def resume(cfg, run_dir, device):
+def resume(cfg, run_dir, device, labels):
     """Policy, reference, optimizer, schedule and step of the newest intact checkpoint; RNG restored."""
     ckpt, state, skipped = rundir.latest_intact(run_dir)
     for reason in skipped:
@@ -414,10 +447,10 @@ def resume(cfg, run_dir, device):
     if cfg.steps <= state["step"]:
         raise RunError(f"--resume {run_dir}: the run is at step {state['step']}; pass --steps above that")
     if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's starting model
-        policy = load_policy(cfg, cfg.init or cfg.model, device)
+        policy = load_policy(cfg, cfg.init or cfg.model, device, labels)
         add_adapters(cfg, policy, os.path.join(ckpt, "model"))
     else:
-        policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
+        policy = load_policy(cfg, os.path.join(ckpt, "model"), device, labels)
     resolve(cfg, policy)
     if cfg.fsdp:
         dist.shard(policy.model)
@@ -442,13 +475,13 @@ def resume(cfg, run_dir, device):
 
 def run(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
-    train_set, eval_set, eval_spec = load_data(cfg)
+    train_set, eval_set, eval_spec, labels = load_data(cfg)
     if cfg.resume and rundir.checkpoints(run_dir):
-        policy, ref, optimizer, schedule, start_step = resume(cfg, run_dir, device)
+        policy, ref, optimizer, schedule, start_step = resume(cfg, run_dir, device, labels)
     else:
         if cfg.resume:  # stopped before its first checkpoint: the same run from the start
             print(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its settings")
-        policy, ref = start(cfg, run_dir, device, train_set, eval_set)
+        policy, ref = start(cfg, run_dir, device, train_set, eval_set, labels)
         optimizer, schedule, start_step = None, None, 0
     train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step, optimizer, schedule)
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
@@ -456,7 +489,7 @@ def run(cfg, run_dir, device):
     if dist.is_main():
         rundir.save_model(policy, os.path.join(run_dir, "final"), weights)
     if eval_set and evaluates_here(policy):
-        method = f"GRPO, {cfg.schedule} schedule" if cfg.algo == "grpo" else "SFT"
+        method = "SFT" if cfg.algo == "sft" else "GRPO" if cfg.task == "classify" else f"GRPO, {cfg.schedule} schedule"
         report(policy, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
                f"{method}: {run_dir}/final on {eval_spec}")
     dist.barrier()

@@ -1,4 +1,5 @@
 """ablate.py's bookkeeping: finished runs are not redone, and the tables average the right runs."""
+import argparse
 import json
 import os
 
@@ -80,3 +81,29 @@ def test_the_ceiling_study_reports_the_best_point_and_the_warm_start_rule(tmp_pa
     # best mIoU 0.4 at step 500; 40 % of it (0.16) is reached 1/5 of the way from 250 to 500: 300
     assert "| synth:derm | 500 | 40.0 | 40.0 | 40.0 | 40.0 | 300 |" in text
     assert (out / "ceiling.png").stat().st_size > 1000
+
+
+def test_vrft_rows_and_their_flags():
+    assert ablate.vrft_rows("grade") == list(ablate.VRFT)
+    assert "+MFRS" not in ablate.vrft_rows("type") and "all" in ablate.vrft_rows("type")
+    assert ablate.vrft_flags("all", "type") == ["--knowledge", "--recite-weight", "-0.5"]
+    assert ablate.vrft_flags("all", "grade") == ["--knowledge", "--mfrs-weight", "1", "--recite-weight", "-0.5"]
+    assert ablate.VRFT["-recite"][-1] == "-0.5" and ablate.VRFT["+recite"][-1] == "0.5"
+
+
+def test_vrft_report_from_finished_runs(tmp_path):
+    out = tmp_path / "results"
+    root = out / "runs" / "vrft-quick"
+    for kind in ablate.VRFT_SETS:
+        for k, name in enumerate(ablate.vrft_rows(kind)):
+            run = root / f"{kind}-s0" / name
+            os.makedirs(run)
+            metrics = {"accuracy": 0.5 + k / 100, "macro_f1": 0.4, "n": 10}
+            if kind == "grade":
+                metrics.update(qwk=0.6, mae=0.75)
+            (run / "eval.json").write_text(json.dumps(metrics))
+    ablate.report_vrft(argparse.Namespace(quick=True, out=str(out)), str(root),
+                       [(k, 0) for k in ablate.VRFT_SETS], 60.0)
+    table = (out / "vrft-quick.md").read_text()
+    assert "| rft | 51.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 51.0 ± 0.0 | 40.0 ± 0.0 |" in table
+    assert "| +MFRS | 54.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table

@@ -1,0 +1,114 @@
+"""VRFT-Aug's classification task (METHOD.md section 12): rewards, metrics, prompt, data, a run."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import eval as ev
+import train
+from data import DataError, SYNTH_LABELS, Labels, from_npz, load_class_dataset
+from model import class_query
+from reward import mfrs, parse_class, recitation, score_classes
+
+NAMES = ["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"]
+
+
+def test_grades_score_by_their_distance_with_the_documented_decay():
+    assert [mfrs(p, 2, 0.25) for p in (2, 3, 0, None)] == [1.0, 0.25, 0.0625, 0.0]
+    assert mfrs(4, 0, 0.5) == 0.5 ** 4
+
+
+def test_one_answer_only_an_or_hack_scores_nothing():
+    assert parse_class("<answer> Grade 3. </answer>", NAMES) == 3
+    for hack in ("<answer>grade 2 or grade 3</answer>", "<answer>grade 2, grade 3</answer>", "<answer>3</answer>"):
+        assert parse_class(hack, NAMES) is None
+    s = score_classes(["<answer>grade 2 or grade 3</answer>", "<answer>grade 3</answer>"], [3, 3], NAMES)
+    assert s["acc"].tolist() == [0.0, 1.0] and s["fmt"].tolist() == [0.0, 1.0] and s["parse_fail"].tolist() == [1, 0]
+
+
+def test_recitation_is_clipped_ngram_precision_and_its_sign_is_the_weight():
+    # unigrams: dark, irregular, border found, the second "dark" not (one in the text): 3/4;
+    # bigrams: "dark irregular", "irregular border" found, "border dark" not: 2/3
+    assert recitation("Dark irregular border dark", "a dark irregular border") == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert recitation("", "anything") == 0.0
+    text = "<think>dark irregular border dark</think><answer>grade 1</answer>"
+    for delta in (0.5, -0.5):
+        s = score_classes([text], [1], NAMES, template="r1", w_fmt=1.0, recite_weight=delta,
+                          knowledge="a dark irregular border")
+        assert s["reward"].item() == pytest.approx(1.0 + 1.0 + delta * (3 / 4 + 2 / 3) / 2)
+    fuzzy = score_classes(["<answer>grade 3</answer>"], [1], NAMES, w_fmt=0.0, mfrs_weight=2.0)
+    assert fuzzy["reward"].item() == pytest.approx(2.0 * 0.0625)  # wrong class: 0 + gamma * 0.25 ** 2
+
+
+def test_metrics_by_hand():
+    labels = Labels(["a", "b", "c"], ["", "", ""], ordinal=True)
+    m = ev.class_metrics([0, 1, 2], [0, 2, 2], labels)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)  # F1 per class: 1, 0, 2*1/(2+1)
+    assert m["qwk"] == pytest.approx(1 - 0.25 / 1.25)  # observed weight 1/4; expected 3.75 / 3
+    assert m["mae"] == pytest.approx(1 / 3) and m["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    unparsed = ev.class_metrics([0, 2], [None, None], labels)  # counted as the farthest grade
+    assert unparsed["mae"] == 2 and unparsed["parse_fail"] == 1 and unparsed["accuracy"] == 0
+
+
+def test_the_knowledge_prompt():
+    labels = Labels(["nevus", "melanoma"], ["round brown spot", "dark irregular patch"])
+    assert class_query("What is it?", labels, False) == "What is it?\nOptions: nevus, melanoma."
+    assert class_query("What is it?", labels, True) == ("What is it?\nnevus: round brown spot.\n"
+                                                       "melanoma: dark irregular patch.\nOptions: nevus, melanoma.")
+
+
+def test_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (6, 1))
+    np.savez(tmp_path / "set.npz", train_images=images, train_labels=labels, test_images=images[:2],
+             test_labels=labels[:2])
+    path = from_npz(str(tmp_path / "set.npz"), str(tmp_path / "out"), ["a", "b", "c"], "train", ordinal=True)
+    samples, read = load_class_dataset(path, str(tmp_path / "out" / "labels.json"))
+    assert read.names == ["a", "b", "c"] and read.ordinal
+    assert [s.label for s in samples] == labels[:, 0].tolist()
+    assert all(np.array_equal(np.asarray(s.image()), im) for s, im in zip(samples, images))
+    with pytest.raises(DataError, match=r"labels run 0\.\.2, but 2 names were given"):
+        from_npz(str(tmp_path / "set.npz"), str(tmp_path / "o2"), ["a", "b"])
+
+
+def test_bad_class_records_and_labels_name_the_file_line_and_field(tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    (tmp_path / "d.jsonl").write_text('{"image": "x.png", "label": "a"}\n{"image": "x.png", "label": "c"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: field 'label': 'c' is not one of \['a', 'b'\]"):
+        load_class_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "labels.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"classes": ["a", "A"]}))
+    with pytest.raises(DataError, match=r"bad.json: field 'classes': names repeat"):
+        load_class_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "bad.json"))
+    with pytest.raises(DataError, match="needs --labels"):
+        load_class_dataset(str(tmp_path / "d.jsonl"))
+
+
+def test_flag_mistakes_of_the_classification_task_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--recite-weight -0.5 needs --knowledge"):
+        train.main(["--task", "classify", "--dataset", "synth:type", "--recite-weight", "-0.5",
+                    "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--mfrs-weight 1.0: the classes of synth:type are not ordinal"):
+        train.main(["--task", "classify", "--dataset", "synth:type", "--mfrs-weight", "1", "--out", str(tmp_path / "b")])
+
+
+def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train.main(["--task", "classify", "--dataset", "synth:grade", "--sft-steps", "20", "--steps", "2",
+                "--batch-prompts", "2", "--group-size", "4", "--eval-n", "6", "--knowledge", "--mfrs-weight", "1",
+                "--template", "r1", "--recite-weight", "0.5", "--threads", "1", "--out", run])
+    log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert len(log) == 2 and {"acc_mean", "mfrs_mean", "recite_mean", "reward_mean"} <= set(log[0])
+    assert "tau" not in log[0]
+    saved = json.load(open(os.path.join(run, "eval.json")))
+    assert {"accuracy", "macro_f1", "qwk", "mae", "confusion"} <= set(saved) and saved["n"] == 6
+    assert os.path.getsize(os.path.join(run, "eval_confusion.png")) > 1000
+    out = str(tmp_path / "again.json")  # eval.py reads the task, labels and knowledge from the model
+    ev.main(["--model", os.path.join(run, "final"), "--dataset", "synth:grade", "--n", "6", "--out", out])
+    again = json.load(open(out))
+    assert again["accuracy"] == saved["accuracy"] and again["qwk"] == saved["qwk"]
+    assert SYNTH_LABELS["grade"].names == again["classes"]
