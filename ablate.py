@@ -96,7 +96,7 @@ def run_vrft(args):
 
     def grounding(seed):  # PA_pi's first stage: MedLoc-R1 GRPO on synth:derm from its SFT warm start
         return run_train(["--dataset", "synth:derm", "--seed", str(seed), "--threads", "1", "--eval-n", "50",
-                          "--sft-steps", "650", "--steps", str(sizes["steps"])],
+                          "--sft-steps", str(args.vrft_grounding_warm), "--steps", str(sizes["steps"])],
                          os.path.join(root, f"grounding-s{seed}"), log)
 
     def warm(cell, perception):
@@ -478,6 +478,8 @@ def main(argv=None):
     p.add_argument("--vrft-seeds", type=int, default=3, help="vrft study: seeds 0..N-1")
     p.add_argument("--vrft-steps", type=int, default=90, help="vrft study: steps of every row")
     p.add_argument("--vrft-warm-steps", type=int, default=150, help="vrft study: SFT warm-start steps")
+    p.add_argument("--vrft-grounding-warm", type=int, default=650,
+                   help="vrft study, PA_pi: SFT steps before the grounding GRPO stage")
     args = p.parse_args(argv)
     if not 0 < args.warm_fraction <= 1:
         p.error(f"--warm-fraction {args.warm_fraction}: must be in (0, 1]")

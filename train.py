@@ -309,7 +309,7 @@ def train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step):
         record["tau_changed"] = schedule.update(scores["iou"])  # every rank's IoUs: one curriculum
         record.update(getattr(schedule, "seen", {}))  # MedLoc-R1's window statistics
         dist.check_same(schedule.tau, "tau")
-        record.update({f"seconds_{k}": v for k, v in phases.items()})
+    record.update({f"seconds_{k}": v for k, v in phases.items()})
     record["step_seconds"] = time.time() - t0
     return record
 

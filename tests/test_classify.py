@@ -103,7 +103,7 @@ def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path,
                 "--template", "r1", "--recite-weight", "0.5", "--threads", "1", "--out", run])
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(log) == 2 and {"acc_mean", "mfrs_mean", "recite_mean", "reward_mean"} <= set(log[0])
-    assert "tau" not in log[0]
+    assert "tau" not in log[0] and log[0]["seconds_rollout"] > 0
     saved = json.load(open(os.path.join(run, "eval.json")))
     assert {"accuracy", "macro_f1", "qwk", "mae", "confusion"} <= set(saved) and saved["n"] == 6
     assert os.path.getsize(os.path.join(run, "eval_confusion.png")) > 1000
