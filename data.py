@@ -350,7 +350,8 @@ class SynthSet(MadeOnAccess):
 
     def __init__(self, kind, split="train", n=None, seed=0):
         if kind not in KINDS + ("mix",):
-            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}")
+            hint = " (a classification set: train with --task classify)" if kind in SYNTH_LABELS else ""
+            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}{hint}")
         self.kind, self.split, self.seed = kind, split, seed
         super().__init__(SYNTH_SIZES[split] if n is None else n)
 
@@ -509,7 +510,9 @@ class SynthClassSet(MadeOnAccess):
 
     def __init__(self, kind, split="train", n=None, seed=0):
         if kind not in SYNTH_LABELS:
-            raise DataError(f"unknown synthetic classification set {kind!r}: expected one of {list(SYNTH_LABELS)}")
+            hint = " (a grounding set: drop --task classify)" if kind in KINDS + ("mix",) else ""
+            raise DataError(f"unknown synthetic classification set {kind!r}: expected one of "
+                            f"{list(SYNTH_LABELS)}{hint}")
         self.kind, self.split, self.seed, self.labels = kind, split, seed, SYNTH_LABELS[kind]
         super().__init__(CLASS_SIZES[split] if n is None else n)
 

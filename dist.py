@@ -150,6 +150,7 @@ def clip_gradients(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
     def square(gs):  # one sync per call
         gs = list(gs)
         return torch.stack([g.double().pow(2).sum() for g in gs]).sum().item() if gs else 0.0
@@ -162,8 +163,9 @@ def clip_gradients(params, max_norm):
 
 
 def full_state(model):
-    """The whole state dict of a sharded model on rank 0 (CPU), gathered one tensor at a time so
-    no rank holds more than one whole tensor extra; {} on the other ranks; None if not sharded."""
+    """The whole state dict of a sharded model on rank 0, in CPU memory; {} on the other ranks;
+    None if not sharded. Gathered one tensor at a time: no device holds more than one whole tensor
+    beyond its shards."""
     if not is_sharded(model):
         return None
     state = {}

@@ -112,3 +112,10 @@ def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path,
     again = json.load(open(out))
     assert again["accuracy"] == saved["accuracy"] and again["qwk"] == saved["qwk"]
     assert SYNTH_LABELS["grade"].names == again["classes"]
+
+
+def test_a_set_of_the_other_task_says_which_flag_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match=r"'grade'.*a classification set: train with --task classify"):
+        train.main(["--dataset", "synth:grade", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"'derm'.*a grounding set: drop --task classify"):
+        train.main(["--task", "classify", "--dataset", "synth:derm", "--out", str(tmp_path / "b")])
