@@ -422,6 +422,20 @@ def plot(curves, methods, modalities, seeds, key, ylabel, path, k=1):
     plt.close(fig)
 
 
+CURVE_KEYS = ("tau", "reward_mean", "hit_rate", "iou_mean", "frac_equal_groups", "r_bar", "sigma", "m_bar", "loss")
+
+
+def write_curves(curves, path):
+    """Every run's per-step numbers (the keys above; empty where a run has none) as one CSV."""
+    with open(path + ".tmp", "w") as f:
+        f.write("modality,method,seed,step," + ",".join(CURVE_KEYS) + "\n")
+        for (modality, method, seed), log in sorted(curves.items()):
+            for r in log:
+                values = ["" if r.get(k) is None else f"{r[k]:.4g}" for k in CURVE_KEYS]
+                f.write(f"{modality},{method},{seed},{r['step']}," + ",".join(values) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 # per-step curves: key in metrics.jsonl, axis label, smoothing window (steps)
 PLOTS = (("tau", "IoU threshold tau", 1), ("hit_rate", "hit rate (IoU >= tau)", 10),
          ("frac_equal_groups", "all-equal-reward groups", 10),
@@ -437,6 +451,7 @@ def report(args, root, warm, cells, methods, wall):
     name = args.study + ("-quick" if args.quick else "")
     write_json(rows, os.path.join(args.out, f"{name}.json"))
     write_json(warm_rows, os.path.join(args.out, f"{name}_warmstart.json"))
+    write_curves(curves, os.path.join(args.out, f"{name}_curves.csv"))
     grpo_methods = [m for m in methods if m != "sft"]
     for key, ylabel, k in PLOTS:
         path = os.path.join(args.out, f"{name}_{key}.png")

@@ -52,6 +52,9 @@ def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     assert "| synth:derm | A@0.5 | 40.0 ± 0.0 | 50.0 ± 0.0 | 51.0 ± 0.0 |" in table
     for key in ("tau", "hit_rate", "frac_equal_groups"):
         assert (out / f"conditions-quick_{key}.png").stat().st_size > 1000
+    lines = (out / "conditions-quick_curves.csv").read_text().splitlines()
+    assert len(lines) == 1 + 8 * len(ablate.CONDITIONS)  # a header, then every step of every run
+    assert lines[1].startswith("derm,") and ",3,0.45," in "".join(lines)  # step 3 of a run: tau 0.45
 
 
 def test_the_warm_start_length_is_read_off_the_ceiling_curve():
