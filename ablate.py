@@ -99,16 +99,18 @@ def run_vrft(args):
                           "--sft-steps", str(args.vrft_grounding_warm), "--steps", str(sizes["steps"])],
                          os.path.join(root, f"grounding-s{seed}"), log)
 
-    def warm(cell, perception):
+    def warm(cell, perception, knowledge):  # SFT on the prompt its rows will see
         kind, seed = cell
         init = ["--init", os.path.join(root, f"grounding-s{seed}", "final")] if perception else []
         return run_train(common + init + ["--dataset", f"synth:{kind}", "--seed", str(seed)]
-                         + sft_flags(args, args.vrft_warm_steps), warm_dir(root, cell, perception), log)
+                         + sft_flags(args, args.vrft_warm_steps) + (["--knowledge"] if knowledge else []),
+                         warm_dir(root, cell, perception, knowledge), log)
 
     def row(job):
         (kind, seed), name = job
+        start = warm_dir(root, (kind, seed), name in PERCEPTION_FIRST, "--knowledge" in VRFT[name])
         flags = common + ["--dataset", f"synth:{kind}", "--seed", str(seed), "--steps", str(sizes["steps"]),
-                          "--init", os.path.join(warm_dir(root, (kind, seed), name in PERCEPTION_FIRST), "final")]
+                          "--init", os.path.join(start, "final")]
         if name == "sft":
             flags += ["--batch-prompts", str(args.batch_prompts)]
         return run_train(flags + vrft_flags(name, kind), os.path.join(root, f"{kind}-s{seed}", name), log)
@@ -116,13 +118,18 @@ def run_vrft(args):
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(grounding, sizes["seeds"]))
-        list(pool.map(lambda job: warm(*job), [(c, p) for c in cells for p in (False, True)]))
+        starts = {(c, n in PERCEPTION_FIRST, "--knowledge" in VRFT[n]) for c in cells for n in vrft_rows(c[0])}
+        list(pool.map(lambda job: warm(*job), sorted(starts)))
         list(pool.map(row, [(c, name) for c in cells for name in vrft_rows(c[0])]))
     return root, cells, time.time() - t0
 
 
-def warm_dir(root, cell, perception):
-    return os.path.join(root, "warmstart", f"{cell[0]}-s{cell[1]}" + ("-perception" if perception else ""))
+def warm_dir(root, cell, perception, knowledge):
+    """A warm start per (set, seed, from a grounding model or not, knowledge in the prompt or not):
+    the tiny model reads positions, so a prompt it was not warmed up on (PA_p adds lines) is a
+    different input for it, not added information."""
+    name = f"{cell[0]}-s{cell[1]}" + ("-perception" if perception else "") + ("-knowledge" if knowledge else "")
+    return os.path.join(root, "warmstart", name)
 
 
 def report_vrft(args, root, cells, wall):
