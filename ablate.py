@@ -505,6 +505,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.warm_fraction <= 1:
         p.error(f"--warm-fraction {args.warm_fraction}: must be in (0, 1]")
+    for name in ("seeds", "jobs", "ceiling_steps", "steps", "batch_prompts", "eval_n", "save_every", "sft_batch",
+                 "vrft_seeds", "vrft_steps", "vrft_warm_steps", "vrft_grounding_warm"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.study == "ceiling":
         run_ceiling(args)
         report_ceiling(args)

@@ -545,6 +545,8 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
 def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
     """A MedMNIST-style .npz ({split}_images (N, H, W[, 3]) uint8, {split}_labels (N[, 1])) ->
     PNGs + {split}.jsonl + labels.json (class names as given, in label-index order)."""
+    if len(names) < 2 or len({n.lower() for n in names}) < len(names) or not all(names):
+        raise DataError(f"--names {','.join(names)!r}: at least two distinct, non-empty class names")
     try:
         with np.load(npz_path) as z:
             images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)

@@ -110,3 +110,9 @@ def test_vrft_report_from_finished_runs(tmp_path):
     table = (out / "vrft-quick.md").read_text()
     assert "| rft | 51.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 51.0 ± 0.0 | 40.0 ± 0.0 |" in table
     assert "| +MFRS | 54.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
+
+
+def test_a_study_size_below_one_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        ablate.main(["--seeds", "0"])
+    assert "--seeds 0: must be at least 1" in capsys.readouterr().err

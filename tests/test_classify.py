@@ -70,6 +70,8 @@ def test_npz_round_trip(tmp_path):
     assert read.names == ["a", "b", "c"] and read.ordinal
     assert [s.label for s in samples] == labels[:, 0].tolist()
     assert all(np.array_equal(np.asarray(s.image()), im) for s, im in zip(samples, images))
+    with pytest.raises(DataError, match=r"--names 'a,a': at least two distinct"):
+        from_npz(str(tmp_path / "set.npz"), str(tmp_path / "o3"), ["a", "a"])
     with pytest.raises(DataError, match=r"labels run 0\.\.2, but 2 names were given"):
         from_npz(str(tmp_path / "set.npz"), str(tmp_path / "o2"), ["a", "b"])
 
