@@ -84,9 +84,12 @@ def class_query(question, labels, knowledge):
     return "\n".join(lines + ["Options: " + ", ".join(labels.names) + "."])
 
 
-def class_answer(name, template):
-    """The ideal classification completion (SFT target)."""
-    think = "<think>I compare the options.</think>" if template == "r1" else ""
+SFT_REASONING = "I compare the options."  # the SFT target's think block for a class
+
+
+def class_answer(name, template, reasoning=SFT_REASONING):
+    """The ideal classification completion (SFT target), with `reasoning` in the r1 template."""
+    think = f"<think>{reasoning}</think>" if template == "r1" else ""
     return f"{think}<answer>{name}</answer>"
 
 

@@ -31,7 +31,7 @@ import rundir
 from config import PATH_KEYS, check, load_config, parse_args, parse_stages
 from data import DataError, load_class_dataset, load_dataset
 from eval import evaluate, format_table, save_confusion, write_json
-from model import VLM, answer_text, class_answer, default_max_new_tokens, load_vlm
+from model import SFT_REASONING, VLM, answer_text, class_answer, default_max_new_tokens, load_vlm
 from reward import from_image_frame, score_classes, score_completions
 from rundir import RunError
 from scheduler import make_schedule
@@ -88,11 +88,21 @@ def prompt_indices(step, batch, n, seed):
 
 
 # ----------------------------------------------------------------------------- the two losses
+def sft_reasoning(policy, label, i):
+    """The SFT target's reasoning for the i-th sample of a batch: with the knowledge in the prompt
+    (PA_p, METHOD.md 10) every other one recites the true class's description. A pretrained VLM
+    quotes its prompt some of the time; the tiny one must be shown, so that R_recite of either
+    sign has two behaviours of the warm-started policy to choose between."""
+    description = policy.labels.descriptions[label]
+    return f"{description}." if policy.knowledge and description and i % 2 else SFT_REASONING
+
+
 def sft_loss(policy, samples):
     """Token-mean negative log-likelihood of the GT answer (a box in the model's frame, or a class)."""
     batch = policy.encode([s.image() for s in samples], [policy.query_of(s) for s in samples])
     if policy.task == "classify":
-        answers = [class_answer(policy.labels.names[s.label], policy.template) for s in samples]
+        answers = [class_answer(policy.labels.names[s.label], policy.template, sft_reasoning(policy, s.label, i))
+                   for i, s in enumerate(samples)]
     else:
         answers = [answer_text(from_image_frame(s.box, policy.coord, s.image_size, in_size), policy.template)
                    for s, in_size in zip(samples, policy.input_sizes(batch))]

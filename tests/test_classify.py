@@ -1,6 +1,7 @@
 """VRFT-Aug's classification task (METHOD.md section 12): rewards, metrics, prompt, data, a run."""
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 import eval as ev
 import train
 from data import DataError, SYNTH_LABELS, Labels, from_npz, load_class_dataset
-from model import class_query
+from model import SFT_REASONING, class_query
 from reward import mfrs, parse_class, recitation, score_classes
 
 NAMES = ["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"]
@@ -57,6 +58,19 @@ def test_the_knowledge_prompt():
     assert class_query("What is it?", labels, False) == "What is it?\nOptions: nevus, melanoma."
     assert class_query("What is it?", labels, True) == ("What is it?\nnevus: round brown spot.\n"
                                                        "melanoma: dark irregular patch.\nOptions: nevus, melanoma.")
+
+
+def test_sft_targets_with_the_knowledge_recite_it_every_other_sample():
+    """So that the warm-started policy does both and R_recite has something to choose between."""
+    for kind in ("grade", "type"):
+        labels = SYNTH_LABELS[kind]
+        policy = SimpleNamespace(labels=labels, knowledge=True)
+        known = " ".join(labels.descriptions)
+        said = [train.sft_reasoning(policy, 1, i) for i in range(4)]
+        assert said[0] == said[2] == SFT_REASONING and said[1] == said[3] == labels.descriptions[1] + "."
+        assert [recitation(t, known) for t in said] == [0.0, 1.0, 0.0, 1.0]
+        policy.knowledge = False
+        assert {train.sft_reasoning(policy, 1, i) for i in range(4)} == {SFT_REASONING}
 
 
 def test_npz_round_trip(tmp_path):
