@@ -121,7 +121,7 @@ def run_vrft(args):
         starts = {(c, n in PERCEPTION_FIRST, "--knowledge" in VRFT[n]) for c in cells for n in vrft_rows(c[0])}
         list(pool.map(lambda job: warm(*job), sorted(starts)))
         list(pool.map(row, [(c, name) for c in cells for name in vrft_rows(c[0])]))
-    return root, cells, time.time() - t0
+    return root, cells, wall_so_far(root, time.time() - t0)
 
 
 def warm_dir(root, cell, perception, knowledge):
@@ -133,32 +133,72 @@ def warm_dir(root, cell, perception, knowledge):
 
 
 def report_vrft(args, root, cells, wall):
-    """results/vrft.md: a row per method, a column per (set, metric), mean ± std over seeds."""
+    """results/vrft.md: a row per method, a column per (set, metric), mean ± std over seeds; every
+    row minus plain RFT paired by seed; a bar plot of the test metrics and training curves."""
     from eval import write_json
     name = "vrft" + ("-quick" if args.quick else "")
-    rows = []
+    rows, curves = [], {}
     for kind, seed in cells:
         for method in vrft_rows(kind):
-            metrics, _ = read_run(os.path.join(root, f"{kind}-s{seed}", method))
+            metrics, curves[(kind, method, seed)] = read_run(os.path.join(root, f"{kind}-s{seed}", method))
             rows.append({"set": kind, "seed": seed, "method": method,
                          **{k: metrics[k] for k in VRFT_METRICS if k in metrics}})
     write_json(rows, os.path.join(args.out, f"{name}.json"))
     seeds = sorted({s for _, s in cells})
     columns = [(k, m) for k in VRFT_SETS for m in VRFT_METRICS if k == "grade" or m in ("accuracy", "macro_f1")]
+
+    def values(method, kind, metric):  # by seed, so that two methods' lists pair up
+        return [r[metric] for r in sorted(rows, key=lambda r: r["seed"])
+                if r["set"] == kind and r["method"] == method and metric in r]
     lines = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades), mean ± std over seeds", "",
-             f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min", "",
+             f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time "
+             "(summed over invocations if it was resumed)", "",
              "| method | " + " | ".join(f"{k} {m}" for k, m in columns) + " |", "|" + "---|" * (1 + len(columns))]
     for method in VRFT:
         cells_text = []
         for kind, metric in columns:
-            values = [r[metric] for r in rows if r["set"] == kind and r["method"] == method and metric in r]
+            v = values(method, kind, metric)
             scale = 1 if metric == "mae" else 100
-            cells_text.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.pstdev(values):.1f}"
-                              if values else "-")
+            cells_text.append(f"{scale * statistics.mean(v):.1f} ± {scale * statistics.pstdev(v):.1f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells_text) + " |")
+    paired = [(k, m) for k, m in columns if m in ("accuracy", "qwk")]
+    lines += ["", "Each row minus plain RFT, paired by seed, in points, mean ± half-width of the 95 % t interval:",
+              "", "| method | " + " | ".join(f"{k} {m}" for k, m in paired) + " |", "|" + "---|" * (1 + len(paired))]
+    for method in (m for m in VRFT if m != "rft"):
+        diffs = [paired_ci(values(method, k, m), values("rft", k, m)) if values(method, k, m) else None
+                 for k, m in paired]
+        lines.append(f"| {method} | " + " | ".join("-" if d is None else f"{d[0]:+.1f} ± {d[1]:.1f}" for d in diffs)
+                     + " |")
+    bars(values, columns, os.path.join(args.out, f"{name}.png"))
+    grpo = [m for m in VRFT if m != "sft"]
+    plot(curves, grpo, VRFT_SETS, seeds, "acc_mean", "training accuracy (group mean)",
+         os.path.join(args.out, f"{name}_acc_mean.png"), k=10)
+    plot(curves, [m for m in VRFT if "--recite-weight" in VRFT[m]], VRFT_SETS, seeds, "recite_mean",
+         "R_recite (group mean)", os.path.join(args.out, f"{name}_recite_mean.png"), k=10)
+    lines += ["", f"Plots: {name}.png (test metrics), {name}_acc_mean.png, {name}_recite_mean.png (training)"]
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def bars(values, columns, path):
+    """A panel per (set, metric) with a bar per method: mean over seeds, one standard deviation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = [(k, m) for k, m in columns if m in ("accuracy", "qwk")]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.6), squeeze=False)
+    for ax, (kind, metric) in zip(axes[0], shown):
+        methods = [m for m in VRFT if values(m, kind, metric)]
+        means = [100 * statistics.mean(values(m, kind, metric)) for m in methods]
+        sds = [100 * statistics.pstdev(values(m, kind, metric)) for m in methods]
+        ax.bar(range(len(methods)), means, yerr=sds, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"synth:{kind} {metric} (%)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plan(args):
@@ -299,15 +339,19 @@ def run_study(args):
         for k, _ in enumerate(pool.map(method_run, jobs), 1):
             print(f"\r{k}/{len(jobs)} runs done ({time.time() - t0:.0f} s)", end="", flush=True)
     print()
-    # wall time over every invocation, so a resumed study still reports what it cost
+    return root, warm, cells, methods, wall_so_far(root, time.time() - t0)
+
+
+def wall_so_far(root, spent):
+    """Wall seconds over every invocation of a study (this one spent `spent`), so a resumed or
+    re-reported study still says what it cost."""
     timing = os.path.join(root, "wall_seconds.json")
-    spent = time.time() - t0
     if os.path.exists(timing):
         with open(timing) as f:
             spent += json.load(f)
     with open(timing, "w") as f:
         json.dump(spent, f)
-    return root, warm, cells, methods, spent
+    return spent
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -409,8 +453,8 @@ def plot(curves, methods, modalities, seeds, key, ylabel, path, k=1):
     fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.6), squeeze=False)
     for ax, modality in zip(axes[0], modalities):
         for name in methods:
-            logs = [curves[(modality, name, s)] for s in seeds]
-            if not logs[0] or key not in logs[0][0] or logs[0][0][key] is None:
+            logs = [curves.get((modality, name, s)) for s in seeds]  # None: a row a set does not run
+            if not all(logs) or key not in logs[0][0] or logs[0][0][key] is None:
                 continue
             n = min(len(log) for log in logs)
             mean = smooth([statistics.mean(log[i][key] for log in logs) for i in range(n)], k)

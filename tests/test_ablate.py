@@ -98,18 +98,29 @@ def test_vrft_report_from_finished_runs(tmp_path):
     out = tmp_path / "results"
     root = out / "runs" / "vrft-quick"
     for kind in ablate.VRFT_SETS:
-        for k, name in enumerate(ablate.vrft_rows(kind)):
-            run = root / f"{kind}-s0" / name
-            os.makedirs(run)
-            metrics = {"accuracy": 0.5 + k / 100, "macro_f1": 0.4, "n": 10}
-            if kind == "grade":
-                metrics.update(qwk=0.6, mae=0.75)
-            (run / "eval.json").write_text(json.dumps(metrics))
+        for seed in (0, 1):
+            for k, name in enumerate(ablate.vrft_rows(kind)):
+                run = root / f"{kind}-s{seed}" / name
+                os.makedirs(run)
+                # seed 1 is 2 points better everywhere, "+PA_p" 4 points better than rft on seed 1 only
+                accuracy = 0.5 + k / 100 + 0.02 * seed + (0.04 * seed if name == "+PA_p" else 0)
+                metrics = {"accuracy": accuracy, "macro_f1": 0.4, "n": 10}
+                if kind == "grade":
+                    metrics.update(qwk=0.6, mae=0.75)
+                (run / "eval.json").write_text(json.dumps(metrics))
+                steps = [{"step": i, "acc_mean": accuracy, "recite_mean": 0.1 * seed} for i in range(1, 4)]
+                (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     ablate.report_vrft(argparse.Namespace(quick=True, out=str(out)), str(root),
-                       [(k, 0) for k in ablate.VRFT_SETS], 60.0)
+                       [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)], 60.0)
     table = (out / "vrft-quick.md").read_text()
-    assert "| rft | 51.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 51.0 ± 0.0 | 40.0 ± 0.0 |" in table
-    assert "| +MFRS | 54.0 ± 0.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
+    assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 |" in table
+    assert "| +MFRS | 55.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
+    # paired differences with rft: +PA_p is 1 then 5 points up: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
+    half = 12.706 * 2 ** 0.5 * 2 / 2 ** 0.5
+    assert f"| +PA_p | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
+    assert "| +MFRS | +3.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
+    for plot in ("vrft-quick.png", "vrft-quick_acc_mean.png", "vrft-quick_recite_mean.png"):
+        assert (out / plot).stat().st_size > 1000
 
 
 def test_a_study_size_below_one_is_refused_in_one_line(capsys):
