@@ -59,12 +59,16 @@ VRFT = {
     "rft": [],                                                      # plain visual RFT: accuracy + format
     "+PA_p": ["--knowledge"],                                       # class descriptions in the prompt
     "+PA_pi": [],                                                   # from a grounding-GRPO model (warm start)
+    "+ground-sft": [],                                              # control: from that model's SFT stage only
     "+MFRS": ["--mfrs-weight", "1"],                                # ordinal sets only
     "+recite": ["--knowledge", "--recite-weight", "0.5"],          # rewarding recitation
     "-recite": ["--knowledge", "--recite-weight", "-0.5"],         # penalising it (the paper's choice)
     "all": ["--knowledge", "--mfrs-weight", "1", "--recite-weight", "-0.5"],  # + PA_pi; never tried by the paper
 }
-PERCEPTION_FIRST = ("+PA_pi", "all")  # rows whose warm start begins from a grounding-GRPO model
+# rows whose warm start begins from a grounding model: its name in the warm-start folder and the
+# model, in the grounding run, it starts from (the GRPO result, or the SFT stage before GRPO)
+PERCEPTION_FIRST = {"+PA_pi": ("perception", "final"), "all": ("perception", "final"),
+                    "+ground-sft": ("ground-sft", os.path.join("warmstart", "model"))}
 VRFT_METRICS = ("accuracy", "macro_f1", "qwk", "mae")
 
 
@@ -101,14 +105,14 @@ def run_vrft(args):
 
     def warm(cell, perception, knowledge):  # SFT on the prompt its rows will see
         kind, seed = cell
-        init = ["--init", os.path.join(root, f"grounding-s{seed}", "final")] if perception else []
+        init = ["--init", os.path.join(root, f"grounding-s{seed}", perception[1])] if perception else []
         return run_train(common + init + ["--dataset", f"synth:{kind}", "--seed", str(seed)]
                          + sft_flags(args, args.vrft_warm_steps) + (["--knowledge"] if knowledge else []),
                          warm_dir(root, cell, perception, knowledge), log)
 
     def row(job):
         (kind, seed), name = job
-        start = warm_dir(root, (kind, seed), name in PERCEPTION_FIRST, "--knowledge" in VRFT[name])
+        start = warm_dir(root, (kind, seed), PERCEPTION_FIRST.get(name), "--knowledge" in VRFT[name])
         flags = common + ["--dataset", f"synth:{kind}", "--seed", str(seed), "--steps", str(sizes["steps"]),
                           "--init", os.path.join(start, "final")]
         if name == "sft":
@@ -118,17 +122,17 @@ def run_vrft(args):
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(grounding, sizes["seeds"]))
-        starts = {(c, n in PERCEPTION_FIRST, "--knowledge" in VRFT[n]) for c in cells for n in vrft_rows(c[0])}
-        list(pool.map(lambda job: warm(*job), sorted(starts)))
+        starts = {(c, PERCEPTION_FIRST.get(n), "--knowledge" in VRFT[n]) for c in cells for n in vrft_rows(c[0])}
+        list(pool.map(lambda job: warm(*job), sorted(starts, key=str)))
         list(pool.map(row, [(c, name) for c in cells for name in vrft_rows(c[0])]))
     return root, cells, wall_so_far(root, time.time() - t0)
 
 
 def warm_dir(root, cell, perception, knowledge):
-    """A warm start per (set, seed, from a grounding model or not, knowledge in the prompt or not):
-    the tiny model reads positions, so a prompt it was not warmed up on (PA_p adds lines) is a
-    different input for it, not added information."""
-    name = f"{cell[0]}-s{cell[1]}" + ("-perception" if perception else "") + ("-knowledge" if knowledge else "")
+    """A warm start per (set, seed, grounding model it starts from if any, knowledge in the prompt
+    or not): the tiny model reads positions, so a prompt it was not warmed up on (PA_p adds lines)
+    is a different input for it, not added information."""
+    name = f"{cell[0]}-s{cell[1]}" + (f"-{perception[0]}" if perception else "") + ("-knowledge" if knowledge else "")
     return os.path.join(root, "warmstart", name)
 
 
@@ -522,7 +526,8 @@ def report(args, root, warm, cells, methods, wall):
     print("\n".join(md))
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The study's flags, each size checked to be at least 1 (a one-line error otherwise)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="main", choices=("main", "conditions", "ceiling", "vrft"))
     p.add_argument("--modality", default="derm", choices=MODALITIES,
@@ -553,6 +558,11 @@ def main(argv=None):
                  "vrft_seeds", "vrft_steps", "vrft_warm_steps", "vrft_grounding_warm"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.study == "ceiling":
         run_ceiling(args)
         report_ceiling(args)

@@ -94,6 +94,27 @@ def test_vrft_rows_and_their_flags():
     assert ablate.VRFT["-recite"][-1] == "-0.5" and ablate.VRFT["+recite"][-1] == "0.5"
 
 
+def test_vrft_rows_start_from_the_warm_start_of_their_prompt_and_grounding_stage(tmp_path, monkeypatch):
+    runs = {}
+    monkeypatch.setattr(ablate, "run_train", lambda flags, run_dir, log: runs.setdefault(run_dir, flags) and 0.0)
+    args = ablate.parse_args(["--study", "vrft", "--quick", "--jobs", "1", "--out", str(tmp_path)])
+    ablate.run_vrft(args)
+    root = str(tmp_path / "runs" / "vrft-quick")
+
+    def init(run_dir):
+        flags = runs[os.path.join(root, run_dir)]
+        return flags[flags.index("--init") + 1][len(root) + 1:] if "--init" in flags else None
+    assert init("grade-s0/+PA_pi") == "warmstart/grade-s0-perception/final"
+    assert init("grade-s0/+ground-sft") == "warmstart/grade-s0-ground-sft/final"
+    assert init("type-s0/all") == "warmstart/type-s0-perception-knowledge/final"
+    assert init("type-s0/-recite") == "warmstart/type-s0-knowledge/final"
+    assert init("grade-s0/rft") == "warmstart/grade-s0/final"
+    assert init("warmstart/grade-s0-perception") == "grounding-s0/final"
+    assert init("warmstart/grade-s0-ground-sft") == "grounding-s0/warmstart/model"  # before its GRPO
+    assert init("warmstart/grade-s0") is None and init("grounding-s0") is None
+    assert "--knowledge" in runs[os.path.join(root, "warmstart", "type-s0-knowledge")]
+
+
 def test_vrft_report_from_finished_runs(tmp_path):
     out = tmp_path / "results"
     root = out / "runs" / "vrft-quick"
@@ -114,11 +135,11 @@ def test_vrft_report_from_finished_runs(tmp_path):
                        [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)], 60.0)
     table = (out / "vrft-quick.md").read_text()
     assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 |" in table
-    assert "| +MFRS | 55.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
+    assert "| +MFRS | 56.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
     # paired differences with rft: +PA_p is 1 then 5 points up: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
     half = 12.706 * 2 ** 0.5 * 2 / 2 ** 0.5
     assert f"| +PA_p | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
-    assert "| +MFRS | +3.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
+    assert "| +MFRS | +4.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
     for plot in ("vrft-quick.png", "vrft-quick_acc_mean.png", "vrft-quick_recite_mean.png"):
         assert (out / plot).stat().st_size > 1000
 
