@@ -268,9 +268,12 @@ def train_loop(cfg, policy, ref, train_set, eval_set, run_dir, start_step=0, opt
     try:
         for step in bar:
             record = train_step(cfg, policy, ref, optimizer, params, schedule, train_set, step)
-            if cfg.algo == "grpo":  # hits: IoU >= tau, or right classes
-                recent_hits = (recent_hits + [record.get("hit_rate", record.get("acc_mean"))])[-20:]
-                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tau=record.get("tau"),
+            if cfg.algo == "grpo" and cfg.task == "classify":
+                recent_hits = (recent_hits + [record["acc_mean"]])[-20:]
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{sum(recent_hits) / len(recent_hits):.2f}")
+            elif cfg.algo == "grpo":  # hits: IoU >= tau
+                recent_hits = (recent_hits + [record["hit_rate"]])[-20:]
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tau=record["tau"],
                                 hit=f"{sum(recent_hits) / len(recent_hits):.2f}")
             else:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -486,6 +489,9 @@ def resume(cfg, run_dir, device, labels):
 def run(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
     train_set, eval_set, eval_spec, labels = load_data(cfg)
+    if eval_set is None and dist.is_main():
+        print(f"no evaluation at the end: {cfg.dataset} has no built-in test split; pass --eval-dataset FILE, "
+              f"or run eval.py --model {run_dir}/final --dataset FILE afterwards")
     if cfg.resume and rundir.checkpoints(run_dir):
         policy, ref, optimizer, schedule, start_step = resume(cfg, run_dir, device, labels)
     else:

@@ -90,6 +90,24 @@ def test_npz_round_trip(tmp_path):
         from_npz(str(tmp_path / "set.npz"), str(tmp_path / "o2"), ["a", "b"])
 
 
+def test_a_converted_set_trains_says_it_has_no_test_split_and_evaluates_from_its_file(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "set.npz", train_images=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+             train_labels=np.array([0, 1, 0, 1]), test_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+             test_labels=np.array([1, 0]))
+    out = str(tmp_path / "set")
+    for split in ("train", "test"):
+        from_npz(str(tmp_path / "set.npz"), out, ["benign", "malignant"], split)
+    run = str(tmp_path / "run")
+    train.main(["--task", "classify", "--dataset", f"{out}/train.jsonl", "--labels", f"{out}/labels.json",
+                "--algo", "sft", "--steps", "1", "--batch-prompts", "2", "--threads", "1", "--out", run])
+    assert f"no evaluation at the end: {out}/train.jsonl has no built-in test split" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(run, "eval.json"))
+    ev.main(["--model", os.path.join(run, "final"), "--dataset", f"{out}/test.jsonl", "--out", str(tmp_path / "e.json")])
+    saved = json.load(open(tmp_path / "e.json"))
+    assert saved["n"] == 2 and saved["classes"] == ["benign", "malignant"] and "qwk" not in saved
+
+
 def test_bad_class_records_and_labels_name_the_file_line_and_field(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b"]}))
     from PIL import Image
