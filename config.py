@@ -42,7 +42,9 @@ class Config:
                     ("ground", "classify"))
     labels: str = opt(None, "classify: labels file (class names in order, descriptions, ordinal); "
                             "synth:grade|type carry their own")
-    knowledge: bool = opt(False, "classify, PA_p: put each class's description in the prompt")
+    knowledge: bool | str = opt(False, "classify, PA_p: put each class's description in the prompt; alone: "
+                                       "those of --labels or the synthetic set; --knowledge FILE: those of the "
+                                       "labels file FILE (the dataset's classes, in order; also --labels if none)")
     mfrs_weight: float = opt(0.0, "classify, ordinal sets: gamma, weight of the multi-grade fuzzy reward")
     mfrs_decay: float = opt(0.25, "classify: R_MFRS = decay ** |grade error| (0.25: 1 / 0.25 / 0.0625 ...)")
     recite_weight: float = opt(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
@@ -115,6 +117,8 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type == bool | str:  # a switch that may name a file
+            p.add_argument(flag, nargs="?", const=True, default=None, metavar="FILE", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"],
                            help=f.metadata["help"] + f" (default: {f.default})")
@@ -236,7 +240,7 @@ def parse_stages(text):
 
 # ----------------------------------------------------------------------------- new or resumed
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp")
-PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels")  # "{run}/..." in config.json
+PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
 
 def load_config(given):

@@ -15,7 +15,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -424,6 +424,16 @@ def labels_from_json(obj, where):
     if not isinstance(ordinal, bool) or not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field 'ordinal' must be true/false and 'question' a non-empty string")
     return Labels(names, descriptions, ordinal, question.strip())
+
+
+def with_knowledge(labels, path):
+    """`labels` with the descriptions of the labels file `path` (PA_p's `--knowledge FILE`), which
+    must list the same classes in the same order: a description is matched to its class by name."""
+    known = read_labels(path)
+    if [n.lower() for n in known.names] != [n.lower() for n in labels.names]:
+        raise DataError(f"{path}: field 'classes': {known.names} are not the dataset's classes {labels.names} "
+                        "(the same names in the same order)")
+    return replace(labels, descriptions=known.descriptions)
 
 
 @dataclass

@@ -81,8 +81,8 @@ def prepare(run_dir):
 def to_config_path(path, run_dir):
     """Paths inside the run become "{run}/...", others absolute: the folder can move, and resume
     works from any working directory."""
-    if path is None or path in ("tiny", "none") or not os.path.exists(path):
-        return path  # a hub id, a built-in name or None
+    if not isinstance(path, str) or path in ("tiny", "none") or not os.path.exists(path):
+        return path  # a hub id, a built-in name, a switch or None
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
     return "{run}/" + rel if not rel.startswith("..") else os.path.abspath(path)
 

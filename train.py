@@ -29,7 +29,7 @@ import grpo
 import lora
 import rundir
 from config import PATH_KEYS, check, load_config, parse_args, parse_stages
-from data import DataError, load_class_dataset, load_dataset
+from data import DataError, load_class_dataset, load_dataset, with_knowledge
 from eval import evaluate, format_table, save_confusion, write_json
 from model import SFT_REASONING, VLM, answer_text, class_answer, default_max_new_tokens, load_vlm
 from reward import from_image_frame, score_classes, score_completions
@@ -378,7 +378,7 @@ def load_policy(cfg, name, device, labels=None):
     except ValueError as e:  # a missing model or an unsupported family, named
         raise RunError(str(e))
     if cfg.task == "classify":
-        vlm.set_task("classify", labels or vlm.labels, cfg.knowledge)
+        vlm.set_task("classify", labels or vlm.labels, bool(cfg.knowledge))
     return vlm
 
 
@@ -387,8 +387,12 @@ def load_data(cfg):
     loader's message. The synthetic benchmark is one fixed draw: --seed varies training, not the data."""
     spec = default_eval_spec(cfg)
     if cfg.task == "classify":
-        train_set, labels = load_class_dataset(cfg.dataset, cfg.labels, "train", cfg.image_root, cfg.skip_invalid)
-        eval_set = None if spec == "none" else load_class_dataset(spec, cfg.labels, "test", cfg.image_root,
+        knowledge_file = cfg.knowledge if isinstance(cfg.knowledge, str) else None
+        train_set, labels = load_class_dataset(cfg.dataset, cfg.labels or knowledge_file, "train", cfg.image_root,
+                                               cfg.skip_invalid)
+        if knowledge_file:
+            labels = with_knowledge(labels, knowledge_file)
+        eval_set = None if spec == "none" else load_class_dataset(spec, labels, "test", cfg.image_root,
                                                                    cfg.skip_invalid, cfg.eval_n)[0]
         if cfg.mfrs_weight and not labels.ordinal:
             raise DataError(f"--mfrs-weight {cfg.mfrs_weight}: the classes of {cfg.dataset} are not ordinal grades")

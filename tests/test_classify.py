@@ -8,6 +8,7 @@ import pytest
 
 import eval as ev
 import train
+from config import load_config, parse_args
 from data import DataError, SYNTH_LABELS, Labels, from_npz, load_class_dataset
 from model import SFT_REASONING, class_query
 from reward import mfrs, parse_class, recitation, score_classes
@@ -128,6 +129,33 @@ def test_flag_mistakes_of_the_classification_task_are_one_line(tmp_path):
                     "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="--mfrs-weight 1.0: the classes of synth:type are not ordinal"):
         train.main(["--task", "classify", "--dataset", "synth:type", "--mfrs-weight", "1", "--out", str(tmp_path / "b")])
+
+
+def test_knowledge_from_a_file_gives_the_classes_their_descriptions(tmp_path):
+    """`--knowledge` alone uses the labels' own descriptions; `--knowledge FILE` those of FILE
+    (matched by class name, in order), and FILE names the classes when --labels is not given."""
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    (tmp_path / "d.jsonl").write_text('{"image": "x.png", "label": "a"}\n{"image": "x.png", "label": "b"}\n')
+    (tmp_path / "names.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    (tmp_path / "know.json").write_text(json.dumps({"classes": [{"name": "a", "description": "round"},
+                                                                {"name": "b", "description": "jagged"}]}))
+    (tmp_path / "swapped.json").write_text(json.dumps({"classes": ["b", "a"]}))
+
+    def labels(*flags):
+        cfg = load_config(parse_args(["--task", "classify", "--dataset", str(tmp_path / "d.jsonl"), *flags]))
+        return train.load_data(cfg)[3]
+    assert parse_args(["--knowledge"])["knowledge"] is True
+    assert labels("--labels", str(tmp_path / "names.json")).descriptions == ["", ""]
+    assert labels("--labels", str(tmp_path / "names.json"), "--knowledge", str(tmp_path / "know.json")).descriptions \
+        == ["round", "jagged"]
+    assert labels("--knowledge", str(tmp_path / "know.json")).names == ["a", "b"]
+    with pytest.raises(DataError, match=r"swapped.json: field 'classes': \['b', 'a'\] are not the dataset's classes"):
+        labels("--labels", str(tmp_path / "names.json"), "--knowledge", str(tmp_path / "swapped.json"))
+    with pytest.raises(DataError, match="no descriptions to inject"):
+        labels("--labels", str(tmp_path / "names.json"), "--knowledge")
+    cfg = load_config(parse_args(["--task", "classify", "--dataset", "synth:type", "--knowledge"]))
+    assert train.load_data(cfg)[3].descriptions == SYNTH_LABELS["type"].descriptions
 
 
 def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path, capsys):
