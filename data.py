@@ -542,7 +542,11 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
         if split not in SPLITS:
             raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
         data = SynthClassSet(parts[1], split, n)
-        return data, given or (read_labels(labels_path) if labels_path else data.labels)
+        labels = given or (read_labels(labels_path) if labels_path else data.labels)
+        if [x.lower() for x in labels.names] != [x.lower() for x in data.labels.names]:
+            raise DataError(f"{spec}: its classes {data.labels.names} are not the expected {labels.names} "
+                            f"({labels_path or 'the model'}'s)")
+        return data, labels
     if not os.path.exists(spec):
         raise DataError(f"{spec}: no such file (and not a synth:grade|type spec)")
     if not (given or labels_path):

@@ -13,7 +13,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from data import BOX_FORMATS, load_class_dataset, load_dataset, to_rgb
+from data import BOX_FORMATS, KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, to_rgb
 import dist
 from grpo import sample_groups
 from model import default_max_new_tokens
@@ -229,6 +229,11 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
         task, labels = saved_task(a.model)
+        kind = a.dataset.split(":")[1] if a.dataset.startswith("synth:") else None
+        if kind in SYNTH_LABELS and task != "classify" or kind in KINDS + ("mix",) and task == "classify":
+            names = {"ground": "grounding", "classify": "classification"}
+            other = "classify" if task == "ground" else "ground"
+            raise SystemExit(f"error: {a.model} is a {names[task]} model and {a.dataset} a {names[other]} set")
         if task == "classify":
             samples = load_class_dataset(a.dataset, labels, "test", a.image_root, a.skip_invalid, a.n)[0]
         else:

@@ -107,6 +107,14 @@ def test_a_converted_set_trains_says_it_has_no_test_split_and_evaluates_from_its
     ev.main(["--model", os.path.join(run, "final"), "--dataset", f"{out}/test.jsonl", "--out", str(tmp_path / "e.json")])
     saved = json.load(open(tmp_path / "e.json"))
     assert saved["n"] == 2 and saved["classes"] == ["benign", "malignant"] and "qwk" not in saved
+    model = os.path.join(run, "final")  # a set of other classes, or of the other task, is refused
+    with pytest.raises(SystemExit, match=r"synth:grade: its classes \['grade 0'.*are not the expected "
+                                         r"\['benign', 'malignant'\] \(the model's\)"):
+        ev.main(["--model", model, "--dataset", "synth:grade"])
+    with pytest.raises(SystemExit, match=f"{model} is a classification model and synth:derm a grounding set"):
+        ev.main(["--model", model, "--dataset", "synth:derm"])
+    with pytest.raises(SystemExit, match="tiny is a grounding model and synth:type a classification set"):
+        ev.main(["--model", "tiny", "--dataset", "synth:type"])
 
 
 def test_bad_class_records_and_labels_name_the_file_line_and_field(tmp_path):
