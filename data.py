@@ -561,26 +561,47 @@ def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
     PNGs + {split}.jsonl + labels.json (class names as given, in label-index order)."""
     if len(names) < 2 or len({n.lower() for n in names}) < len(names) or not all(names):
         raise DataError(f"--names {','.join(names)!r}: at least two distinct, non-empty class names")
+    keys = (f"{split}_images", f"{split}_labels")
     try:
         with np.load(npz_path) as z:
-            images, labels = z[f"{split}_images"], z[f"{split}_labels"].reshape(-1)
+            arrays = {k: z[k] for k in keys if k in z.files}
+            held = sorted(z.files)
     except (OSError, ValueError) as e:
         raise DataError(f"{npz_path}: not a readable .npz ({e})")
-    except KeyError as e:
-        raise DataError(f"{npz_path}: no array {e} (expected {split}_images and {split}_labels)")
-    if len(images) != len(labels) or images.ndim not in (3, 4):
-        raise DataError(f"{npz_path}: {split}_images {images.shape} and {split}_labels {labels.shape} do not match")
-    if labels.min() < 0 or labels.max() >= len(names):
-        raise DataError(f"{npz_path}: labels run {labels.min()}..{labels.max()}, but {len(names)} names were given")
+    if len(arrays) < 2:
+        raise DataError(f"{npz_path}: no array {next(k for k in keys if k not in arrays)} (it holds {', '.join(held)})")
+    images, labels = arrays[keys[0]], arrays[keys[1]]
+    labels = check_npz_arrays(npz_path, split, images, labels, len(names))
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]  # (N, H, W, 1): grey
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i, (img, y) in enumerate(zip(images, labels)):
         rel = os.path.join("images", f"{split}_{i:06d}.png")
-        Image.fromarray(np.asarray(img, dtype=np.uint8)).convert("RGB").save(os.path.join(out_dir, rel))
+        Image.fromarray(img).convert("RGB").save(os.path.join(out_dir, rel))
         records.append({"image": rel, "label": int(y)})
     with open(os.path.join(out_dir, "labels.json"), "w") as f:
         json.dump({"classes": list(names), "ordinal": ordinal}, f, indent=1)
     return write_jsonl(records, out_dir, f"{split}.jsonl")
+
+
+def check_npz_arrays(npz_path, split, images, labels, n_names):
+    """The labels as a flat integer array, once the arrays are what MedMNIST ships: uint8 images
+    (N, H, W), (N, H, W, 1) or (N, H, W, 3), and one integer label per image in 0..n_names-1."""
+    where = f"{npz_path}: {split}_images {images.shape} {images.dtype}"
+    if images.dtype != np.uint8 or not (images.ndim == 3 or images.ndim == 4 and images.shape[-1] in (1, 3)):
+        raise DataError(f"{where}: expected uint8 pixels shaped (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
+    if labels.ndim > 2 or labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(f"{npz_path}: {split}_labels {labels.shape}: one class per image expected, (N,) or (N, 1) "
+                        "(a multi-label set is not a classification set)")
+    labels = labels.reshape(-1)
+    if len(labels) != len(images) or not len(labels):
+        raise DataError(f"{where} and {split}_labels {labels.shape}: one label per image, at least one image")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{npz_path}: {split}_labels are {labels.dtype}: integer class indices expected")
+    if labels.min() < 0 or labels.max() >= n_names:
+        raise DataError(f"{npz_path}: labels run {labels.min()}..{labels.max()}, but {n_names} names were given")
+    return labels
 
 
 # ----------------------------------------------------------------------------- writing JSONL

@@ -91,6 +91,25 @@ def test_npz_round_trip(tmp_path):
         from_npz(str(tmp_path / "set.npz"), str(tmp_path / "o2"), ["a", "b"])
 
 
+def test_npz_arrays_other_than_medmnist_s_are_named_not_converted(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    cases = {"float": (pixels / 255.0, [0, 1, 0], r"train_images \(3, 28, 28\) float64: expected uint8 pixels"),
+             "multi": (pixels, [[0, 1], [1, 0], [1, 1]], r"train_labels \(3, 2\): one class per image expected"),
+             "short": (pixels, [0, 1], r"train_images \(3, 28, 28\) uint8 and train_labels \(2,\): one label per"),
+             "fractional": (pixels, [0.0, 0.5, 1.0], "train_labels are float64: integer class indices expected")}
+    for name, (images, labels, message) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", train_images=images, train_labels=np.array(labels))
+        with pytest.raises(DataError, match=message):
+            from_npz(str(tmp_path / f"{name}.npz"), str(tmp_path / name), ["a", "b"])
+    with pytest.raises(DataError, match=r"float.npz: no array val_images \(it holds train_images, train_labels\)"):
+        from_npz(str(tmp_path / "float.npz"), str(tmp_path / "v"), ["a", "b"], split="val")
+    np.savez(tmp_path / "grey.npz", train_images=pixels[..., None], train_labels=np.array([[1], [0], [1]]))
+    samples, _ = load_class_dataset(from_npz(str(tmp_path / "grey.npz"), str(tmp_path / "g"), ["a", "b"]),
+                                    str(tmp_path / "g" / "labels.json"))
+    assert np.array_equal(np.asarray(samples[2].image())[..., 1], pixels[2])
+
+
 def test_a_converted_set_trains_says_it_has_no_test_split_and_evaluates_from_its_file(tmp_path, capsys):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "set.npz", train_images=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
