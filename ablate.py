@@ -70,6 +70,15 @@ VRFT = {
 PERCEPTION_FIRST = {"+PA_pi": ("perception", "final"), "all": ("perception", "final"),
                     "+ground-sft": ("ground-sft", os.path.join("warmstart", "model"))}
 VRFT_METRICS = ("accuracy", "macro_f1", "qwk", "mae")
+# the study's paired differences (a, b, what a - b measures): each augmentation against the row
+# it adds to, on the same seeds
+VRFT_CONTRASTS = (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
+                  ("+PA_pi", "rft", "grounding SFT + RL first"),
+                  ("+ground-sft", "rft", "grounding SFT first"),
+                  ("+PA_pi", "+ground-sft", "the grounding RL itself"),
+                  ("+MFRS", "rft", "the fuzzy grade reward"),
+                  ("+recite", "+PA_p", "rewarding recitation"), ("-recite", "+PA_p", "penalising recitation"),
+                  ("all", "+PA_pi", "knowledge, MFRS and -recite on top of PA_pi"))
 
 
 def vrft_rows(kind):
@@ -166,13 +175,13 @@ def report_vrft(args, root, cells, wall):
             cells_text.append(f"{scale * statistics.mean(v):.1f} ± {scale * statistics.pstdev(v):.1f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells_text) + " |")
     paired = [(k, m) for k, m in columns if m in ("accuracy", "qwk")]
-    lines += ["", "Each row minus plain RFT, paired by seed, in points, mean ± half-width of the 95 % t interval:",
-              "", "| method | " + " | ".join(f"{k} {m}" for k, m in paired) + " |", "|" + "---|" * (1 + len(paired))]
-    for method in (m for m in VRFT if m != "rft"):
-        diffs = [paired_ci(values(method, k, m), values("rft", k, m)) if values(method, k, m) else None
-                 for k, m in paired]
-        lines.append(f"| {method} | " + " | ".join("-" if d is None else f"{d[0]:+.1f} ± {d[1]:.1f}" for d in diffs)
-                     + " |")
+    lines += ["", "Differences paired by seed, in points, mean ± half-width of the 95 % t interval:", "",
+              "| difference | what it measures | " + " | ".join(f"{k} {m}" for k, m in paired) + " |",
+              "|" + "---|" * (2 + len(paired))]
+    for a, b, meaning in VRFT_CONTRASTS:
+        diffs = [paired_ci(values(a, k, m), values(b, k, m)) if values(a, k, m) else None for k, m in paired]
+        lines.append(f"| {a} − {b} | {meaning} | "
+                     + " | ".join("-" if d is None else f"{d[0]:+.1f} ± {d[1]:.1f}" for d in diffs) + " |")
     bars(values, columns, os.path.join(args.out, f"{name}.png"))
     grpo = [m for m in VRFT if m != "sft"]
     plot(curves, grpo, VRFT_SETS, seeds, "acc_mean", "training accuracy (group mean)",

@@ -136,10 +136,12 @@ def test_vrft_report_from_finished_runs(tmp_path):
     table = (out / "vrft-quick.md").read_text()
     assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 |" in table
     assert "| +MFRS | 56.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
-    # paired differences with rft: +PA_p is 1 then 5 points up: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
+    # paired differences: +PA_p is 1 then 5 points above rft: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
     half = 12.706 * 2 ** 0.5 * 2 / 2 ** 0.5
-    assert f"| +PA_p | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
-    assert "| +MFRS | +4.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
+    assert f"| +PA_p − rft | knowledge in the prompt | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
+    assert "| +MFRS − rft | the fuzzy grade reward | +4.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
+    # -recite is 5 then 1 points above +PA_p on grade (row 7 vs 2), 4 then 0 on type (no +MFRS row there)
+    assert f"| -recite − +PA_p | penalising recitation | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +2.0 ± {half:.1f} |" in table
     for plot in ("vrft-quick.png", "vrft-quick_acc_mean.png", "vrft-quick_recite_mean.png"):
         assert (out / plot).stat().st_size > 1000
 

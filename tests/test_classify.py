@@ -1,4 +1,4 @@
-"""VRFT-Aug's classification task (METHOD.md section 12): rewards, metrics, prompt, data, a run."""
+"""VRFT-Aug's classification task (METHOD.md section 10): rewards, metrics, prompt, data, a run."""
 import json
 import os
 from types import SimpleNamespace
