@@ -146,19 +146,23 @@ def warm_dir(root, cell, perception, knowledge):
 
 
 def report_vrft(args, root, cells, wall):
-    """results/vrft.md: a row per method, a column per (set, metric), mean ± std over seeds; every
-    row minus plain RFT paired by seed; a bar plot of the test metrics and training curves."""
+    """results/vrft.md: a row per method, a column per (set, metric) and the accuracy of its warm
+    start, mean ± std over seeds; the VRFT_CONTRASTS paired by seed; a bar plot of the test
+    metrics and training curves."""
     from eval import write_json
     name = "vrft" + ("-quick" if args.quick else "")
     rows, curves = [], {}
     for kind, seed in cells:
         for method in vrft_rows(kind):
             metrics, curves[(kind, method, seed)] = read_run(os.path.join(root, f"{kind}-s{seed}", method))
-            rows.append({"set": kind, "seed": seed, "method": method,
+            start, _ = read_run(warm_dir(root, (kind, seed), PERCEPTION_FIRST.get(method), "--knowledge" in VRFT[method]))
+            rows.append({"set": kind, "seed": seed, "method": method, "start_accuracy": start["accuracy"],
                          **{k: metrics[k] for k in VRFT_METRICS if k in metrics}})
     write_json(rows, os.path.join(args.out, f"{name}.json"))
     seeds = sorted({s for _, s in cells})
-    columns = [(k, m) for k in VRFT_SETS for m in VRFT_METRICS if k == "grade" or m in ("accuracy", "macro_f1")]
+    # the rows start from different warm starts: each set's last column is the accuracy it began at
+    columns = [(k, m) for k in VRFT_SETS for m in VRFT_METRICS + ("start_accuracy",)
+               if k == "grade" or m in ("accuracy", "macro_f1", "start_accuracy")]
 
     def values(method, kind, metric):  # by seed, so that two methods' lists pair up
         return [r[metric] for r in sorted(rows, key=lambda r: r["seed"])
@@ -166,7 +170,8 @@ def report_vrft(args, root, cells, wall):
     lines = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades), mean ± std over seeds", "",
              f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time "
              "(summed over invocations if it was resumed)", "",
-             "| method | " + " | ".join(f"{k} {m}" for k, m in columns) + " |", "|" + "---|" * (1 + len(columns))]
+             "| method | " + " | ".join(f"{k} {m}".replace("start_accuracy", "warm-start accuracy") for k, m in columns)
+             + " |", "|" + "---|" * (1 + len(columns))]
     for method in VRFT:
         cells_text = []
         for kind, metric in columns:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -130,12 +131,18 @@ def test_vrft_report_from_finished_runs(tmp_path):
                     metrics.update(qwk=0.6, mae=0.75)
                 (run / "eval.json").write_text(json.dumps(metrics))
                 steps = [{"step": i, "acc_mean": accuracy, "recite_mean": 0.1 * seed} for i in range(1, 4)]
+                start = ablate.warm_dir(str(root), (kind, seed), ablate.PERCEPTION_FIRST.get(name),
+                                        "--knowledge" in ablate.VRFT[name])
+                os.makedirs(start, exist_ok=True)  # warm starts at 30 % plus 10 points from a grounding model
+                (Path(start) / "eval.json").write_text(json.dumps({"accuracy": 0.3 + 0.1 * (name in ablate.PERCEPTION_FIRST)}))
                 (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     ablate.report_vrft(argparse.Namespace(quick=True, out=str(out)), str(root),
                        [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)], 60.0)
     table = (out / "vrft-quick.md").read_text()
-    assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 |" in table
-    assert "| +MFRS | 56.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | - | - |" in table
+    assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 | 30.0 ± 0.0 |" in table
+    assert "| +MFRS | 56.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 | - | - | - |" in table
+    assert "| all | 59.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 40.0 ± 0.0 | 58.0 ± 1.0 | 40.0 ± 0.0 | 40.0 ± 0.0 |" in table
+    assert "| grade mae | grade warm-start accuracy | type accuracy |" in table
     # paired differences: +PA_p is 1 then 5 points above rft: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
     half = 12.706 * 2 ** 0.5 * 2 / 2 ** 0.5
     assert f"| +PA_p − rft | knowledge in the prompt | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
