@@ -127,11 +127,13 @@ def qwk(true, pred, k):
 
 
 def class_metrics(true, pred, labels):
-    """accuracy, macro_f1, parse_fail, n, confusion; with ordinal labels also qwk and mae (grades)."""
+    """accuracy, macro_f1, parse_fail, n, confusion (K x K, parsed answers) and unparsed (per true
+    class); with ordinal labels also qwk and mae (grades)."""
     k, n = len(labels.names), len(true)
     m = {"accuracy": sum(t == p for t, p in zip(true, pred)) / n, "macro_f1": macro_f1(true, pred, k),
          "parse_fail": sum(p is None for p in pred) / n, "n": n, "classes": labels.names,
-         "confusion": confusion(true, pred, k)}
+         "confusion": confusion(true, pred, k),
+         "unparsed": [sum(p is None for t, p in zip(true, pred) if t == c) for c in range(k)]}
     if labels.ordinal:
         graded = [farthest(t, k) if p is None else p for t, p in zip(true, pred)]
         m["qwk"] = qwk(true, graded, k)
@@ -140,17 +142,19 @@ def class_metrics(true, pred, labels):
 
 
 def save_confusion(metrics, path):
-    """The confusion matrix as a PNG (counts in the cells)."""
+    """The confusion matrix as a PNG (counts in the cells), unparsed answers as a last column."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names, m = metrics["classes"], metrics["confusion"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(names), 1 + 0.8 * len(names)))
+    names = metrics["classes"]
+    m = [row + [u] for row, u in zip(metrics["confusion"], metrics["unparsed"])]
+    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(names), 1 + 0.8 * len(names)))
     ax.imshow(m, cmap="Blues")
+    top = max(max(row) for row in m)
     for i, row in enumerate(m):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        for j, v in enumerate(row):  # white on the dark cells
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+    ax.set_xticks(range(len(names) + 1), names + ["unparsed"], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -50,8 +50,10 @@ def test_metrics_by_hand():
     assert m["macro_f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)  # F1 per class: 1, 0, 2*1/(2+1)
     assert m["qwk"] == pytest.approx(1 - 0.25 / 1.25)  # observed weight 1/4; expected 3.75 / 3
     assert m["mae"] == pytest.approx(1 / 3) and m["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
-    unparsed = ev.class_metrics([0, 2], [None, None], labels)  # counted as the farthest grade
-    assert unparsed["mae"] == 2 and unparsed["parse_fail"] == 1 and unparsed["accuracy"] == 0
+    unparsed = ev.class_metrics([0, 2, 2], [None, None, 2], labels)  # counted as the farthest grade
+    assert unparsed["mae"] == pytest.approx(4 / 3) and unparsed["parse_fail"] == pytest.approx(2 / 3)
+    assert unparsed["unparsed"] == [1, 0, 1] and unparsed["confusion"] == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert m["unparsed"] == [0, 0, 0]
 
 
 def test_the_knowledge_prompt():
