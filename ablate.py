@@ -121,7 +121,7 @@ def run_vrft(args):
 
     def row(job):
         (kind, seed), name = job
-        start = warm_dir(root, (kind, seed), PERCEPTION_FIRST.get(name), "--knowledge" in VRFT[name])
+        start = start_of(root, (kind, seed), name)
         flags = common + ["--dataset", f"synth:{kind}", "--seed", str(seed), "--steps", str(sizes["steps"]),
                           "--init", os.path.join(start, "final")]
         if name == "sft":
@@ -145,6 +145,11 @@ def warm_dir(root, cell, perception, knowledge):
     return os.path.join(root, "warmstart", name)
 
 
+def start_of(root, cell, method):
+    """The warm-start folder a row of the vrft study begins from."""
+    return warm_dir(root, cell, PERCEPTION_FIRST.get(method), "--knowledge" in VRFT[method])
+
+
 def report_vrft(args, root, cells, wall):
     """results/vrft.md: a row per method, a column per (set, metric) and the accuracy of its warm
     start, mean ± std over seeds; the VRFT_CONTRASTS paired by seed; a bar plot of the test
@@ -155,7 +160,7 @@ def report_vrft(args, root, cells, wall):
     for kind, seed in cells:
         for method in vrft_rows(kind):
             metrics, curves[(kind, method, seed)] = read_run(os.path.join(root, f"{kind}-s{seed}", method))
-            start, _ = read_run(warm_dir(root, (kind, seed), PERCEPTION_FIRST.get(method), "--knowledge" in VRFT[method]))
+            start, _ = read_run(start_of(root, (kind, seed), method))
             rows.append({"set": kind, "seed": seed, "method": method, "start_accuracy": start["accuracy"],
                          **{k: metrics[k] for k in VRFT_METRICS if k in metrics}})
     write_json(rows, os.path.join(args.out, f"{name}.json"))
@@ -201,9 +206,7 @@ def report_vrft(args, root, cells, wall):
 
 def bars(values, columns, path):
     """A panel per (set, metric) with a bar per method: mean over seeds, one standard deviation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     shown = [(k, m) for k, m in columns if m in ("accuracy", "qwk")]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.6), squeeze=False)
     for ax, (kind, metric) in zip(axes[0], shown):
@@ -217,6 +220,14 @@ def bars(values, columns, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files (no display needed), imported only when plotting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def plan(args):
@@ -302,9 +313,7 @@ def report_ceiling(args, modalities=MODALITIES):
         step, best = max(curves[m], key=lambda point: point[1]["mIoU"])
         lines.append(f"| synth:{m} | {step} | " + " | ".join(f"{100 * best[k]:.1f}" for k in METRICS)
                      + f" | {warm_steps(curves[m], args.warm_fraction)} |")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, ("mIoU", "A@0.8")):
         for m in modalities:
@@ -465,9 +474,7 @@ def smooth(values, k=10):
 
 def plot(curves, methods, modalities, seeds, key, ylabel, path, k=1):
     """Mean over seeds per step (smoothed over k steps), with a band of one standard deviation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.6), squeeze=False)
     for ax, modality in zip(axes[0], modalities):
         for name in methods:

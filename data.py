@@ -390,6 +390,10 @@ class Labels:
         return {"classes": [{"name": n, "description": d} for n, d in zip(self.names, self.descriptions)],
                 "ordinal": self.ordinal, "question": self.question}
 
+    def same_classes(self, other):
+        """The same class names (case aside) in the same order."""
+        return [n.lower() for n in self.names] == [n.lower() for n in other.names]
+
 
 def read_labels(path):
     """A labels file: {"classes": [name or {"name", "description"}, ...], "ordinal": bool, "question": str}."""
@@ -430,7 +434,7 @@ def with_knowledge(labels, path):
     """`labels` with the descriptions of the labels file `path` (PA_p's `--knowledge FILE`), which
     must list the same classes in the same order: a description is matched to its class by name."""
     known = read_labels(path)
-    if [n.lower() for n in known.names] != [n.lower() for n in labels.names]:
+    if not known.same_classes(labels):
         raise DataError(f"{path}: field 'classes': {known.names} are not the dataset's classes {labels.names} "
                         "(the same names in the same order)")
     return replace(labels, descriptions=known.descriptions)
@@ -543,7 +547,7 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
             raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
         data = SynthClassSet(parts[1], split, n)
         labels = given or (read_labels(labels_path) if labels_path else data.labels)
-        if [x.lower() for x in labels.names] != [x.lower() for x in data.labels.names]:
+        if not labels.same_classes(data.labels):
             raise DataError(f"{spec}: its classes {data.labels.names} are not the expected {labels.names} "
                             f"({labels_path or 'the model'}'s)")
         return data, labels

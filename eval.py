@@ -234,10 +234,9 @@ def main(argv=None):
     try:
         task, labels = saved_task(a.model)
         kind = a.dataset.split(":")[1] if a.dataset.startswith("synth:") else None
-        if kind in SYNTH_LABELS and task != "classify" or kind in KINDS + ("mix",) and task == "classify":
-            names = {"ground": "grounding", "classify": "classification"}
-            other = "classify" if task == "ground" else "ground"
-            raise SystemExit(f"error: {a.model} is a {names[task]} model and {a.dataset} a {names[other]} set")
+        if kind in SYNTH_LABELS and task == "ground" or kind in KINDS + ("mix",) and task == "classify":
+            tasks = ("grounding", "classification") if task == "ground" else ("classification", "grounding")
+            raise SystemExit(f"error: {a.model} is a {tasks[0]} model and {a.dataset} a {tasks[1]} set")
         if task == "classify":
             samples = load_class_dataset(a.dataset, labels, "test", a.image_root, a.skip_invalid, a.n)[0]
         else:

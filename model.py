@@ -208,7 +208,7 @@ class VLM:
 
     def known_text(self):
         """The injected prior knowledge (what R_recite compares the reasoning with), or ''."""
-        return " ".join(d for d in self.labels.descriptions) if self.task == "classify" and self.knowledge else ""
+        return " ".join(self.labels.descriptions) if self.task == "classify" and self.knowledge else ""
 
     @property
     def device(self):

@@ -4,6 +4,7 @@ METHOD.md sections 2 (coordinates), 3 (answer syntax) and 4 (rewards). Everythin
 Python on floats; `score_completions` turns a batch of completions into reward tensors.
 """
 import re
+from collections import Counter
 
 import torch
 
@@ -162,19 +163,9 @@ def recitation(reasoning, knowledge, orders=(1, 2)):
     said, known = normalise(reasoning).split(), normalise(knowledge).split()
     scores = []
     for n in orders:
-        grams = _ngrams(said, n)
-        if not grams:
-            scores.append(0.0)
-            continue
-        pool = {}
-        for g in _ngrams(known, n):
-            pool[g] = pool.get(g, 0) + 1
-        hits = 0
-        for g in grams:
-            if pool.get(g, 0) > 0:
-                pool[g] -= 1
-                hits += 1
-        scores.append(hits / len(grams))
+        grams, pool = Counter(_ngrams(said, n)), Counter(_ngrams(known, n))
+        hits = sum(min(count, pool[g]) for g, count in grams.items())
+        scores.append(hits / sum(grams.values()) if grams else 0.0)
     return sum(scores) / len(scores)
 
 
