@@ -7,11 +7,13 @@
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
 
 The lean step samples with the prompt prefilled once per group and scores each group in one row
-(grpo.sample_groups, VLM.completion_logps); `--naive` repeats every prompt G times through
-transformers' generate and full forwards. Completions always run to --max-new-tokens (no stop
-token), so both paths do the same work whatever a random model samples.
+(grpo.sample_groups, VLM.completion_logps); `--naive` runs the same step (train.grpo_step) with a
+`Naive` policy, which repeats every prompt G times through the vision encoder and the language
+model when it prefills and when it scores, with full (N, T, vocab) logits. Completions always run
+to --max-new-tokens (no stop token), so both paths do the same work whatever a random model samples.
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -27,6 +29,9 @@ import train
 from config import Config
 from data import load_dataset
 from model import PRECISIONS, VLM, build_tiny_processor, build_tiny_tokenizer, load_vlm
+from scheduler import make_schedule
+from start import Run
+from tasks import Grounding
 
 PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optimizer")
 # Shapes of the benchmark models. proxy: what a CPU can step in seconds with the real vocabulary
@@ -82,6 +87,41 @@ def train_precision(device, precision):
     return PRECISIONS[precision]
 
 
+def repeat_rows(batch, copies):
+    """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
+    parts = [VLM.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0]) for _ in range(copies)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class Naive(VLM):
+    """The straightforward path, the reference of the lean one (here and in tests/test_step.py):
+    every prompt repeated G times through the whole model when sampling and when scoring."""
+
+    @classmethod
+    def of(cls, vlm):
+        naive = copy.copy(vlm)  # the same model and processor
+        naive.__class__ = cls
+        return naive
+
+    def prefill(self, batch, copies):
+        return super().prefill(repeat_rows(batch, copies), 1)  # G prompt prefills, no cache copies
+
+    def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
+        """log pi(token) (N, T) from full (N, T, vocab) logits of the prompts repeated G times."""
+        N, T = completion_ids.shape
+        rows = repeat_rows(batch, N // batch["input_ids"].shape[0])
+        ones = torch.ones_like(completion_ids)
+        extra = {}
+        if "mm_token_type_ids" in rows:
+            extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
+        with self.context():
+            logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
+                                attention_mask=torch.cat([rows["attention_mask"], ones], 1),
+                                pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
+                                logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
+        return self.policy_logprobs(logits, temperature, sampling).gather(-1, completion_ids[..., None])[..., 0]
+
+
 class Counter:
     """Forward hooks that count the vision encoder's images and the prompt tokens the language model
     processes (prompt columns of each call: a call shorter than the prompt is a decode step)."""
@@ -106,14 +146,15 @@ class Counter:
         self.prompt_len = prompt_len
 
 
-def step_once(cfg, policy, ref, optimizer, params, samples, counter):
+def step_once(run, samples, counter):
     """One GRPO step; returns seconds per phase, completion tokens and the counters."""
-    prompt_len = policy.encode([samples[0].image()], [samples[0].query])["input_ids"].shape[1]
+    cfg = run.cfg
+    prompt_len = run.policy.encode([samples[0].image()], [run.task.prompt(samples[0])])["input_ids"].shape[1]
     counter.reset(prompt_len)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     phases = {}
-    _, logs = train.grpo_step(cfg, policy, ref, optimizer, params, samples, 0.5, phases)
+    logs = train.grpo_step(run, samples, phases)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     return {**{p: phases.get(p, 0.0) for p in PHASES}, "total": sum(phases.values()),
             "completions": cfg.batch_prompts * cfg.group_size, "tokens": logs["completion_tokens"], "images": counter.images, "prompt_tokens": counter.prompt_tokens,
@@ -132,14 +173,16 @@ def run_bench(a):
     data = load_dataset("synth:mix")
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    variants = ["lean"] + (["naive"] * a.naive)
-    configs = {v: Config(batch_prompts=B, group_size=G, max_new_tokens=new, naive_step=v == "naive",
-                         micro_batch=s["micro"], lr=1e-6, reward="threshold") for v in variants}
-    results = {v: [] for v in variants}
+    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=s["micro"], lr=1e-6)
+    task, tau = Grounding(policy.template, policy.coord), make_schedule("fixed", tau=0.5)
+    runs = {"lean": Run(cfg, task, policy, ref, optimizer, params, tau)}
+    if a.naive:
+        runs["naive"] = Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
+    results = {v: [] for v in runs}
     for i in range(a.warmup + a.steps):  # interleaved, so outside load hits both paths alike
         samples = [data[(i * B + k) % len(data)] for k in range(B)]
-        for v in variants:
-            r = step_once(configs[v], policy, ref, optimizer, params, samples, counter)
+        for v, run in runs.items():
+            r = step_once(run, samples, counter)
             if i >= a.warmup:
                 results[v].append(r)
     print(f"{a.model} on {device}, {torch.get_num_threads()} thread(s): B={B}, G={G}, {new} new tokens, "
@@ -193,8 +236,8 @@ def memory_probe(a):
         data = load_dataset("synth:mix")
         batch = policy.encode([data[0].image(), data[1].image()], [data[0].query, data[1].query])
         base = rss_gib()
-        fn = policy.completion_logps_repeated if a.probe == "naive-pass" else policy.completion_logps
-        fn(batch, ids).sum().backward()
+        scorer = Naive.of(policy) if a.probe == "naive-pass" else policy
+        scorer.completion_logps(batch, ids).sum().backward()
     print(json.dumps({"probe": a.probe, "extra_gib": peak_rss_gib() - base}))
 
 

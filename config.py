@@ -16,98 +16,97 @@ import torch
 from data import BOX_FORMATS
 from rundir import RunError, from_config_path
 
-def opt(default, help, choices=None):
+def knob(default, help, choices=None):
+    """A Config field: its default, its --help line, its allowed choices."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
     # data and model
-    model: str = opt("tiny", "hub id or folder of Qwen2.5-VL / Qwen2-VL, or 'tiny' (built-in)")
-    dataset: str = opt("synth:mix", "training JSONL or synth:derm|xray|us|mix")
-    image_root: str = opt(None, "folder image paths are relative to (default: the JSONL's folder)")
-    box_format: str = opt("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
-                                  "norm1000 (0..1000)", tuple(BOX_FORMATS))
-    skip_invalid: bool = opt(False, "drop invalid records (and say how many) instead of stopping")
-    eval_dataset: str = opt("auto", "evaluation set; 'auto' = the synthetic test split, 'none' = skip")
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
-    eval_n: int = opt(200, "evaluate on at most N samples")
-    init: str = opt(None, "start from this checkpoint folder (e.g. an SFT run) instead of --model")
-    ref_model: str = opt(None, "KL reference policy (default: the starting policy); 'none' with --beta 0")
-    template: str = opt(None, "prompt template (default: short for tiny, r1 otherwise)", ("r1", "short"))
-    min_pixels: int = opt(None, "processor min_pixels (default: the model's; tiny: 56*56)")
-    max_pixels: int = opt(None, "processor max_pixels (default: the model's; tiny: 112*112)")
+    model: str = knob("tiny", "hub id or folder of Qwen2.5-VL / Qwen2-VL, or 'tiny' (built-in)")
+    dataset: str = knob("synth:mix", "training JSONL or synth:derm|xray|us|mix")
+    image_root: str = knob(None, "folder image paths are relative to (default: the JSONL's folder)")
+    box_format: str = knob("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
+                                   "norm1000 (0..1000)", tuple(BOX_FORMATS))
+    skip_invalid: bool = knob(False, "drop invalid records (and say how many) instead of stopping")
+    eval_dataset: str = knob("auto", "evaluation set; 'auto' = the synthetic test split, 'none' = skip")
+    eval_every: int = knob(0, "evaluate every N steps (0: only at the end)")
+    eval_n: int = knob(200, "evaluate on at most N samples")
+    init: str = knob(None, "start from this checkpoint folder (e.g. an SFT run) instead of --model")
+    ref_model: str = knob(None, "KL reference policy (default: the starting policy); 'none' with --beta 0")
+    template: str = knob(None, "prompt template (default: short for tiny, r1 otherwise)", ("r1", "short"))
+    min_pixels: int = knob(None, "processor min_pixels (default: the model's; tiny: 56*56)")
+    max_pixels: int = knob(None, "processor max_pixels (default: the model's; tiny: 112*112)")
     # classification (VRFT-Aug, METHOD.md section 10)
-    task: str = opt("ground", "ground: one box per query (MedLoc-R1); classify: one class per image (VRFT-Aug)",
-                    ("ground", "classify"))
-    labels: str = opt(None, "classify: labels file (class names in order, descriptions, ordinal); "
-                            "synth:grade|type carry their own")
-    knowledge: bool | str = opt(False, "classify, PA_p: put each class's description in the prompt; alone: "
-                                       "those of --labels or the synthetic set; --knowledge FILE: those of the "
-                                       "labels file FILE (the dataset's classes, in order; also --labels if none)")
-    mfrs_weight: float = opt(0.0, "classify, ordinal sets: gamma, weight of the multi-grade fuzzy reward")
-    mfrs_decay: float = opt(0.25, "classify: R_MFRS = decay ** |grade error| (0.25: 1 / 0.25 / 0.0625 ...)")
-    recite_weight: float = opt(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
+    task: str = knob("ground", "ground: one box per query (MedLoc-R1); classify: one class per image (VRFT-Aug)",
+                      ("ground", "classify"))
+    labels: str = knob(None, "classify: labels file (class names in order, descriptions, ordinal); "
+                             "synth:grade|type carry their own")
+    knowledge: bool | str = knob(False, "classify, PA_p: put each class's description in the prompt; alone: "
+                                        "those of --labels or the synthetic set; --knowledge FILE: those of the "
+                                        "labels file FILE (the dataset's classes, in order; also --labels if none)")
+    mfrs_weight: float = knob(0.0, "classify, ordinal sets: gamma, weight of the multi-grade fuzzy reward")
+    mfrs_decay: float = knob(0.25, "classify: R_MFRS = decay ** |grade error| (0.25: 1 / 0.25 / 0.0625 ...)")
+    recite_weight: float = knob(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
     # algorithm (METHOD.md section 5)
-    algo: str = opt("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
-    steps: int = opt(150, "optimizer steps in total (with --resume: the total to reach)")
-    batch_prompts: int = opt(4, "B: prompts per step")
-    group_size: int = opt(8, "G: completions per prompt")
-    temperature: float = opt(0.9, "sampling temperature of the rollouts (top_k=0, top_p=1)")
-    max_new_tokens: int = opt(None, "completion length limit (default: 24 tiny, 256 otherwise)")
-    beta: float = opt(0.04, "KL weight; 0 loads no reference model")
-    eps: float = opt(0.2, "clip range below 1 (and above, unless --eps-high)")
-    eps_high: float = opt(None, "clip range above 1 (DAPO clip-higher); default eps")
-    loss_type: str = opt("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T)",
-                         ("grpo", "bnpo", "dr_grpo"))
-    adv_scale: str = opt("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
-    lr: float = opt(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "max gradient norm")
-    micro_batch: int = opt(0, "sequences per forward/backward (0: all B*G at once); whole groups")
-    updates_per_rollout: int = opt(1, "mu: optimizer steps on each rollout (> 1 lets the ratio clip)")
-    naive_step: bool = opt(False, "the straightforward step: every prompt repeated G times through "
-                                  "transformers' generate and full forwards (for bench.py and checks)")
+    algo: str = knob("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
+    steps: int = knob(150, "optimizer steps in total (with --resume: the total to reach)")
+    batch_prompts: int = knob(4, "B: prompts per step")
+    group_size: int = knob(8, "G: completions per prompt")
+    temperature: float = knob(0.9, "sampling temperature of the rollouts (top_k=0, top_p=1)")
+    max_new_tokens: int = knob(None, "completion length limit (default: 24 tiny, 256 otherwise)")
+    beta: float = knob(0.04, "KL weight; 0 loads no reference model")
+    eps: float = knob(0.2, "clip range below 1 (and above, unless --eps-high)")
+    eps_high: float = knob(None, "clip range above 1 (DAPO clip-higher); default eps")
+    loss_type: str = knob("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T)",
+                           ("grpo", "bnpo", "dr_grpo"))
+    adv_scale: str = knob("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
+    lr: float = knob(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    grad_clip: float = knob(1.0, "max gradient norm")
+    micro_batch: int = knob(0, "sequences per forward/backward (0: all B*G at once); whole groups")
+    updates_per_rollout: int = knob(1, "mu: optimizer steps on each rollout (> 1 lets the ratio clip)")
     # reward (METHOD.md section 4) and schedule (section 6)
-    schedule: str = opt("medloc", "tau schedule", ("medloc", "fixed", "raw-iou", "stages"))
-    reward: str = opt(None, "accuracy reward (default: iou for raw-iou, else threshold)",
-                      ("threshold", "iou", "giou"))
-    w_fmt: float = opt(1.0, "weight of the format reward")
-    tau: float = opt(0.5, "fixed schedule: the threshold")
-    tau0: float = opt(0.3, "medloc: starting threshold")
-    tau_target: float = opt(0.8, "medloc: final threshold")
-    window: int = opt(30, "medloc: N, steps in the sliding window")
-    margin: float = opt(0.10, "medloc: Delta, required mean IoU above tau")
-    step_rule: str = opt("piecewise", "medloc: step size rule", ("piecewise", "linear", "cosine", "constant"))
-    constant_delta: float = opt(0.15, "medloc: step size of the constant rule")
-    delta0: float = opt(0.2, "medloc: first step of the linear / cosine rules")
-    min_delta: float = opt(0.05, "medloc: smallest step of the linear / cosine rules")
-    no_reward_check: bool = opt(False, "medloc ablation: drop r_bar >= P(tau)")
-    no_stability_check: bool = opt(False, "medloc ablation: drop sigma <= S(tau)")
-    no_margin_check: bool = opt(False, "medloc ablation: drop m_bar >= Delta")
-    stages: str = opt("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
+    schedule: str = knob("medloc", "tau schedule", ("medloc", "fixed", "raw-iou", "stages"))
+    reward: str = knob(None, "accuracy reward (default: iou for raw-iou, else threshold)",
+                        ("threshold", "iou", "giou"))
+    w_fmt: float = knob(1.0, "weight of the format reward")
+    tau: float = knob(0.5, "fixed schedule: the threshold")
+    tau0: float = knob(0.3, "medloc: starting threshold")
+    tau_target: float = knob(0.8, "medloc: final threshold")
+    window: int = knob(30, "medloc: N, steps in the sliding window")
+    margin: float = knob(0.10, "medloc: Delta, required mean IoU above tau")
+    step_rule: str = knob("piecewise", "medloc: step size rule", ("piecewise", "linear", "cosine", "constant"))
+    constant_delta: float = knob(0.15, "medloc: step size of the constant rule")
+    delta0: float = knob(0.2, "medloc: first step of the linear / cosine rules")
+    min_delta: float = knob(0.05, "medloc: smallest step of the linear / cosine rules")
+    no_reward_check: bool = knob(False, "medloc ablation: drop r_bar >= P(tau)")
+    no_stability_check: bool = knob(False, "medloc ablation: drop sigma <= S(tau)")
+    no_margin_check: bool = knob(False, "medloc ablation: drop m_bar >= Delta")
+    stages: str = knob("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
     # warm start, run folder, machine
-    sft_steps: int = opt(None, "SFT warm-start steps before GRPO (default: 1200 for a fresh tiny, else 0)")
-    sft_lr: float = opt(1e-3, "learning rate of the warm start")
-    sft_batch: int = opt(16, "batch size of the warm start")
-    out: str = opt(None, "run folder (default: runs/<schedule>-<time>)")
-    resume: str = opt(None, "continue the run in this folder from its latest checkpoint")
-    save_every: int = opt(50, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = opt(2, "how many step checkpoints to keep (2: one to fall back on)")
-    seed: int = opt(0, "seed of data order, sampling and the tiny model's init")
-    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
-    precision: str = opt("auto", "auto: bf16-mixed on CUDA, fp32 on CPU",
-                         ("auto", "bf16-mixed", "bf16", "fp32"))
-    gradient_checkpointing: bool = opt(False, "trade compute for memory (real models on one GPU)")
-    freeze_vision: bool = opt(False, "train the language model only")
-    fsdp: bool = opt(False, "under torchrun: split the weights, gradients and optimizer state over the "
-                            "processes (FSDP2) instead of a whole copy on each")
-    lora_rank: int = opt(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
-    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
-    lora_targets: str = opt(None, "regex of the linear layers to adapt (default: the language model's "
-                                  "attention and MLP projections)")
-    lora_dropout: float = opt(0.0, "dropout on the LoRA branch input")
-    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    sft_steps: int = knob(None, "SFT warm-start steps before GRPO (default: 1200 for a fresh tiny, else 0)")
+    sft_lr: float = knob(1e-3, "learning rate of the warm start")
+    sft_batch: int = knob(16, "batch size of the warm start")
+    out: str = knob(None, "run folder (default: runs/<schedule>-<time>)")
+    resume: str = knob(None, "continue the run in this folder from its latest checkpoint")
+    save_every: int = knob(50, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = knob(2, "how many step checkpoints to keep (2: one to fall back on)")
+    seed: int = knob(0, "seed of data order, sampling and the tiny model's init")
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    precision: str = knob("auto", "auto: bf16-mixed on CUDA, fp32 on CPU",
+                           ("auto", "bf16-mixed", "bf16", "fp32"))
+    gradient_checkpointing: bool = knob(False, "trade compute for memory (real models on one GPU)")
+    freeze_vision: bool = knob(False, "train the language model only")
+    fsdp: bool = knob(False, "under torchrun: split the weights, gradients and optimizer state over the "
+                             "processes (FSDP2) instead of a whole copy on each")
+    lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
+    lora_alpha: float = knob(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
+    lora_targets: str = knob(None, "regex of the linear layers to adapt (default: the language model's "
+                                   "attention and MLP projections)")
+    lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
+    threads: int = knob(0, "torch CPU threads (0: torch's default)")
 
 
 def parse_args(argv=None):

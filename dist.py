@@ -104,6 +104,11 @@ def everywhere(flag):
     return total(not flag) == 0
 
 
+def all_done(done):
+    """grpo.sample_groups' `finished` under torchrun: every row of every rank has stopped."""
+    return everywhere(done.all())
+
+
 # ----------------------------------------------------------------------------- FSDP2
 def shard(model):
     """Split a Qwen2(.5)-VL model over the ranks with FSDP2 (fully_shard), in place.

@@ -1,6 +1,7 @@
-"""Evaluate a grounding model: A@0.5, A@0.8, pseudo-mAP, mIoU, parse failures (METHOD.md section 7);
-a classifier (trained with --task classify, read from its config): accuracy, macro-F1, and on
-ordinal grades QWK and mean absolute grade error, plus a confusion-matrix PNG (section 10).
+"""Evaluate a trained model on its task's metrics (tasks.py, read from the model's config.json):
+a grounding model by A@0.5, A@0.8, pseudo-mAP, mIoU and parse failures (METHOD.md section 7); a
+classifier by accuracy, macro-F1, and on ordinal grades QWK and mean absolute grade error, plus a
+confusion-matrix PNG (section 10).
 
     python eval.py --model runs/x/final --dataset synth:derm --out metrics.json --save-vis 8
 
@@ -13,169 +14,35 @@ import os
 import torch
 from tqdm import tqdm
 
-from data import BOX_FORMATS, KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, to_rgb
 import dist
+import tasks
+from config import device_problems
+from data import BOX_FORMATS, KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, to_rgb
 from grpo import sample_groups
-from model import default_max_new_tokens
-from reward import iou, parse_box, parse_class, to_image_frame
-
-MAP_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # 0.50, 0.55, ..., 0.95
-# GT box area as a fraction of the image: small < 4 %, medium < 16 %, large otherwise.
-SIZE_BINS = (("small", 0.0, 0.04), ("medium", 0.04, 0.16), ("large", 0.16, float("inf")))
-
-
-def accuracy_at(ious, t):
-    """Fraction of samples with IoU >= t (METHOD.md section 7)."""
-    return sum(v >= t for v in ious) / len(ious) if len(ious) else 0.0
-
-
-def pseudo_map(ious):
-    """Mean of A@t over t = 0.50, 0.55, ..., 0.95 (METHOD.md section 7)."""
-    return sum(accuracy_at(ious, t) for t in MAP_THRESHOLDS) / len(MAP_THRESHOLDS)
-
-
-def summarize(ious, parse_fail):
-    """The metric dict for one set of samples; fractions in [0, 1]."""
-    n = len(ious)
-    return {"A@0.5": accuracy_at(ious, 0.5), "A@0.8": accuracy_at(ious, 0.8), "mAP": pseudo_map(ious),
-            "mIoU": sum(ious) / n if n else 0.0, "parse_fail": sum(parse_fail) / n if n else 0.0, "n": n}
-
-
-def size_bin(sample):
-    W, H = sample.image_size
-    x1, y1, x2, y2 = sample.box
-    frac = (x2 - x1) * (y2 - y1) / (W * H)
-    return next(name for name, lo, hi in SIZE_BINS if lo <= frac < hi)
+from model import load_vlm
 
 
 @torch.no_grad()
-def predict(vlm, samples, batch_size=32, max_new_tokens=None, desc="eval"):
-    """Greedy prediction per sample: dict with text, box (original pixels or None) and IoU."""
-    max_new_tokens = max_new_tokens or default_max_new_tokens(vlm)
+def predict(vlm, task, samples, batch_size=32, max_new_tokens=None, desc="eval"):
+    """Greedy prediction per sample, read by the task (a box in original pixels and its IoU, or a class)."""
+    max_new_tokens = max_new_tokens or task.max_new_tokens(vlm.is_tiny)
     vlm.model.eval()
+    finished = dist.all_done if dist.is_sharded(vlm.model) else torch.all  # a split model decodes on every rank
     preds = []
     bar = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=not dist.is_main())
     for start in bar:
         chunk = samples[start:start + batch_size]
-        out = sample_groups(vlm, [s.image() for s in chunk], [vlm.query_of(s) for s in chunk], 1,
-                            max_new_tokens=max_new_tokens, greedy=True, together=dist.is_sharded(vlm.model))
-        for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch)):
-            if vlm.task == "classify":
-                preds.append({"text": text, "class": parse_class(text, vlm.labels.names)})
-                continue
-            box = to_image_frame(parse_box(text), vlm.coord, s.image_size, in_size)
-            preds.append({"text": text, "box": box, "iou": iou(box, s.box), "parse_fail": box is None})
-        if vlm.task != "classify":
-            bar.set_postfix(mIoU=sum(p["iou"] for p in preds) / len(preds))
+        out = sample_groups(vlm, [s.image() for s in chunk], [task.prompt(s) for s in chunk], 1,
+                            max_new_tokens=max_new_tokens, greedy=True, finished=finished)
+        preds += [task.predict(text, s, in_size) for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch))]
+        bar.set_postfix(task.postfix(preds))
     return preds
 
 
-def evaluate(vlm, samples, batch_size=32, max_new_tokens=None):
-    """(metrics, predictions): overall metrics plus a `by_size` breakdown (METHOD.md section 7);
-    for a classifier accuracy, macro-F1 and, on ordinal grades, QWK and grade error (section 10)."""
-    preds = predict(vlm, samples, batch_size, max_new_tokens)
-    if vlm.task == "classify":
-        return class_metrics([s.label for s in samples], [p["class"] for p in preds], vlm.labels), preds
-    metrics = summarize([p["iou"] for p in preds], [p["parse_fail"] for p in preds])
-    metrics["by_size"] = {}
-    for name, _, _ in SIZE_BINS:
-        idx = [i for i, s in enumerate(samples) if size_bin(s) == name]
-        metrics["by_size"][name] = summarize([preds[i]["iou"] for i in idx],
-                                             [preds[i]["parse_fail"] for i in idx])
-    return metrics, preds
-
-
-# ----------------------------------------------------------------------------- classification
-def confusion(true, pred, k):
-    """k x k counts, rows the true class, columns the predicted one (unparsed answers: no column)."""
-    m = [[0] * k for _ in range(k)]
-    for t, p in zip(true, pred):
-        if p is not None:
-            m[t][p] += 1
-    return m
-
-
-def macro_f1(true, pred, k):
-    """Mean over classes of F1 = 2 TP / (2 TP + FP + FN); an unparsed answer is a miss of its class."""
-    scores = []
-    for c in range(k):
-        tp = sum(t == c and p == c for t, p in zip(true, pred))
-        fp = sum(t != c and p == c for t, p in zip(true, pred))
-        fn = sum(t == c and p != c for t, p in zip(true, pred))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / k
-
-
-def farthest(t, k):
-    """The grade farthest from t: what an unparsed answer counts as in QWK and grade error."""
-    return 0 if t >= (k - 1) / 2 else k - 1
-
-
-def qwk(true, pred, k):
-    """Quadratic-weighted Cohen's kappa: 1 - sum(w O) / sum(w E), w_ij = (i - j)^2 / (k - 1)^2,
-    O the observed grade pairs, E the product of their marginals / n."""
-    n = len(true)
-    observed = [[0] * k for _ in range(k)]
-    for t, p in zip(true, pred):
-        observed[t][p] += 1
-    rows = [sum(r) for r in observed]
-    cols = [sum(observed[i][j] for i in range(k)) for j in range(k)]
-    w = [[(i - j) ** 2 / (k - 1) ** 2 for j in range(k)] for i in range(k)]
-    seen = sum(w[i][j] * observed[i][j] for i in range(k) for j in range(k))
-    expected = sum(w[i][j] * rows[i] * cols[j] / n for i in range(k) for j in range(k))
-    return 1.0 - seen / expected if expected else 1.0
-
-
-def class_metrics(true, pred, labels):
-    """accuracy, macro_f1, parse_fail, n, confusion (K x K, parsed answers) and unparsed (per true
-    class); with ordinal labels also qwk and mae (grades)."""
-    k, n = len(labels.names), len(true)
-    m = {"accuracy": sum(t == p for t, p in zip(true, pred)) / n, "macro_f1": macro_f1(true, pred, k),
-         "parse_fail": sum(p is None for p in pred) / n, "n": n, "classes": labels.names,
-         "confusion": confusion(true, pred, k),
-         "unparsed": [sum(p is None for t, p in zip(true, pred) if t == c) for c in range(k)]}
-    if labels.ordinal:
-        graded = [farthest(t, k) if p is None else p for t, p in zip(true, pred)]
-        m["qwk"] = qwk(true, graded, k)
-        m["mae"] = sum(abs(t - p) for t, p in zip(true, graded)) / n
-    return m
-
-
-def save_confusion(metrics, path):
-    """The confusion matrix as a PNG (counts in the cells), unparsed answers as a last column."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = metrics["classes"]
-    m = [row + [u] for row, u in zip(metrics["confusion"], metrics["unparsed"])]
-    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(names), 1 + 0.8 * len(names)))
-    ax.imshow(m, cmap="Blues")
-    top = max(max(row) for row in m)
-    for i, row in enumerate(m):
-        for j, v in enumerate(row):  # white on the dark cells
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
-    ax.set_xticks(range(len(names) + 1), names + ["unparsed"], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_table(metrics):
-    """Plain-text table: one row overall, one per size bin, metrics in percent."""
-    if "accuracy" in metrics:  # a classifier's
-        cols = [c for c in ("accuracy", "macro_f1", "qwk", "parse_fail") if c in metrics]
-        extra = f"{metrics['mae']:>12.3f}" if "mae" in metrics else ""
-        return (f"{'n':>6}" + "".join(f"{c:>12}" for c in cols) + (f"{'mae':>12}" if extra else "") + "\n"
-                + f"{metrics['n']:>6}" + "".join(f"{100 * metrics[c]:>12.2f}" for c in cols) + extra)
-    cols = ("A@0.5", "A@0.8", "mAP", "mIoU", "parse_fail")
-    rows = [("all", metrics)] + [(k, v) for k, v in metrics["by_size"].items()]
-    lines = [f"{'subset':<8}{'n':>6}" + "".join(f"{c:>12}" for c in cols)]
-    for name, m in rows:
-        lines.append(f"{name:<8}{m['n']:>6}" + "".join(f"{100 * m[c]:>12.2f}" for c in cols))
-    return "\n".join(lines)
+def evaluate(vlm, task, samples, batch_size=32, max_new_tokens=None):
+    """(metrics, predictions): the task's metrics (METHOD.md section 7, or 10 for a classifier)."""
+    preds = predict(vlm, task, samples, batch_size, max_new_tokens)
+    return task.metrics(samples, preds), preds
 
 
 def save_visualisations(samples, preds, n, folder):
@@ -203,8 +70,6 @@ def write_json(obj, path):
 
 
 def main(argv=None):
-    from config import device_problems
-    from model import load_vlm, saved_task
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny'")
     p.add_argument("--dataset", required=True, help="JSONL path or synth:KIND (test split by default)")
@@ -232,24 +97,24 @@ def main(argv=None):
         raise SystemExit("error: " + "\n       ".join(problems))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
-        task, labels = saved_task(a.model)
+        labels = tasks.saved_labels(a.model)  # before any weights: the data must fit the model
         kind = a.dataset.split(":")[1] if a.dataset.startswith("synth:") else None
-        if kind in SYNTH_LABELS and task == "ground" or kind in KINDS + ("mix",) and task == "classify":
-            tasks = ("grounding", "classification") if task == "ground" else ("classification", "grounding")
-            raise SystemExit(f"error: {a.model} is a {tasks[0]} model and {a.dataset} a {tasks[1]} set")
-        if task == "classify":
+        if kind in SYNTH_LABELS and not labels or kind in KINDS + ("mix",) and labels:
+            names = ("grounding", "classification") if not labels else ("classification", "grounding")
+            raise SystemExit(f"error: {a.model} is a {names[0]} model and {a.dataset} a {names[1]} set")
+        if labels:
             samples = load_class_dataset(a.dataset, labels, "test", a.image_root, a.skip_invalid, a.n)[0]
         else:
             samples = load_dataset(a.dataset, "test", a.image_root, a.skip_invalid, a.n, box_format=a.box_format)
         vlm = load_vlm(a.model, device, a.precision, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+        task = tasks.of_model(vlm, os.path.join(a.model, "config.json"))
     except ValueError as e:  # DataError included
         raise SystemExit(f"error: {e}")
-    metrics, preds = evaluate(vlm, samples, a.batch_size, a.max_new_tokens)
-    print(format_table(metrics))
+    metrics, preds = evaluate(vlm, task, samples, a.batch_size, a.max_new_tokens)
+    print(task.table(metrics))
     if a.out:
         write_json(metrics, a.out)
-        if vlm.task == "classify":
-            save_confusion(metrics, os.path.splitext(a.out)[0] + "_confusion.png")
+        task.save_plots(metrics, os.path.splitext(a.out)[0])
     if a.save_vis:
         folder = os.path.splitext(a.out)[0] + "_vis" if a.out else "vis"
         save_visualisations(samples, preds, a.save_vis, folder)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-import dist
 
 @dataclass
 class Rollout:
@@ -27,8 +26,8 @@ def completion_mask(completion_ids, eos_ids):
 
 
 @torch.no_grad()
-def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_tokens=64, greedy=False,
-                  together=False):
+def sample_groups(policy, images, prompts, group_size, temperature=0.9, max_new_tokens=64, greedy=False,
+                  finished=torch.all):
     """Step 1 of METHOD.md section 5, by hand: G completions per prompt.
 
     Each prompt (image and text) is prefilled once and its KV cache copied G times; the B*G rows
@@ -36,10 +35,10 @@ def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_
     tokens (`policy.policy_logprobs`, the distribution the loss scores): no top-k, top-p,
     repetition penalty or any other setting of the checkpoint's generation_config. A row stops at
     its first stop token and is padded after it; decoding ends when every row has stopped.
-    `together`: every rank is calling this at once (training, or any use of a sharded model), and
-    decoding ends when the rows of all ranks have stopped: a sharded model's forwards need every
-    rank, data parallel ranks wait for the slowest anyway, and so both draw the same numbers."""
-    batch = policy.encode(images, queries)
+    `finished(done)` says whether decoding is over, given the rows' stop flags (N,). Under torchrun
+    it asks every rank (dist.all_done): a sharded model's forwards need every rank, data parallel
+    ranks wait for the slowest anyway, and so both draw the same numbers."""
+    batch = policy.encode(images, prompts)
     was_training = policy.model.training
     policy.model.eval()  # no dropout while sampling (Qwen has none, but a fork might)
     state, logits = policy.prefill(batch, group_size)
@@ -53,7 +52,7 @@ def sample_groups(policy, images, queries, group_size, temperature=0.9, max_new_
         tokens.append(token)
         logps.append(logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0))
         done |= torch.isin(token, stops)
-        if dist.everywhere(done.all()) if together else done.all():
+        if finished(done):
             break
         logits = policy.decode_step(state, token)
     policy.model.train(was_training)

@@ -15,7 +15,7 @@ from itertools import accumulate
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from transformers import (AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -23,7 +23,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers.utils import logging as hf_logging
 
 import lora
-from data import labels_from_json
 
 hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watching
 
@@ -41,63 +40,12 @@ PATCH = 14  # Qwen vision patch size; the resized image is grid * PATCH pixels o
 # 151,936-token vocabulary, and the whole batch at once for the tiny one.
 LOGIT_CHUNK = 2 ** 24
 
-# METHOD.md section 3: the two prompt templates.
-R1_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
-             " answer in <answer> </answer> tags. Output the final answer in JSON format.")
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-# METHOD.md section 10: the classification prompt asks for one option, not a box.
-R1_CLASS_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
-                   " answer, one of the options, in <answer> </answer> tags.")
-
-
-def prompt_text(query, template, task="ground"):
-    """The user text of METHOD.md section 3 (section 10 for task "classify") for `template`."""
-    if template == "r1":
-        return query + (R1_CLASS_SUFFIX if task == "classify" else R1_SUFFIX)
-    if template == "short":
-        return query
-    raise ValueError(f"unknown template {template!r}: expected 'r1' or 'short'")
-
-
-def answer_text(box, template):
-    """The ideal completion for `box` (in the model's frame; rounded to integers), METHOD.md 3."""
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    if template == "r1":
-        return (f'<think>The target region is visible in the image.</think>'
-                f'<answer>{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}</answer>')
-    return f"<answer>[{x1},{y1},{x2},{y2}]</answer>"
-
-
-def class_query(question, labels, knowledge):
-    """A classification question with its options and, for PA_p (METHOD.md 10), the prior
-    knowledge: one line per class with its description."""
-    lines = [question]
-    if knowledge:
-        lines += [f"{n}: {d}." for n, d in zip(labels.names, labels.descriptions) if d]
-    return "\n".join(lines + ["Options: " + ", ".join(labels.names) + "."])
-
-
-SFT_REASONING = "I compare the options."  # the SFT target's think block for a class
-
-
-def class_answer(name, template, reasoning=SFT_REASONING):
-    """The ideal classification completion (SFT target), with `reasoning` in the r1 template."""
-    think = f"<think>{reasoning}</think>" if template == "r1" else ""
-    return f"{think}<answer>{name}</answer>"
-
-
-def default_max_new_tokens(vlm):
-    """Completion length limit: the tiny model's answers are short (a class with reasoning longer)."""
-    if not vlm.is_tiny:
-        return 256
-    return 64 if vlm.task == "classify" else 24
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -176,14 +124,10 @@ class VLM:
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
         self.base_name = None       # what LoRA adapters are trained on (written into adapter_config.json)
+        self.task_fields = {}       # what the task writes into config.json (tasks.of_config reads it back)
         self.coord = COORD_FRAMES[model_type]
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
-        # the task travels in config.json, so eval.py prompts and scores a classifier as trained
-        self.task, self.labels, self.knowledge = "ground", None, False
-        if getattr(model.config, "medloc_task", "ground") == "classify":
-            self.set_task("classify", labels_from_json(model.config.medloc_labels, "config.json"),
-                          model.config.medloc_knowledge)
         tok = processor.tokenizer
         tok.padding_side = "left"  # generation appends on the right
         # every stop token of the checkpoint (Qwen Instruct: <|im_end|> and <|endoftext|>), end of
@@ -195,20 +139,6 @@ class VLM:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         # never sampled: a vision token in a completion breaks the next forward (METHOD.md 3)
         self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in VISION_TOKENS])
-
-    def set_task(self, task, labels=None, knowledge=False):
-        """Ground (boxes) or classify among `labels`, with their descriptions in the prompt or not."""
-        self.task, self.labels, self.knowledge = task, labels, knowledge
-
-    def query_of(self, sample):
-        """The text of a sample's prompt before the template's instructions."""
-        if self.task == "classify":
-            return class_query(sample.query, self.labels, self.knowledge)
-        return sample.query
-
-    def known_text(self):
-        """The injected prior knowledge (what R_recite compares the reasoning with), or ''."""
-        return " ".join(self.labels.descriptions) if self.task == "classify" and self.knowledge else ""
 
     @property
     def device(self):
@@ -223,12 +153,11 @@ class VLM:
                             enabled=self.amp_dtype is not None), off:
             yield
 
-    def encode(self, images, queries):
-        """Processor batch (left-padded) for one chat turn per (image, query) pair."""
+    def encode(self, images, prompts):
+        """Processor batch (left-padded) for one chat turn per (image, prompt text) pair."""
         texts = [self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"},
-                                          {"type": "text", "text": prompt_text(q, self.template, self.task)}]}],
-            tokenize=False, add_generation_prompt=True) for q in queries]
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            tokenize=False, add_generation_prompt=True) for p in prompts]
         batch = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt")
         return batch.to(self.device)
 
@@ -313,21 +242,22 @@ class VLM:
         N, T = completion_ids.shape
         G = N // B
         mask = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask.bool()
-        body = completion_ids[:, :-1].reshape(B, G * (T - 1))  # the last token predicts nothing
-        positions, start = self.prompt_positions(batch)
-        block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)
-        positions = torch.cat([positions, block[None].expand(3, B, -1)], 2)
+        body = completion_ids[:, :-1].reshape(B, G * (T - 1))  # (B, G*(T-1)); the last token predicts nothing
+        positions, start = self.prompt_positions(batch)  # (3, B, L), (B,)
+        block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)  # (B, G*(T-1))
+        positions = torch.cat([positions, block[None].expand(3, B, -1)], 2)  # (3, B, L + G*(T-1))
         with self.context():
             hidden = self.model.model(input_ids=torch.cat([batch["input_ids"], body], 1),
                                       attention_mask=self.group_mask(batch["attention_mask"], G, T - 1),
                                       position_ids=positions, pixel_values=batch["pixel_values"],
                                       image_grid_thw=batch["image_grid_thw"], use_cache=False).last_hidden_state
-        # the hidden state that predicts token t of completion g: the prompt's last for t = 0
-        t = torch.arange(T, device=hidden.device)
-        source = torch.where(t == 0, L - 1, L + (t - 1).clamp(min=0))
-        source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))
-        hidden = hidden[:, source.flatten()].reshape(N, T, -1)
-        logps = torch.zeros(N, T, device=hidden.device)
+        # hidden: (B, L + G*(T-1), H). Token t of completion g is predicted by the prompt's last
+        # position for t = 0, else by position L + g*(T-1) + (t-1) of the row
+        t = torch.arange(T, device=hidden.device)  # (T,)
+        source = torch.where(t == 0, L - 1, L + (t - 1).clamp(min=0))  # (T,) column in group 0
+        source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))  # (G, T)
+        hidden = hidden[:, source.flatten()].reshape(N, T, -1)  # (B, G*T, H) -> (N, T, H), group after group
+        logps = torch.zeros(N, T, device=hidden.device)  # (N, T), 0 where mask is 0
         return logps.masked_scatter(mask, self.token_logps(hidden[mask], completion_ids[mask], temperature,
                                                            sampling))
 
@@ -373,45 +303,6 @@ class VLM:
                 parts.append(chunk(h, y))
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
-    # ------------------------------------------------------------------ the straightforward path
-    def repeat_rows(self, batch, copies):
-        """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
-        parts = [self.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0])
-                 for _ in range(copies)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-    def completion_logps_repeated(self, batch, completion_ids, temperature=1.0):
-        """completion_logps the straightforward way: every prompt repeated G times through the
-        whole model and full (N, T, vocab) logits. The reference for tests and `bench.py --naive`."""
-        N, T = completion_ids.shape
-        rows = self.repeat_rows(batch, N // batch["input_ids"].shape[0])
-        ones = torch.ones_like(completion_ids)
-        extra = {}
-        if "mm_token_type_ids" in rows:
-            extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
-        with self.context():
-            logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
-                                attention_mask=torch.cat([rows["attention_mask"], ones], 1),
-                                pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
-                                logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
-        return self.policy_logprobs(logits, temperature).gather(-1, completion_ids[..., None])[..., 0]
-
-    @torch.no_grad()
-    def generate_repeated(self, batch, copies, max_new_tokens, temperature):
-        """transformers' generate on the prompts repeated `copies` times, every processing option
-        pinned so nothing comes from the checkpoint's generation_config (`bench.py --naive`)."""
-        rows = self.repeat_rows(batch, copies)
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                  repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
-                                  suppress_tokens=self.suppress_ids.tolist(), eos_token_id=self.eos_ids,
-                                  pad_token_id=self.pad_id)
-        was_training = self.model.training
-        self.model.eval()
-        with self.context():
-            out = self.model.generate(**rows, generation_config=config)
-        self.model.train(was_training)
-        return out[:, rows["input_ids"].shape[1]:]
-
     @staticmethod
     def select_rows(batch, start, end):
         """Rows start:end of a processor batch (pixel_values hold t*h*w patch rows per image)."""
@@ -443,10 +334,8 @@ class VLM:
         """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
         with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
         `state`: the whole weights of a sharded model (dist.full_state), else the model's own."""
-        self.model.config.medloc_template = self.template
-        self.model.config.medloc_task = self.task
-        if self.task == "classify":
-            self.model.config.medloc_labels, self.model.config.medloc_knowledge = self.labels.to_json(), self.knowledge
+        for key, value in {"medloc_template": self.template, **self.task_fields}.items():
+            setattr(self.model.config, key, value)
         if lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
         else:
@@ -469,18 +358,6 @@ def model_type_of(name):
         raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
     except ValueError as e:  # a config.json without a model_type, or broken JSON
         raise ValueError(f"{name}: not a model folder ({str(e).splitlines()[0][:200]})")
-
-
-def saved_task(name):
-    """("ground", None) or ("classify", Labels): what a model folder was trained for, read from its
-    config.json alone (eval.py checks its data against it before loading any weights)."""
-    if name == "tiny" or os.path.isfile(os.path.join(name, "adapter_config.json")):
-        return "ground", None
-    model_type_of(name)  # a one-line error for a run folder or a missing model
-    config = AutoConfig.from_pretrained(name)
-    if getattr(config, "medloc_task", "ground") != "classify":
-        return "ground", None
-    return "classify", labels_from_json(config.medloc_labels, os.path.join(name, "config.json"))
 
 
 def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=None,

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist  # noqa: E402
 import grpo  # noqa: E402
+import start  # noqa: E402
 import train  # noqa: E402
 from config import Config  # noqa: E402
 from model import VLM, load_vlm  # noqa: E402
@@ -42,15 +43,15 @@ def updates(out, fsdp):
             dist.shard(policy.model)
             dist.shard(ref.model)
         params = dist.trainable(policy.model)
-        optimizer = torch.optim.SGD(params, lr=cfg.lr)
-        train.policy_update(cfg, policy, ref, optimizer, params, *my_share(rollout, advantages), {})
+        run = start.Run(cfg, None, policy, ref, torch.optim.SGD(params, lr=cfg.lr), params, None)
+        train.policy_update(run, *my_share(rollout, advantages), {})
         weights = dist.full_state(policy.model)
         if dist.is_main():
             torch.save(weights or policy.model.state_dict(), os.path.join(out, f"{loss_type}.pt"))
 
 
 def curriculum(out):
-    schedule = train.make_run_schedule(Config(window=2, no_reward_check=True, no_stability_check=True))
+    schedule = start.make_run_schedule(Config(window=2, no_reward_check=True, no_stability_check=True))
     g = torch.Generator().manual_seed(2)
     taus = []
     for _ in range(8):

@@ -1,16 +1,16 @@
 """VRFT-Aug's classification task (METHOD.md section 10): rewards, metrics, prompt, data, a run."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import eval as ev
+import start
 import train
 from config import load_config, parse_args
 from data import DataError, SYNTH_LABELS, Labels, from_npz, load_class_dataset
-from model import SFT_REASONING, class_query
+from tasks import SFT_REASONING, Classification, class_metrics, class_query
 from reward import mfrs, parse_class, recitation, score_classes
 
 NAMES = ["grade 0", "grade 1", "grade 2", "grade 3", "grade 4"]
@@ -45,12 +45,12 @@ def test_recitation_is_clipped_ngram_precision_and_its_sign_is_the_weight():
 
 def test_metrics_by_hand():
     labels = Labels(["a", "b", "c"], ["", "", ""], ordinal=True)
-    m = ev.class_metrics([0, 1, 2], [0, 2, 2], labels)
+    m = class_metrics([0, 1, 2], [0, 2, 2], labels)
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)  # F1 per class: 1, 0, 2*1/(2+1)
     assert m["qwk"] == pytest.approx(1 - 0.25 / 1.25)  # observed weight 1/4; expected 3.75 / 3
     assert m["mae"] == pytest.approx(1 / 3) and m["confusion"] == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
-    unparsed = ev.class_metrics([0, 2, 2], [None, None, 2], labels)  # counted as the farthest grade
+    unparsed = class_metrics([0, 2, 2], [None, None, 2], labels)  # counted as the farthest grade
     assert unparsed["mae"] == pytest.approx(4 / 3) and unparsed["parse_fail"] == pytest.approx(2 / 3)
     assert unparsed["unparsed"] == [1, 0, 1] and unparsed["confusion"] == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert m["unparsed"] == [0, 0, 0]
@@ -67,13 +67,12 @@ def test_sft_targets_with_the_knowledge_recite_it_every_other_sample():
     """So that the warm-started policy does both and R_recite has something to choose between."""
     for kind in ("grade", "type"):
         labels = SYNTH_LABELS[kind]
-        policy = SimpleNamespace(labels=labels, knowledge=True)
+        task = Classification(labels, True, "r1")
         known = " ".join(labels.descriptions)
-        said = [train.sft_reasoning(policy, 1, i) for i in range(4)]
+        said = [task.sft_reasoning(1, i) for i in range(4)]
         assert said[0] == said[2] == SFT_REASONING and said[1] == said[3] == labels.descriptions[1] + "."
         assert [recitation(t, known) for t in said] == [0.0, 1.0, 0.0, 1.0]
-        policy.knowledge = False
-        assert {train.sft_reasoning(policy, 1, i) for i in range(4)} == {SFT_REASONING}
+        assert {Classification(labels, False, "r1").sft_reasoning(1, i) for i in range(4)} == {SFT_REASONING}
 
 
 def test_npz_round_trip(tmp_path):
@@ -173,7 +172,7 @@ def test_knowledge_from_a_file_gives_the_classes_their_descriptions(tmp_path):
 
     def labels(*flags):
         cfg = load_config(parse_args(["--task", "classify", "--dataset", str(tmp_path / "d.jsonl"), *flags]))
-        return train.load_data(cfg)[3]
+        return start.load_data(cfg)[3]
     assert parse_args(["--knowledge"])["knowledge"] is True
     assert labels("--labels", str(tmp_path / "names.json")).descriptions == ["", ""]
     assert labels("--labels", str(tmp_path / "names.json"), "--knowledge", str(tmp_path / "know.json")).descriptions \
@@ -184,7 +183,7 @@ def test_knowledge_from_a_file_gives_the_classes_their_descriptions(tmp_path):
     with pytest.raises(DataError, match="no descriptions to inject"):
         labels("--labels", str(tmp_path / "names.json"), "--knowledge")
     cfg = load_config(parse_args(["--task", "classify", "--dataset", "synth:type", "--knowledge"]))
-    assert train.load_data(cfg)[3].descriptions == SYNTH_LABELS["type"].descriptions
+    assert start.load_data(cfg)[3].descriptions == SYNTH_LABELS["type"].descriptions
 
 
 def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path, capsys):

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import eval as ev
+import tasks
+from data import load_dataset
+from model import load_vlm
 from test_train import read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +59,8 @@ def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(wa
     drop = lambda log: [{k: v for k, v in r.items() if "seconds" not in k} for r in log]
     assert drop(read_log(split)) == drop(read_log(whole))
     assert len(read_log(whole)) == 4
-    metrics, _ = ev.evaluate(__import__("model").load_vlm(os.path.join(whole, "final")),
-                             __import__("data").load_dataset("synth:derm", "test", n=2), max_new_tokens=24)
+    final = load_vlm(os.path.join(whole, "final"))
+    metrics, _ = ev.evaluate(final, tasks.of_model(final), load_dataset("synth:derm", "test", n=2), max_new_tokens=24)
     assert metrics["n"] == 2
 
 
@@ -80,11 +83,11 @@ def test_a_sharded_run_matches_the_replicated_one_resumes_and_evaluates_as_one_p
         for key in a:
             if "seconds" not in key:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    final = __import__("model").load_vlm(os.path.join(sharded, "final"))
-    other = __import__("model").load_vlm(os.path.join(replicated, "final")).model.state_dict()
+    final = load_vlm(os.path.join(sharded, "final"))
+    other = load_vlm(os.path.join(replicated, "final")).model.state_dict()
     for name, w in final.model.state_dict().items():
         assert torch.allclose(w, other[name], atol=1e-5), name
-    metrics, _ = ev.evaluate(final, __import__("data").load_dataset("synth:derm", "test", n=4), max_new_tokens=24)
+    metrics, _ = ev.evaluate(final, tasks.of_model(final), load_dataset("synth:derm", "test", n=4), max_new_tokens=24)
     with open(os.path.join(sharded, "eval.json")) as f:
         assert json.load(f)["mIoU"] == pytest.approx(metrics["mIoU"])
 

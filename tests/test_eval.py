@@ -3,24 +3,25 @@ import json
 import pytest
 
 import eval as ev
+import tasks
 from data import Sample
 
 
 def test_accuracy_and_pseudo_map_hand_computed():
     ious = [0.0, 0.5, 0.79, 0.8, 0.96]
-    assert ev.accuracy_at(ious, 0.5) == pytest.approx(4 / 5)
-    assert ev.accuracy_at(ious, 0.8) == pytest.approx(2 / 5)
+    assert tasks.accuracy_at(ious, 0.5) == pytest.approx(4 / 5)
+    assert tasks.accuracy_at(ious, 0.8) == pytest.approx(2 / 5)
     # thresholds 0.50..0.95: 0.5 passes 1; 0.79 passes 6 (<=0.75); 0.8 passes 7; 0.96 passes 10
-    assert ev.pseudo_map(ious) == pytest.approx((1 + 6 + 7 + 10) / (10 * 5))
-    assert ev.MAP_THRESHOLDS[0] == 0.5 and ev.MAP_THRESHOLDS[-1] == 0.95 and len(ev.MAP_THRESHOLDS) == 10
-    assert ev.accuracy_at([], 0.5) == 0.0
+    assert tasks.pseudo_map(ious) == pytest.approx((1 + 6 + 7 + 10) / (10 * 5))
+    assert tasks.MAP_THRESHOLDS[0] == 0.5 and tasks.MAP_THRESHOLDS[-1] == 0.95 and len(tasks.MAP_THRESHOLDS) == 10
+    assert tasks.accuracy_at([], 0.5) == 0.0
 
 
 def test_summarize_and_size_bins():
-    m = ev.summarize([1.0, 0.0], [False, True])
+    m = tasks.summarize([1.0, 0.0], [False, True])
     assert m == {"A@0.5": 0.5, "A@0.8": 0.5, "mAP": 0.5, "mIoU": 0.5, "parse_fail": 0.5, "n": 2}
     s = lambda box: Sample(None, "q", box, (100, 100), "")
-    assert [ev.size_bin(s(b)) for b in [(0, 0, 10, 39), (0, 0, 20, 20), (0, 0, 39, 40), (0, 0, 40, 40)]] == \
+    assert [tasks.size_bin(s(b)) for b in [(0, 0, 10, 39), (0, 0, 20, 20), (0, 0, 39, 40), (0, 0, 40, 40)]] == \
         ["small", "medium", "medium", "large"]  # bins: [0, 4 %), [4 %, 16 %), 16 % and up
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 import eval as ev
 import model
 import rundir
+import start
 import train
 
 TINY_SFT = ["--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "2", "--eval-dataset", "none",
@@ -34,7 +35,7 @@ def error_of(argv, capsys=None):
     return str(e.value.code)
 
 
-# ----------------------------------------------------------------------------- 1. no code from a run folder
+# ----------------------------------------------------------------------------- no code from a run folder
 class Payload:
     def __init__(self, path):
         self.path = path
@@ -60,7 +61,7 @@ def test_trainer_state_is_plain_data(tmp_path):
     assert state["step"] == 1 and {"torch", "numpy", "python"} <= set(state["rng"][0])
 
 
-# ----------------------------------------------------------------------------- 2. non-finite training stops
+# ----------------------------------------------------------------------------- non-finite training stops
 @pytest.mark.parametrize("algo", ["sft", "grpo"])
 def test_a_diverging_run_stops_before_saving_anything_non_finite(tmp_path, algo, warm):
     run = str(tmp_path / "run")
@@ -84,7 +85,7 @@ def test_the_log_writes_non_finite_numbers_as_null(tmp_path):
     assert json.loads(open(path).read()) == {"step": 1, "kl": None, "loss": None, "ok": 0.5}
 
 
-# ----------------------------------------------------------------------------- 3. one trainer per folder
+# ----------------------------------------------------------------------------- one trainer per folder
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
     run = sft_run(tmp_path / "run", 1)
     fresh = str(tmp_path / "fresh")
@@ -96,7 +97,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
     sft_run(fresh, 1)
 
 
-# ----------------------------------------------------------------------------- 4, 5, 9. data
+# ----------------------------------------------------------------------------- data
 def write(path, records, raw=None):
     with open(path, "wb") as f:
         for r in records:
@@ -150,7 +151,7 @@ def test_box_formats_and_normalised_boxes(images):
     assert load_jsonl(xywh, box_format="xywh")[0].box == (30, 20, 40, 25)
 
 
-# ----------------------------------------------------------------------------- 6. flags
+# ----------------------------------------------------------------------------- flags
 BAD_FLAGS = [
     (["--lr", "-1"], "--lr -1.0: must be > 0"),
     (["--temperature", "0"], "--temperature 0.0: must be (0, 10]"),
@@ -184,8 +185,8 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_every_flag_has_a_range_checked_before_anything_loads(argv, message, monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(start, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(start, "load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
     text = error_of(argv + ["--out", str(tmp_path / "run")])
     assert text.startswith("error: ") and message in text
     assert not (tmp_path / "run").exists()
@@ -204,7 +205,7 @@ def test_resume_refuses_flags_that_would_change_the_run(tmp_path):
     assert [r["step"] for r in read_log(run)] == [1, 2]
 
 
-# ----------------------------------------------------------------------------- 7. resume
+# ----------------------------------------------------------------------------- resume
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
     run = sft_run(tmp_path / "run", 2)
     whole = read_log(run)
@@ -250,7 +251,7 @@ def test_a_moved_run_folder_resumes_from_another_directory(tmp_path, monkeypatch
     assert [r["step"] for r in read_log(moved)] == [1, 2]
 
 
-# ----------------------------------------------------------------------------- 8. the run folder itself
+# ----------------------------------------------------------------------------- the run folder itself
 def test_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     assert "is a file, not a run folder" in error_of(TINY_SFT + ["--out", str(tmp_path / "f")])
@@ -259,10 +260,10 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
 def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, monkeypatch, capsys):
     real = train.train_step
 
-    def interrupted(cfg, policy, ref, optimizer, params, schedule, train_set, step):
+    def interrupted(run, train_set, step):
         if step == 3:
             raise KeyboardInterrupt
-        return real(cfg, policy, ref, optimizer, params, schedule, train_set, step)
+        return real(run, train_set, step)
     monkeypatch.setattr(train, "train_step", interrupted)
     run = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
@@ -299,6 +300,6 @@ def test_eval_points_from_a_run_folder_to_its_final_model(tmp_path):
                                            (["--max-pixels", "10"], "--max-pixels 10: must be >= 784"),
                                            (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N")])
 def test_eval_flags_are_checked_before_loading(argv, message, monkeypatch):
-    monkeypatch.setattr(model, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(ev, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match=message):
         ev.main(["--model", "tiny", "--dataset", "synth:derm"] + argv)

@@ -6,7 +6,8 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VL
 from transformers import Qwen2VLVideoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from grpo import completion_mask, sample_groups
+from data import load_dataset
+from grpo import sample_groups
 from model import (PATCH, TINY_CHAT_TEMPLATE, VLM, build_tiny_tokenizer, load_vlm)
 from reward import from_image_frame, score_completions
 
@@ -47,14 +48,36 @@ def test_logps_are_the_same_alone_or_left_padded_in_a_batch(tiny):
         assert torch.allclose(alone, together[i:i + 1], atol=1e-5)
 
 
-def test_sampling_never_emits_vision_tokens_and_groups_are_contiguous(tiny):
+def test_sampling_never_emits_vision_tokens_and_masks_up_to_the_first_stop(tiny):
     torch.manual_seed(0)
     r = sample_groups(tiny, images((200, 300), (380, 170)), ["a", "b"], group_size=4, temperature=1.5,
                       max_new_tokens=30)
     assert r.completion_ids.shape[0] == 8 and r.batch["input_ids"].shape[0] == 2  # prompts once
     assert not torch.isin(r.completion_ids, tiny.suppress_ids).any()
-    assert torch.equal(r.mask, completion_mask(r.completion_ids, tiny.eos_ids))
+    for ids, mask in zip(r.completion_ids.tolist(), r.mask.tolist()):
+        stops = [t for t, token in enumerate(ids) if token in tiny.eos_ids]
+        length = stops[0] + 1 if stops else len(ids)  # the first stop token is scored, nothing after it
+        assert mask == [1.0] * length + [0.0] * (len(ids) - length)
     assert (r.logps[r.mask == 0] == 0).all() and (r.logps[r.mask == 1] < 0).all()
+
+
+def test_groups_are_contiguous_rows_of_their_prompt(warm):
+    """Rows g*G .. g*G + G-1 are prompt g's: greedy, they all equal prompt g decoded alone."""
+    vlm = load_vlm(warm)  # a model whose answers differ from image to image
+    alone = {}  # two images whose greedy answers differ, else the check below could not fail
+    for s in load_dataset("synth:derm", "test", n=12):
+        ids = sample_groups(vlm, [s.image()], [s.query], 1, max_new_tokens=24, greedy=True).completion_ids[0]
+        alone.setdefault(tuple(ids.tolist()), (s, ids))
+        if len(alone) == 2:
+            break
+    chosen = list(alone.values())[:2]
+    assert len(chosen) == 2
+    pictures, prompts = [s.image() for s, _ in chosen], [s.query for s, _ in chosen]
+    together = sample_groups(vlm, pictures, prompts, group_size=3, max_new_tokens=24, greedy=True).completion_ids
+    for g, (_, expected) in enumerate(chosen):
+        for row in together[3 * g:3 * g + 3]:
+            T = len(expected)
+            assert torch.equal(row[:T], expected) and (row[T:] == vlm.pad_id).all()
 
 
 def test_select_rows_slices_pixels_per_image(tiny):

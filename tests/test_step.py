@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import grpo
+from bench import Naive
 from model import VLM, build_tiny_model, build_tiny_processor, build_tiny_tokenizer, load_vlm
 from test_model import images, tiny, tiny_qwen2vl_folder  # noqa: F401  (tiny: a fixture)
 
@@ -48,7 +49,7 @@ def test_shared_prefix_logps_and_gradients_equal_separate_forwards(family, reque
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
     vlm.model.train()
     shared, g_shared = gradients(vlm, lambda: vlm.completion_logps(batch, ids, 0.9, mask), weights, mask)
-    naive, g_naive = gradients(vlm, lambda: vlm.completion_logps_repeated(batch, ids, 0.9), weights, mask)
+    naive, g_naive = gradients(vlm, lambda: Naive.of(vlm).completion_logps(batch, ids, 0.9), weights, mask)
     m = mask.bool()
     assert torch.allclose(shared[m], naive[m], atol=1e-5) and (shared[~m] == 0).all()
     assert any("visual" in n for n in g_naive) and all(g is not None for g in g_naive.values())
@@ -152,7 +153,7 @@ def test_scoring_with_the_real_vocabulary_never_builds_a_vocab_sized_tensor_per_
     full_logits = N * T * 151_936 * 4  # one (N, T, vocab) float32 tensor: 622 MB
     sizes = {}
     for name, fn in [("shared", lambda: vlm.completion_logps(batch, ids)),
-                     ("naive", lambda: vlm.completion_logps_repeated(batch, ids))]:
+                     ("naive", lambda: Naive.of(vlm).completion_logps(batch, ids))]:
         with LargestTensor() as probe:
             fn().sum().backward()
         sizes[name] = probe.largest

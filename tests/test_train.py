@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rundir
+import start
 import train
 from config import Config
 from model import load_vlm
@@ -105,7 +106,7 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     policy = load_vlm("tiny")
     opt = torch.optim.AdamW(policy.model.parameters())
-    sched = train.make_run_schedule(Config())
+    sched = start.make_run_schedule(Config())
     first = rundir.save_checkpoint(str(tmp_path), 5, policy, opt.state_dict(), sched, keep=1)
 
     def crash(folder, weights=None):

@@ -1,0 +1,204 @@
+"""The beginning of a run, new or resumed: data, policy, task, reference, adapters, optimizer and
+schedule, gathered in the one small object the training loop threads (`Run`).
+
+    load_data -> load_policy (+ settle the model-dependent defaults, make the task, shard)
+              -> [train.py's SFT warm start] -> begin: adapters, config.json, reference, optimizer
+    or: resume, which restores all of it from the newest intact checkpoint of the run folder.
+"""
+import dataclasses
+import os
+
+import torch
+
+import dist
+import lora
+import rundir
+import tasks
+from config import PATH_KEYS, parse_stages
+from data import DataError, load_class_dataset, load_dataset, with_knowledge
+from eval import write_json
+from model import load_vlm
+from rundir import RunError
+from scheduler import make_schedule
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop threads: the settings, the task, the policy and its frozen KL
+    reference (None when beta = 0), the optimizer over the trainable parameters, the schedule."""
+    cfg: object
+    task: object
+    policy: object
+    ref: object
+    optimizer: torch.optim.Optimizer
+    params: list
+    schedule: object
+
+
+# ----------------------------------------------------------------------------- data
+def default_eval_spec(cfg):
+    """'auto': the test split of a synthetic training set; no evaluation for a JSONL set."""
+    if cfg.eval_dataset != "auto":
+        return cfg.eval_dataset
+    return f"synth:{cfg.dataset.split(':')[1]}:test" if cfg.dataset.startswith("synth:") else "none"
+
+
+def load_data(cfg):
+    """(train set, eval set or None, eval spec, labels or None); bad data ends the run with the
+    loader's message. The synthetic benchmark is one fixed draw: --seed varies training, not the data."""
+    spec = default_eval_spec(cfg)
+    if cfg.task == "classify":
+        knowledge_file = cfg.knowledge if isinstance(cfg.knowledge, str) else None
+        train_set, labels = load_class_dataset(cfg.dataset, cfg.labels or knowledge_file, "train", cfg.image_root,
+                                               cfg.skip_invalid)
+        if knowledge_file:
+            labels = with_knowledge(labels, knowledge_file)
+        eval_set = None if spec == "none" else load_class_dataset(spec, labels, "test", cfg.image_root,
+                                                                   cfg.skip_invalid, cfg.eval_n)[0]
+        if cfg.mfrs_weight and not labels.ordinal:
+            raise DataError(f"--mfrs-weight {cfg.mfrs_weight}: the classes of {cfg.dataset} are not ordinal grades")
+        if cfg.knowledge and not any(labels.descriptions):
+            raise DataError(f"--knowledge: the labels of {cfg.dataset} have no descriptions to inject")
+        return train_set, eval_set, spec, labels
+    train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid, box_format=cfg.box_format)
+    eval_set = None if spec == "none" else load_dataset(spec, "test", cfg.image_root, cfg.skip_invalid,
+                                                         cfg.eval_n, box_format=cfg.box_format)
+    return train_set, eval_set, spec, None
+
+
+# ----------------------------------------------------------------------------- policy and task
+def load_policy(cfg, name, device):
+    """A policy or reference from `name` (a one-line error for a missing model or family)."""
+    try:
+        return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
+                        template=cfg.template, seed=cfg.seed)
+    except ValueError as e:
+        raise RunError(str(e))
+
+
+def settle(cfg, vlm, labels):
+    """Fill the defaults that depend on the model (tiny vs pretrained); return the run's task,
+    whose fields the policy will write into every saved config.json."""
+    tiny_fresh = vlm.is_tiny and cfg.init is None and cfg.model == "tiny"
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if vlm.is_tiny else 1e-6
+        if cfg.lora_rank:  # LoRA moves a few parameters: its usual rate is 10x that of full fine-tuning
+            cfg.lr = round(cfg.lr * 10, 12)
+    if cfg.sft_steps is None:
+        cfg.sft_steps = 1200 if tiny_fresh and cfg.algo == "grpo" else 0
+    cfg.reward = cfg.reward or ("iou" if cfg.schedule == "raw-iou" else "threshold")
+    if cfg.task == "classify":
+        task = tasks.Classification(labels, cfg.knowledge, vlm.template, cfg.w_fmt, cfg.mfrs_weight,
+                                    cfg.mfrs_decay, cfg.recite_weight)
+    else:
+        task = tasks.Grounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt)
+    cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens(vlm.is_tiny)
+    vlm.task_fields = task.fields()
+    return task
+
+
+def new_policy(cfg, device, labels):
+    """(policy, task) of a new run: the starting model, sharded under --fsdp."""
+    policy = load_policy(cfg, cfg.init or cfg.model, device)
+    task = settle(cfg, policy, labels)
+    if cfg.fsdp:
+        dist.shard(policy.model)
+    return policy, task
+
+
+def make_run_schedule(cfg):
+    """The schedule named by --schedule, with its flags (METHOD.md section 6)."""
+    if cfg.schedule == "medloc":
+        return make_schedule("medloc", tau0=cfg.tau0, tau_target=cfg.tau_target, window=cfg.window,
+                             margin=cfg.margin, step_rule=cfg.step_rule, delta0=cfg.delta0,
+                             min_delta=cfg.min_delta, constant_delta=cfg.constant_delta,
+                             use_reward=not cfg.no_reward_check, use_stability=not cfg.no_stability_check,
+                             use_margin=not cfg.no_margin_check)
+    if cfg.schedule == "fixed":
+        return make_schedule("fixed", tau=cfg.tau)
+    if cfg.schedule == "stages":
+        return make_schedule("stages", stages=parse_stages(cfg.stages), total_steps=cfg.steps)
+    return make_schedule(cfg.schedule)
+
+
+def optimizer_of(cfg, policy):
+    params = dist.trainable(policy.model)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), params
+
+
+# ----------------------------------------------------------------------------- new or resumed
+def begin(cfg, run_dir, device, policy, task):
+    """The rest of a new run once its policy is warm: adapters, config.json, reference, optimizer."""
+    if cfg.lora_rank:  # after the warm start: the adapters learn the RL update only
+        add_adapters(cfg, policy)
+    saved = {k: rundir.to_config_path(v, run_dir) if k in PATH_KEYS else v
+             for k, v in dataclasses.asdict(cfg).items()}
+    if dist.is_main():
+        write_json(saved, os.path.join(run_dir, "config.json"))
+    if dist.world() > 1:  # ranks draw different completions for their groups
+        torch.manual_seed(cfg.seed + dist.rank())
+    ref = None
+    if cfg.algo == "grpo" and cfg.beta > 0:
+        ref_name = cfg.ref_model or cfg.init or cfg.model
+        ref = reference(cfg, policy, ref_name, device, same=ref_name == (cfg.init or cfg.model))
+    return Run(cfg, task, policy, ref, *optimizer_of(cfg, policy), make_run_schedule(cfg))
+
+
+def reference(cfg, policy, name, device, same):
+    """The frozen KL anchor (METHOD.md 5.3): a frozen copy of `policy` while that is still the
+    starting model (`same`), else loaded from `name`. Under --fsdp it is always loaded, then
+    sharded like the policy (a sharded model cannot be copied whole)."""
+    if cfg.fsdp:
+        ref = load_policy(cfg, name, device).freeze()
+        dist.shard(ref.model)
+        return ref
+    return (policy if same else load_policy(cfg, name, device)).frozen_copy()
+
+
+def add_adapters(cfg, policy, folder=None):
+    """LoRA adapters on the policy: fresh ones, or those saved in `folder` (a checkpoint's model/)."""
+    policy.base_name = os.path.abspath(cfg.init) if cfg.init else cfg.model
+    try:
+        if folder:
+            lora.load(policy.model, folder)
+        else:
+            lora.inject(policy.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or lora.DEFAULT_TARGETS,
+                        cfg.lora_dropout)
+    except ValueError as e:  # a --lora-targets that matches nothing
+        raise RunError(str(e))
+
+
+def resume(cfg, run_dir, device, labels):
+    """(Run, step) of the newest intact checkpoint; RNG restored, the log cut back to its step."""
+    ckpt, state, skipped = rundir.latest_intact(run_dir)
+    for reason in skipped:
+        print(f"skipping a damaged checkpoint: {reason}")
+    if ckpt is None:
+        raise RunError(f"--resume {run_dir}: no intact checkpoint to resume from")
+    if cfg.steps <= state["step"]:
+        raise RunError(f"--resume {run_dir}: the run is at step {state['step']}; pass --steps above that")
+    if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's starting model
+        policy = load_policy(cfg, cfg.init or cfg.model, device)
+        add_adapters(cfg, policy, os.path.join(ckpt, "model"))
+    else:
+        policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
+    task = settle(cfg, policy, labels)
+    if cfg.fsdp:
+        dist.shard(policy.model)
+    ref = None
+    if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
+        ref = reference(cfg, policy, cfg.ref_model or cfg.init or cfg.model, device,
+                        same=cfg.lora_rank and not cfg.ref_model)
+    optimizer, params = optimizer_of(cfg, policy)
+    dist.load_optimizer_state(optimizer, state["optimizer"])
+    schedule = make_run_schedule(cfg)
+    schedule.load_state_dict(state["schedule"])
+    rngs = state["rng"]  # one per rank of the run that saved it
+    rundir.set_rng_state(rngs[dist.rank() % len(rngs)])
+    if dist.rank() >= len(rngs):  # more ranks than before: a stream of its own
+        torch.manual_seed(cfg.seed + dist.rank() + state["step"])
+    if dist.is_main():
+        rundir.truncate_log(os.path.join(run_dir, "metrics.jsonl"), state["step"])
+    print(f"resumed {run_dir} at step {state['step']} (tau {schedule.tau})")
+    return Run(cfg, task, policy, ref, optimizer, params, schedule), state["step"]

@@ -1,0 +1,320 @@
+"""The two tasks as objects: what the prompt says, what the SFT target is, how completions are
+rewarded, what a step logs, and how a model is scored on a test set.
+
+- `Grounding` (MedLoc-R1, METHOD.md sections 3, 4 and 7): one box per image and query, rewarded
+  under the schedule's threshold tau; scored by A@0.5, A@0.8, pseudo-mAP and mIoU.
+- `Classification` (VRFT-Aug, section 10): one class per image, among `Labels`; rewarded by
+  R_acc, R_format, R_MFRS and R_recite; scored by accuracy, macro-F1 and, on grades, QWK.
+
+train.py and eval.py call these methods and never ask which task they run. `of_config` rebuilds a
+saved model's task from its config.json (`fields` is what the task writes there).
+"""
+import os
+
+from transformers import AutoConfig
+
+from data import labels_from_json
+from model import model_type_of
+from reward import (from_image_frame, iou, parse_box, parse_class, score_classes, score_completions,
+                    to_image_frame)
+
+# METHOD.md section 3: the R1 template asks for reasoning, then the answer.
+R1_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
+             " answer in <answer> </answer> tags. Output the final answer in JSON format.")
+# section 10: the classification prompt asks for one option, not a box
+R1_CLASS_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
+                   " answer, one of the options, in <answer> </answer> tags.")
+TEMPLATES = ("r1", "short")
+
+
+def check_template(template):
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}: expected 'r1' or 'short'")
+
+
+# ----------------------------------------------------------------------------- grounding
+MAP_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # 0.50, 0.55, ..., 0.95
+# GT box area as a fraction of the image: small < 4 %, medium < 16 %, large otherwise.
+SIZE_BINS = (("small", 0.0, 0.04), ("medium", 0.04, 0.16), ("large", 0.16, float("inf")))
+
+
+def answer_text(box, template):
+    """The ideal completion for `box` (in the model's frame; rounded to integers), METHOD.md 3."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    if template == "r1":
+        return (f'<think>The target region is visible in the image.</think>'
+                f'<answer>{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}</answer>')
+    return f"<answer>[{x1},{y1},{x2},{y2}]</answer>"
+
+
+def accuracy_at(ious, t):
+    """Fraction of samples with IoU >= t (METHOD.md section 7)."""
+    return sum(v >= t for v in ious) / len(ious) if len(ious) else 0.0
+
+
+def pseudo_map(ious):
+    """Mean of A@t over t = 0.50, 0.55, ..., 0.95 (METHOD.md section 7)."""
+    return sum(accuracy_at(ious, t) for t in MAP_THRESHOLDS) / len(MAP_THRESHOLDS)
+
+
+def summarize(ious, parse_fail):
+    """The metric dict for one set of samples; fractions in [0, 1]."""
+    n = len(ious)
+    return {"A@0.5": accuracy_at(ious, 0.5), "A@0.8": accuracy_at(ious, 0.8), "mAP": pseudo_map(ious),
+            "mIoU": sum(ious) / n if n else 0.0, "parse_fail": sum(parse_fail) / n if n else 0.0, "n": n}
+
+
+def size_bin(sample):
+    W, H = sample.image_size
+    x1, y1, x2, y2 = sample.box
+    frac = (x2 - x1) * (y2 - y1) / (W * H)
+    return next(name for name, lo, hi in SIZE_BINS if lo <= frac < hi)
+
+
+class Grounding:
+    """MedLoc-R1's task: a box for the query, in the model's coordinate frame `coord`."""
+    name = "ground"
+    has_tau = True                     # rewards depend on the curriculum's threshold
+    progress = ("hit_rate", "hit")     # the step statistic the progress bar averages, and its label
+
+    def __init__(self, template, coord, reward="threshold", w_fmt=1.0):
+        check_template(template)
+        self.template, self.coord, self.reward, self.w_fmt = template, coord, reward, w_fmt
+
+    def max_new_tokens(self, tiny):
+        return 24 if tiny else 256  # the tiny model's answers are short
+
+    def fields(self):
+        return {"medloc_task": self.name}
+
+    def prompt(self, sample):
+        """The user text of METHOD.md section 3."""
+        return sample.query + (R1_SUFFIX if self.template == "r1" else "")
+
+    def sft_answer(self, sample, i, input_size):
+        """The GT box as the model should write it (in the frame of its resized input)."""
+        return answer_text(from_image_frame(sample.box, self.coord, sample.image_size, input_size), self.template)
+
+    def rewards(self, texts, samples, input_sizes, tau):
+        """Reward columns of the completions (one sample and input size per completion), METHOD.md 4."""
+        return score_completions(texts, [s.box for s in samples], [s.image_size for s in samples], input_sizes,
+                                 self.coord, tau, self.reward, self.template, self.w_fmt)
+
+    def step_stats(self, scores, tau):
+        hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
+        return {"hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item()}
+
+    def predict(self, text, sample, input_size):
+        """A greedy answer read back in original-image pixels (METHOD.md 2): box, IoU, parse failure."""
+        box = to_image_frame(parse_box(text), self.coord, sample.image_size, input_size)
+        return {"text": text, "box": box, "iou": iou(box, sample.box), "parse_fail": box is None}
+
+    def postfix(self, preds):
+        return {"mIoU": sum(p["iou"] for p in preds) / len(preds)}
+
+    def metrics(self, samples, preds):
+        """METHOD.md section 7, overall and by GT box size."""
+        metrics = summarize([p["iou"] for p in preds], [p["parse_fail"] for p in preds])
+        metrics["by_size"] = {}
+        for name, _, _ in SIZE_BINS:
+            idx = [i for i, s in enumerate(samples) if size_bin(s) == name]
+            metrics["by_size"][name] = summarize([preds[i]["iou"] for i in idx], [preds[i]["parse_fail"] for i in idx])
+        return metrics
+
+    @staticmethod
+    def table(metrics):
+        """Plain-text table: one row overall, one per size bin, metrics in percent."""
+        cols = ("A@0.5", "A@0.8", "mAP", "mIoU", "parse_fail")
+        rows = [("all", metrics)] + [(k, v) for k, v in metrics["by_size"].items()]
+        lines = [f"{'subset':<8}{'n':>6}" + "".join(f"{c:>12}" for c in cols)]
+        for name, m in rows:
+            lines.append(f"{name:<8}{m['n']:>6}" + "".join(f"{100 * m[c]:>12.2f}" for c in cols))
+        return "\n".join(lines)
+
+    def save_plots(self, metrics, stem):
+        pass  # eval.py --save-vis draws the boxes themselves
+
+
+# ----------------------------------------------------------------------------- classification
+SFT_REASONING = "I compare the options."  # the SFT target's think block for a class
+
+
+def class_query(question, labels, knowledge):
+    """A classification question with its options and, for PA_p (METHOD.md 10), the prior
+    knowledge: one line per class with its description."""
+    lines = [question]
+    if knowledge:
+        lines += [f"{n}: {d}." for n, d in zip(labels.names, labels.descriptions) if d]
+    return "\n".join(lines + ["Options: " + ", ".join(labels.names) + "."])
+
+
+def class_answer(name, template, reasoning=SFT_REASONING):
+    """The ideal classification completion (SFT target), with `reasoning` in the r1 template."""
+    think = f"<think>{reasoning}</think>" if template == "r1" else ""
+    return f"{think}<answer>{name}</answer>"
+
+
+def confusion(true, pred, k):
+    """k x k counts, rows the true class, columns the predicted one (unparsed answers: no column)."""
+    m = [[0] * k for _ in range(k)]
+    for t, p in zip(true, pred):
+        if p is not None:
+            m[t][p] += 1
+    return m
+
+
+def macro_f1(true, pred, k):
+    """Mean over classes of F1 = 2 TP / (2 TP + FP + FN); an unparsed answer is a miss of its class."""
+    scores = []
+    for c in range(k):
+        tp = sum(t == c and p == c for t, p in zip(true, pred))
+        fp = sum(t != c and p == c for t, p in zip(true, pred))
+        fn = sum(t == c and p != c for t, p in zip(true, pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / k
+
+
+def farthest(t, k):
+    """The grade farthest from t: what an unparsed answer counts as in QWK and grade error."""
+    return 0 if t >= (k - 1) / 2 else k - 1
+
+
+def qwk(true, pred, k):
+    """Quadratic-weighted Cohen's kappa: 1 - sum(w O) / sum(w E), w_ij = (i - j)^2 / (k - 1)^2,
+    O the observed grade pairs, E the product of their marginals / n."""
+    n = len(true)
+    observed = [[0] * k for _ in range(k)]
+    for t, p in zip(true, pred):
+        observed[t][p] += 1
+    rows = [sum(r) for r in observed]
+    cols = [sum(observed[i][j] for i in range(k)) for j in range(k)]
+    w = [[(i - j) ** 2 / (k - 1) ** 2 for j in range(k)] for i in range(k)]
+    seen = sum(w[i][j] * observed[i][j] for i in range(k) for j in range(k))
+    expected = sum(w[i][j] * rows[i] * cols[j] / n for i in range(k) for j in range(k))
+    return 1.0 - seen / expected if expected else 1.0
+
+
+def class_metrics(true, pred, labels):
+    """accuracy, macro_f1, parse_fail, n, confusion (K x K, parsed answers) and unparsed (per true
+    class); with ordinal labels also qwk and mae (grades)."""
+    k, n = len(labels.names), len(true)
+    m = {"accuracy": sum(t == p for t, p in zip(true, pred)) / n, "macro_f1": macro_f1(true, pred, k),
+         "parse_fail": sum(p is None for p in pred) / n, "n": n, "classes": labels.names,
+         "confusion": confusion(true, pred, k),
+         "unparsed": [sum(p is None for t, p in zip(true, pred) if t == c) for c in range(k)]}
+    if labels.ordinal:
+        graded = [farthest(t, k) if p is None else p for t, p in zip(true, pred)]
+        m["qwk"] = qwk(true, graded, k)
+        m["mae"] = sum(abs(t - p) for t, p in zip(true, graded)) / n
+    return m
+
+
+def save_confusion(metrics, path):
+    """The confusion matrix as a PNG (counts in the cells), unparsed answers as a last column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = metrics["classes"]
+    m = [row + [u] for row, u in zip(metrics["confusion"], metrics["unparsed"])]
+    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(names), 1 + 0.8 * len(names)))
+    ax.imshow(m, cmap="Blues")
+    top = max(max(row) for row in m)
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):  # white on the dark cells
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+    ax.set_xticks(range(len(names) + 1), names + ["unparsed"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Classification:
+    """VRFT-Aug's task: one of `labels` per image; with `knowledge` (PA_p) the classes'
+    descriptions stand in the prompt. Reward weights as in METHOD.md section 10."""
+    name = "classify"
+    has_tau = False
+    progress = ("acc_mean", "acc")
+
+    def __init__(self, labels, knowledge, template, w_fmt=1.0, mfrs_weight=0.0, mfrs_decay=0.25,
+                 recite_weight=0.0):
+        check_template(template)
+        self.labels, self.knowledge, self.template = labels, bool(knowledge), template
+        self.weights = dict(w_fmt=w_fmt, mfrs_weight=mfrs_weight, mfrs_decay=mfrs_decay, recite_weight=recite_weight)
+
+    def max_new_tokens(self, tiny):
+        return 64 if tiny else 256  # a class with its reasoning is longer than a box
+
+    def fields(self):
+        return {"medloc_task": self.name, "medloc_labels": self.labels.to_json(), "medloc_knowledge": self.knowledge}
+
+    def prompt(self, sample):
+        query = class_query(sample.query, self.labels, self.knowledge)
+        return query + (R1_CLASS_SUFFIX if self.template == "r1" else "")
+
+    def known_text(self):
+        """The injected prior knowledge (what R_recite compares the reasoning with), or ''."""
+        return " ".join(self.labels.descriptions) if self.knowledge else ""
+
+    def sft_reasoning(self, label, i):
+        """The SFT target's reasoning for the i-th sample of a batch: with the knowledge in the
+        prompt (PA_p) every other one recites the true class's description. A pretrained VLM
+        quotes its prompt some of the time; the tiny one must be shown, so that R_recite of either
+        sign has two behaviours of the warm-started policy to choose between."""
+        description = self.labels.descriptions[label]
+        return f"{description}." if self.knowledge and description and i % 2 else SFT_REASONING
+
+    def sft_answer(self, sample, i, input_size):
+        return class_answer(self.labels.names[sample.label], self.template, self.sft_reasoning(sample.label, i))
+
+    def rewards(self, texts, samples, input_sizes, tau):
+        return score_classes(texts, [s.label for s in samples], self.labels.names, self.template,
+                             knowledge=self.known_text(), **self.weights)
+
+    def step_stats(self, scores, tau):
+        return {f"{k}_mean": scores[k].mean().item() for k in ("acc", "mfrs", "recite")}
+
+    def predict(self, text, sample, input_size):
+        return {"text": text, "class": parse_class(text, self.labels.names)}
+
+    def postfix(self, preds):
+        return {}
+
+    def metrics(self, samples, preds):
+        return class_metrics([s.label for s in samples], [p["class"] for p in preds], self.labels)
+
+    @staticmethod
+    def table(metrics):
+        cols = [c for c in ("accuracy", "macro_f1", "qwk", "parse_fail") if c in metrics]
+        extra = f"{metrics['mae']:>12.3f}" if "mae" in metrics else ""
+        return (f"{'n':>6}" + "".join(f"{c:>12}" for c in cols) + (f"{'mae':>12}" if extra else "") + "\n"
+                + f"{metrics['n']:>6}" + "".join(f"{100 * metrics[c]:>12.2f}" for c in cols) + extra)
+
+    def save_plots(self, metrics, stem):
+        save_confusion(metrics, stem + "_confusion.png")
+
+
+# ----------------------------------------------------------------------------- a saved model's task
+def of_config(config, template, coord, where="config.json"):
+    """The task a model was trained for, from the fields its config.json carries (eval.py)."""
+    if getattr(config, "medloc_task", "ground") == "classify":
+        return Classification(labels_from_json(config.medloc_labels, where), config.medloc_knowledge, template)
+    return Grounding(template, coord)
+
+
+def of_model(vlm, where="config.json"):
+    return of_config(vlm.model.config, vlm.template, vlm.coord, where)
+
+
+def saved_labels(name):
+    """The labels of a classifier's folder, None for a grounding model: read from config.json
+    alone, so eval.py checks its data against them before loading any weights."""
+    if name == "tiny" or os.path.isfile(os.path.join(name, "adapter_config.json")):
+        return None
+    model_type_of(name)  # a one-line error for a run folder or a missing model
+    config = AutoConfig.from_pretrained(name)
+    if getattr(config, "medloc_task", "ground") != "classify":
+        return None
+    return labels_from_json(config.medloc_labels, os.path.join(name, "config.json"))
