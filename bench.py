@@ -282,6 +282,12 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true", help="peak memory of one log-prob pass, lean vs naive")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1}
+    for name, lo in lowest.items():  # a group of one has no advantage (its std is undefined)
+        if getattr(a, name) is not None and getattr(a, name) < lo:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least {lo}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
     torch.set_num_threads(a.threads)
     if a.probe:
         return memory_probe(a)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,7 @@ class Config:
     recite_weight: float = knob(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
     # algorithm (METHOD.md section 5)
     algo: str = knob("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
-    steps: int = knob(150, "optimizer steps in total (with --resume: the total to reach)")
+    steps: int = knob(300, "optimizer steps in total (with --resume: the total to reach)")
     batch_prompts: int = knob(4, "B: prompts per step")
     group_size: int = knob(8, "G: completions per prompt")
     temperature: float = knob(0.9, "sampling temperature of the rollouts (top_k=0, top_p=1)")
@@ -202,6 +203,11 @@ def check(cfg, processes=1):
                         "against the injected class descriptions")
     if cfg.task == "ground" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
         problems.append("--labels, --knowledge, --mfrs-weight and --recite-weight belong to --task classify")
+    if cfg.lora_targets is not None:
+        try:
+            re.compile(cfg.lora_targets)
+        except re.error as e:
+            problems.append(f"--lora-targets {cfg.lora_targets!r}: not a regular expression ({e})")
     if cfg.fsdp and cfg.lora_rank:
         problems.append("--fsdp with --lora-rank: LoRA trains a few adapters on a frozen base that fits "
                         "each GPU; run it data parallel (without --fsdp)")

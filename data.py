@@ -12,10 +12,13 @@ classification (`synth:grade|type`).
     python data.py npz --npz retinamnist.npz --names "grade 0,grade 1,grade 2,grade 3,grade 4" --ordinal --out DIR
 """
 import argparse
+import errno
 import json
 import math
 import os
 import random
+import stat
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -23,7 +26,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from reward import parse_box
+from reward import normalise, parse_box
 from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_sample, tight_box
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -94,6 +97,9 @@ BOX_FORMATS = {
     "norm1000": lambda b, W, H: (b[0] * W / 1000, b[1] * H / 1000, b[2] * W / 1000, b[3] * H / 1000),
 }
 MAX_QUERY_CHARS = 2000      # a grounding query is a sentence; beyond this it is a data error
+# A labels file's text goes into every classification prompt (the options, and with PA_p the
+# descriptions): bounded like a query, so a runaway file is a data error, not an out-of-memory.
+MAX_NAME_CHARS, MAX_DESCRIPTION_CHARS, MAX_CLASSES, MAX_LABELS_BYTES = 100, 500, 100, 1_000_000
 MAX_ASPECT = 200            # the Qwen processor refuses images more elongated than this
 MAX_IMAGE_PIXELS = 100_000_000  # decoding time per image is bounded by this
 
@@ -125,9 +131,23 @@ def _to_pixels(raw, box_format, W, H):
     return (x1, y1, x2, y2)
 
 
+def regular_file(path, what):
+    """Raise ValueError unless `path` is a regular file (a named pipe or a device would block or
+    stream forever when read; a folder is a mistake)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what}: file not found: {path}")
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {path} ({e.strerror})")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what}: {path} is not a regular file")
+
+
 def _image_size(path):
     """(W, H) of an image that decodes completely: a file with a good header and a broken body
     fails here, not hours into training. Decoding time is bounded by MAX_IMAGE_PIXELS."""
+    regular_file(path, "field 'image'")
     try:
         with Image.open(path) as img:
             W, H = img.size
@@ -163,7 +183,10 @@ def read_records(path, parse, skip_invalid):
     or with `skip_invalid` dropped and counted; an empty result is an error either way."""
     results, errors = [], []
     try:
+        regular_file(path, "dataset")
         f = open(path, "rb")  # bytes: a bad byte is one record's error, not the whole file's
+    except ValueError as e:
+        raise DataError(str(e))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
     with f:
@@ -296,10 +319,19 @@ class Labels:
 def read_labels(path):
     """A labels file: {"classes": [name or {"name", "description"}, ...], "ordinal": bool, "question": str}."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        regular_file(path, "labels file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LABELS_BYTES + 1)
+    except ValueError as e:
+        raise DataError(str(e))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
+    if len(raw) > MAX_LABELS_BYTES:
+        raise DataError(f"{path}: over {MAX_LABELS_BYTES:,} bytes; a labels file is class names and short descriptions")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 at byte {e.start}")
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})")
     return labels_from_json(obj, path)
@@ -315,16 +347,26 @@ def labels_from_json(obj, where):
             name, text = c.get("name"), c.get("description", "")
         else:
             name, text = c, ""
-        if not isinstance(name, str) or not name.strip() or not isinstance(text, str):
+        if not isinstance(name, str) or not normalise(name) or not isinstance(text, str):
             raise DataError(f"{where}: field 'classes[{k}]': a name, or an object with 'name' and "
                             f"optionally 'description' (strings)")
+        if len(name) > MAX_NAME_CHARS or len(text) > MAX_DESCRIPTION_CHARS:
+            raise DataError(f"{where}: field 'classes[{k}]': a name is at most {MAX_NAME_CHARS} characters and a "
+                            f"description at most {MAX_DESCRIPTION_CHARS:,} (they go into every prompt)")
         names.append(name.strip())
         descriptions.append(text.strip())
-    if len({n.lower() for n in names}) < len(names):
-        raise DataError(f"{where}: field 'classes': names repeat (case-insensitively): {names}")
+    answers = [normalise(n) for n in names]  # what a model's answer is compared with (reward.parse_class)
+    same = sorted({names[i] for i, a in enumerate(answers) if answers.count(a) > 1})
+    if same:
+        raise DataError(f"{where}: field 'classes': {same} are one answer once case, spaces and a final "
+                        "full stop are ignored; no answer could tell them apart")
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{where}: field 'classes': {len(names)} classes, at most {MAX_CLASSES} (each is an option in the prompt)")
     ordinal, question = obj.get("ordinal", False), obj.get("question", Labels.question)
     if not isinstance(ordinal, bool) or not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field 'ordinal' must be true/false and 'question' a non-empty string")
+    if len(question) > MAX_QUERY_CHARS:
+        raise DataError(f"{where}: field 'question': {len(question):,} characters, at most {MAX_QUERY_CHARS:,}")
     return Labels(names, descriptions, ordinal, question.strip())
 
 
@@ -438,27 +480,63 @@ def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
     if len(names) < 2 or len({n.lower() for n in names}) < len(names) or not all(names):
         raise DataError(f"--names {','.join(names)!r}: at least two distinct, non-empty class names")
     keys = (f"{split}_images", f"{split}_labels")
-    try:
-        with np.load(npz_path) as z:
-            arrays = {k: z[k] for k in keys if k in z.files}
-            held = sorted(z.files)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{npz_path}: not a readable .npz ({e})")
-    if len(arrays) < 2:
-        raise DataError(f"{npz_path}: no array {next(k for k in keys if k not in arrays)} (it holds {', '.join(held)})")
-    images, labels = arrays[keys[0]], arrays[keys[1]]
+    images, labels = (read_npz_array(npz_path, k) for k in keys)
     labels = check_npz_arrays(npz_path, split, images, labels, len(names))
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]  # (N, H, W, 1): grey
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records = []
-    for i, (img, y) in enumerate(zip(images, labels)):
-        rel = os.path.join("images", f"{split}_{i:06d}.png")
-        Image.fromarray(img).convert("RGB").save(os.path.join(out_dir, rel))
-        records.append({"image": rel, "label": int(y)})
-    with open(os.path.join(out_dir, "labels.json"), "w") as f:
-        json.dump({"classes": list(names), "ordinal": ordinal}, f, indent=1)
-    return write_jsonl(records, out_dir, f"{split}.jsonl")
+    classes = {"classes": list(names), "ordinal": ordinal}
+    labels_path = os.path.join(out_dir, "labels.json")
+    if os.path.exists(labels_path):  # another split of the same set may join it; another set may not
+        try:
+            other = read_labels(labels_path)
+        except DataError:
+            other = None
+        if other is None or other.names != list(names) or other.ordinal != ordinal:
+            raise DataError(f"{out_dir}: holds a conversion with other classes ({labels_path}); "
+                            "convert into an empty folder")
+    try:
+        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+        records = []
+        for i, (img, y) in enumerate(zip(images, labels)):
+            rel = os.path.join("images", f"{split}_{i:06d}.png")
+            Image.fromarray(img).convert("RGB").save(os.path.join(out_dir, rel))
+            records.append({"image": rel, "label": int(y)})
+        write_json_file(classes, labels_path)
+        return write_jsonl(records, out_dir, f"{split}.jsonl")
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write the converted set ({'disk full' if e.errno == errno.ENOSPC else e.strerror})")
+
+
+MAX_NPZ_ARRAY_BYTES = 8 * 2 ** 30  # MedMNIST's largest split is well under this; a bigger header is not one
+
+
+def read_npz_array(npz_path, key):
+    """One array of a .npz archive, after checking from its header that it is what the archive
+    really holds: a .npy file, a damaged archive or a header claiming more bytes than stored (or
+    than MAX_NPZ_ARRAY_BYTES) is a DataError, not a traceback or an allocation of tens of GB."""
+    try:
+        regular_file(npz_path, "--npz")
+        if not zipfile.is_zipfile(npz_path):
+            raise DataError(f"{npz_path}: not a .npz archive (a .npy file, or damaged); expected numpy.savez output")
+        with zipfile.ZipFile(npz_path) as z:
+            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if key not in names:
+                raise DataError(f"{npz_path}: no array {key} (it holds {', '.join(sorted(names)) or 'none'})")
+            info = z.getinfo(key + ".npy")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = header(f)
+            claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if dtype.hasobject or claimed > min(info.file_size, MAX_NPZ_ARRAY_BYTES):
+                raise DataError(f"{npz_path}: array {key} claims {shape} {dtype} ({claimed:,} bytes) but the "
+                                f"archive stores {info.file_size:,}: damaged, or not a data array")
+            with z.open(info) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    except ValueError as e:  # DataError included
+        raise DataError(str(e)) if not isinstance(e, DataError) else e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{npz_path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})")
 
 
 def check_npz_arrays(npz_path, split, images, labels, n_names):
@@ -481,6 +559,12 @@ def check_npz_arrays(npz_path, split, images, labels, n_names):
 
 
 # ----------------------------------------------------------------------------- writing JSONL
+def write_json_file(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write_jsonl(records, out_dir, name="data.jsonl"):
     path = os.path.join(out_dir, name)
     with open(path + ".tmp", "w") as f:

@@ -207,6 +207,24 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict(state)
 
 
+def from_main(obj):
+    """Rank 0's `obj` (a verdict, a message) on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lost_peer(error):
+    """True when `error` is a collective failing because another process of the job is gone
+    (gloo: a RuntimeError "Connection closed by peer"; NCCL and the store: DistError)."""
+    if not dist.is_initialized():
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or "closed by peer" in text or "Connection reset" in text
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -25,7 +25,9 @@ from model import load_vlm
 @torch.no_grad()
 def predict(vlm, task, samples, batch_size=32, max_new_tokens=None, desc="eval"):
     """Greedy prediction per sample, read by the task (a box in original pixels and its IoU, or a class)."""
-    max_new_tokens = max_new_tokens or task.max_new_tokens(vlm.is_tiny)
+    # default: the length the model was trained to (its run's), else the task's default
+    max_new_tokens = (max_new_tokens or getattr(vlm.model.config, "medloc_max_new_tokens", None)
+                      or task.max_new_tokens(vlm.is_tiny))
     vlm.model.eval()
     finished = dist.all_done if dist.is_sharded(vlm.model) else torch.all  # a split model decodes on every rank
     preds = []
@@ -37,6 +39,32 @@ def predict(vlm, task, samples, batch_size=32, max_new_tokens=None, desc="eval")
         preds += [task.predict(text, s, in_size) for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch))]
         bar.set_postfix(task.postfix(preds))
     return preds
+
+
+HIT_THRESHOLDS = (0.3, 0.45, 0.5, 0.6, 0.7, 0.8)
+
+
+@torch.no_grad()
+def sampled_hits(vlm, task, samples, group_size, temperature=0.9, max_new_tokens=None, batch_size=8, seed=0):
+    """What the curriculum's window sees (METHOD.md 6): G completions per image sampled as in
+    training, their mean IoU and the fraction at or above each tau of HIT_THRESHOLDS, and the
+    fraction of groups whose rewards at that tau would all be equal (no gradient)."""
+    max_new_tokens = max_new_tokens or getattr(vlm.model.config, "medloc_max_new_tokens", None) or 24
+    torch.manual_seed(seed)
+    ious = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        out = sample_groups(vlm, [s.image() for s in chunk], [task.prompt(s) for s in chunk], group_size,
+                            temperature, max_new_tokens)
+        sizes = [size for size in vlm.input_sizes(out.batch) for _ in range(group_size)]
+        rows = [s for s in chunk for _ in range(group_size)]
+        ious += [task.predict(text, s, size)["iou"] for text, s, size in zip(out.texts, rows, sizes)]
+    groups = [ious[i:i + group_size] for i in range(0, len(ious), group_size)]
+    result = {"mean_iou": sum(ious) / len(ious), "completions": len(ious)}
+    for t in HIT_THRESHOLDS:
+        result[f"hit@{t}"] = sum(v >= t for v in ious) / len(ious)
+        result[f"all_equal@{t}"] = sum(len({v >= t for v in g}) == 1 for g in groups) / len(groups)
+    return result
 
 
 def evaluate(vlm, task, samples, batch_size=32, max_new_tokens=None):
@@ -79,22 +107,32 @@ def main(argv=None):
     p.add_argument("--box-format", default="xyxy", choices=sorted(BOX_FORMATS), help="what the JSONL boxes hold")
     p.add_argument("--n", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 (tiny) or 256")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the model's training run's (else 24 tiny, 64 tiny classifier, 256)")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-mixed", "fp32"),
                    help="auto: bf16-mixed on CUDA, fp32 on CPU")
     p.add_argument("--save-vis", type=int, default=0, help="write N images with GT and predicted boxes")
+    p.add_argument("--sample", type=int, default=0, metavar="G",
+                   help="grounding: also sample G completions per image at --temperature and report hit rates "
+                        "and all-equal groups at each tau (what the curriculum will see)")
+    p.add_argument("--temperature", type=float, default=0.9, help="with --sample: the rollout temperature")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     a = p.parse_args(argv)
     lowest = {"n": 1, "batch_size": 1, "max_new_tokens": 1, "save_vis": 0, "min_pixels": 28 * 28,
-              "max_pixels": 28 * 28}
+              "max_pixels": 28 * 28, "sample": 0, "threads": 0}
     problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
                 if getattr(a, k) is not None and getattr(a, k) < lo]
     problems += device_problems(a.device)
+    if a.sample == 1 or not 0 < a.temperature <= 10:
+        problems.append(f"--sample {a.sample} --temperature {a.temperature}: a group needs G >= 2 and T in (0, 10]")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
         labels = tasks.saved_labels(a.model)  # before any weights: the data must fit the model
@@ -110,8 +148,14 @@ def main(argv=None):
         task = tasks.of_model(vlm, os.path.join(a.model, "config.json"))
     except ValueError as e:  # DataError included
         raise SystemExit(f"error: {e}")
+    if a.sample and not task.has_tau:
+        raise SystemExit(f"error: --sample {a.sample}: hit rates under tau are for grounding models")
     metrics, preds = evaluate(vlm, task, samples, a.batch_size, a.max_new_tokens)
     print(task.table(metrics))
+    if a.sample:
+        metrics["sampled"] = sampled_hits(vlm, task, samples, a.sample, a.temperature, a.max_new_tokens)
+        print(f"sampled (G = {a.sample}, T = {a.temperature}): " + ", ".join(
+            f"{k} {100 * v:.1f}" for k, v in metrics["sampled"].items() if k != "completions"))
     if a.out:
         write_json(metrics, a.out)
         task.save_plots(metrics, os.path.splitext(a.out)[0])

@@ -58,12 +58,23 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def inject(model, rank, alpha, targets=DEFAULT_TARGETS, dropout=0.0):
-    """Freeze the model and wrap every nn.Linear whose name fully matches `targets`; returns the names."""
-    model.requires_grad_(False)
+def targets_of(model, targets):
+    """Names of the nn.Linear layers that `targets` fully matches; a ValueError if none, or if
+    one is an output layer tied to the input embeddings (an adapter there would change both)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, n)]
     if not names:
         raise ValueError(f"--lora-targets {targets!r} matches no linear layer of the model")
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False) or model.config.tie_word_embeddings
+    if tied and "lm_head" in names:
+        raise ValueError(f"--lora-targets {targets!r} includes lm_head, which this model ties to its input "
+                         "embeddings; adapt the attention and MLP layers instead")
+    return names
+
+
+def inject(model, rank, alpha, targets=DEFAULT_TARGETS, dropout=0.0):
+    """Freeze the model and wrap every nn.Linear whose name fully matches `targets`; returns the names."""
+    names = targets_of(model, targets)
+    model.requires_grad_(False)
     for name in names:
         parent, child = _parent(model, name)
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
@@ -128,9 +139,27 @@ def read_config(folder):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({e})")
     for field, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (list, str))):
-        if not isinstance(c.get(field) if isinstance(c, dict) else None, kind):
+        if not isinstance(c.get(field) if isinstance(c, dict) else None, kind) or isinstance(c[field], bool):
             raise ValueError(f"{path}: field {field!r} missing or of the wrong type")
+    if not 0 < c["r"] <= 4096 or not math.isfinite(c["lora_alpha"]) or c["lora_alpha"] <= 0:
+        raise ValueError(f"{path}: field 'r' must be in 1..4096 and 'lora_alpha' > 0, got {c['r']} and {c['lora_alpha']}")
     return c
+
+
+def base_of(folder):
+    """The model an adapter folder was trained on (adapter_config.json's base_model_name_or_path).
+    If that path is gone because the run folder moved, the run's own warm start beside the
+    adapters (RUN/warmstart/model next to RUN/checkpoint-N/model) is the same model."""
+    base = read_config(folder).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{folder}/adapter_config.json: field 'base_model_name_or_path' missing")
+    if os.path.abspath(base) == os.path.abspath(folder):
+        raise ValueError(f"{folder}/adapter_config.json: field 'base_model_name_or_path' names the adapter folder itself")
+    tail = os.path.join("warmstart", "model")
+    moved = os.path.normpath(os.path.join(folder, "..", "..", tail))
+    if os.path.isabs(base) and not os.path.exists(base) and base.endswith(tail) and os.path.isdir(moved):
+        return moved
+    return base
 
 
 def load(model, folder):
@@ -144,11 +173,19 @@ def load(model, folder):
         tensors = load_file(path)
     except Exception as e:  # missing or damaged file
         raise ValueError(f"{path}: unreadable ({str(e)[:160]})")
+    expected = {f"base_model.model.{name}.{part}.weight" for name, _ in layers(model) for part in ("lora_A", "lora_B")}
+    if set(tensors) != expected:  # the config and the weights must name the same layers
+        odd = sorted(set(tensors) ^ expected)
+        raise ValueError(f"{path}: its tensors and adapter_config.json's target_modules disagree ({len(odd)} "
+                         f"differ, e.g. {odd[0]!r})")
     with torch.no_grad():
         for name, m in layers(model):
             for part in ("lora_A", "lora_B"):
-                key = f"base_model.model.{name}.{part}.weight"
-                if key not in tensors:
-                    raise ValueError(f"{path}: no tensor {key!r}")
-                getattr(m, part).weight.copy_(tensors[key])
+                key, weight = f"base_model.model.{name}.{part}.weight", getattr(m, part).weight
+                if tensors[key].shape != weight.shape:
+                    raise ValueError(f"{path}: {key!r} is {tuple(tensors[key].shape)}, rank r = {c['r']} of "
+                                     f"adapter_config.json needs {tuple(weight.shape)}")
+                if not torch.isfinite(tensors[key]).all():
+                    raise ValueError(f"{path}: {key!r} holds non-finite values")
+                weight.copy_(tensors[key])
     return c

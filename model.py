@@ -9,6 +9,7 @@ The coordinate frame of the model's answers (METHOD.md section 2) is decided her
 import contextlib
 import copy
 import glob
+import json
 import os
 import string
 from itertools import accumulate
@@ -36,6 +37,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
 TEMPLATE_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROPE_THETA = 20.0  # tiny model only; see build_tiny_model
 PATCH = 14  # Qwen vision patch size; the resized image is grid * PATCH pixels on each side.
+# The tiny model after SFT on synth:mix, shipped so that every machine starts GRPO from the same
+# weights (a long SFT phase carries float differences between CPUs to different models).
+TINY_WARM_START = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-warmstart")
 # Logit elements per chunk when scoring tokens: 16 M floats (64 MB), about 110 positions of a
 # 151,936-token vocabulary, and the whole batch at once for the tiny one.
 LOGIT_CHUNK = 2 ** 24
@@ -124,7 +128,8 @@ class VLM:
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
         self.base_name = None       # what LoRA adapters are trained on (written into adapter_config.json)
-        self.task_fields = {}       # what the task writes into config.json (tasks.of_config reads it back)
+        self.run_fields = {}        # what the run writes into config.json: the task's (tasks.of_config reads
+                                    # them back) and the completion length eval.py decodes to
         self.coord = COORD_FRAMES[model_type]
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
@@ -334,13 +339,21 @@ class VLM:
         """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
         with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
         `state`: the whole weights of a sharded model (dist.full_state), else the model's own."""
-        for key, value in {"medloc_template": self.template, **self.task_fields}.items():
+        for key, value in {"medloc_template": self.template, **self.run_fields}.items():
             setattr(self.model.config, key, value)
         if lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
+            self.model.config.save_pretrained(folder)  # the task fields, for eval.py and resume
         else:
             self.model.save_pretrained(folder, state_dict=state)
         self.processor.save_pretrained(folder)
+
+
+def check_chat_template(processor):
+    """Render one prompt now: a chat template that fails (or that the jinja sandbox stops) is a
+    one-line error at load time, not a traceback at the first step."""
+    processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
+                                  tokenize=False, add_generation_prompt=True)
 
 
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
@@ -353,7 +366,9 @@ def model_type_of(name):
         raise ValueError(f"{name} is a training run folder, not a model folder: did you mean "
                          f"{os.path.join(name, 'final')} (or a checkpoint's model/ folder)?")
     try:
-        return AutoConfig.from_pretrained(name).model_type
+        # trust_remote_code=False: a folder whose config names custom code is refused, never run
+        # (left unset, transformers would ask on a terminal)
+        return AutoConfig.from_pretrained(name, trust_remote_code=False).model_type
     except OSError as e:  # missing folder, bad hub id, no network
         raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
     except ValueError as e:  # a config.json without a model_type, or broken JSON
@@ -372,13 +387,21 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         raise ValueError(f"unknown precision {precision!r}: expected auto or one of {sorted(PRECISIONS)}")
     dtype, amp_dtype = PRECISIONS[precision]
     if os.path.isfile(os.path.join(name, "adapter_config.json")):  # LoRA adapters on their base
-        base = lora.read_config(name).get("base_model_name_or_path")
-        if not isinstance(base, str):
-            raise ValueError(f"{name}/adapter_config.json: field 'base_model_name_or_path' missing")
+        base = lora.base_of(name)
+        if base != "tiny" and os.path.isfile(os.path.join(base, "adapter_config.json")):
+            raise ValueError(f"{name}/adapter_config.json: field 'base_model_name_or_path' names adapters "
+                             f"({base}), not a model")
         vlm = load_vlm(base, device, precision, min_pixels, max_pixels, gradient_checkpointing,
                        freeze_vision, template, seed)
         lora.load(vlm.model, name)
         vlm.base_name = base
+        saved = os.path.join(name, "config.json")  # the task the adapters were trained for
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                for key, value in json.load(f).items():
+                    if key.startswith("medloc_") and key != "medloc_tiny":
+                        setattr(vlm.model.config, key, value)
+            vlm.template = template or vlm.model.config.medloc_template
         return vlm
     if name == "tiny":
         tok = build_tiny_tokenizer()
@@ -390,12 +413,17 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
             raise ValueError(f"{name}: model type {model_type!r} is not supported; "
                              f"expected one of {sorted(MODEL_CLASSES)}")
         model_cls, processor_cls = MODEL_CLASSES[model_type]
-        processor = processor_cls.from_pretrained(name)
+        try:
+            processor = processor_cls.from_pretrained(name, trust_remote_code=False)
+            check_chat_template(processor)
+            model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+        except Exception as e:  # broken files, weights_only refusing a pickled .bin, a sandboxed template
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first})")
         if min_pixels or max_pixels:  # transformers 5 keeps the pixel budget in `size`
             size = processor.image_processor.size
             processor.image_processor.size = {"shortest_edge": min_pixels or size.shortest_edge,
                                               "longest_edge": max_pixels or size.longest_edge}
-        model = model_cls.from_pretrained(name, dtype=dtype)
     model.to(device=device, dtype=dtype)
     if gradient_checkpointing:
         model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves

@@ -39,7 +39,10 @@ class Lock:
 
     def __enter__(self):
         try:
-            self.file = open(self.path, "a+")
+            # O_NOFOLLOW: a .lock that is a symbolic link (a shared folder) must not let the trainer
+            # write its pid into the file the link points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self.file = os.fdopen(fd, "r+")
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
@@ -48,7 +51,10 @@ class Lock:
             raise RunError(f"{os.path.dirname(self.path)} is in use by another train.py (pid {owner}); "
                            f"wait for it to finish or use another --out")
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunError(f"{self.path} is a symbolic link; remove it (a run folder's lock is a plain file)")
             raise RunError(f"cannot write to {os.path.dirname(self.path)} ({e.strerror})")
+        self.file.seek(0)
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
@@ -62,7 +68,10 @@ class Lock:
 def remove_leftovers(run_dir):
     """Temporary files and folders of a killed run (only ever half-written); call holding the lock."""
     for tmp in glob.glob(os.path.join(run_dir, "*.tmp")) + glob.glob(os.path.join(run_dir, "*", "*.tmp")):
-        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)
+        else:  # a file, or a link (removed itself: what it points to is not the run's)
+            os.remove(tmp)
 
 
 def prepare(run_dir):
@@ -142,7 +151,7 @@ def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs
         os.replace(tmp, final)
     except BaseException as e:  # Ctrl-C included: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save's zip writer fails as RuntimeError
             raise
         previous = checkpoints(run_dir)
         kept = f"{os.path.basename(previous[-1])} is intact" if previous else "no earlier checkpoint exists"
@@ -153,7 +162,9 @@ def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs
 
 
 def why(error):
-    return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+    if isinstance(error, OSError):
+        return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+    return str(error).splitlines()[0][:200]
 
 
 def save_model(policy, folder, weights=None):
@@ -168,7 +179,7 @@ def save_model(policy, folder, weights=None):
         os.replace(tmp, folder)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):
+        if not isinstance(e, (OSError, RuntimeError)):
             raise
         raise RunError(f"could not write {folder} ({why(e)}); the last checkpoint is intact")
 
@@ -234,3 +245,59 @@ def truncate_log(path, step):
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- the picture of a run
+def running_mean(values, k=10):
+    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def plot_curves(run_dir, margin=None):
+    """RUN/curves.png from metrics.jsonl: what the curriculum saw and did, step by step (tau and
+    the hit rate; the window's r_bar and sigma against P(tau) and S(tau); m_bar against the margin
+    Delta; the reward and the KL), or the loss of an SFT run. Written to a temp file, then renamed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    if not log:
+        return
+    steps = [r["step"] for r in log]
+
+    def series(key):
+        return [r.get(key) if r.get(key) is not None else math.nan for r in log]
+    panels = [p for p in (("tau", "hit_rate", "acc_mean"), ("r_bar", "sigma"), ("m_bar",), ("reward_mean", "kl"),
+                          ("loss",)) if any(k in log[-1] for k in p)]
+    if "reward_mean" in log[-1]:
+        panels = [p for p in panels if p != ("loss",)]  # a GRPO run's loss is not what to watch
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    titles = {"tau": "the curriculum", "r_bar": "window: reward and stability checks", "m_bar": "window: margin check",
+              "reward_mean": "reward and KL", "loss": "loss"}
+    for ax, keys in zip(axes[0], panels):
+        ax.set_title(titles[keys[0]], fontsize=9)
+        for key in keys:
+            if key not in log[-1]:
+                continue
+            values = series(key)
+            smoothed = key in ("hit_rate", "acc_mean", "reward_mean", "kl", "loss")
+            line, = ax.plot(steps, running_mean(values) if smoothed else values,
+                            label=key + (" (10-step mean)" if smoothed else ""), drawstyle="steps-post" if key == "tau" else "default")
+            bar = {"r_bar": "P", "sigma": "S"}.get(key)
+            if bar and bar in log[-1]:
+                ax.plot(steps, series(bar), "--", color=line.get_color(), label=f"{bar}(tau)", drawstyle="steps-post")
+        if keys == ("m_bar",) and margin is not None:
+            ax.axhline(margin, ls="--", color="gray", label=f"Delta = {margin}")
+        if keys == ("reward_mean", "kl") and "kl" in log[-1]:
+            ax.lines[-1].remove()  # the KL is small next to the reward: its own axis
+            twin = ax.twinx()
+            twin.plot(steps, running_mean(series("kl")), color="tab:red", label="kl (10-step mean)")
+            twin.set_ylabel("kl", color="tab:red")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curves.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

@@ -82,7 +82,8 @@ class MedLocScheduler:
             raise ValueError("update() needs the IoUs of at least one completion")
         hit_rate = sum(v >= self.tau for v in ious) / len(ious)
         self.entries.append((hit_rate, sum(ious) / len(ious)))
-        self.seen = dict(zip(("r_bar", "sigma", "m_bar"), self.readiness()))  # what this decision saw (logged)
+        P, S = _stage(self.readiness_stages, self.tau)  # what this decision saw and its bars (logged)
+        self.seen = {**dict(zip(("r_bar", "sigma", "m_bar"), self.readiness())), "P": P, "S": S}
         if self.tau >= self.tau_target or not self.ready():
             return False
         # round so that stage bounds (0.55, 0.60, 0.75) and the target are not decided by float error

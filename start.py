@@ -15,9 +15,9 @@ import lora
 import rundir
 import tasks
 from config import PATH_KEYS, parse_stages
-from data import DataError, load_class_dataset, load_dataset, with_knowledge
+from data import DataError, labels_from_json, load_class_dataset, load_dataset, with_knowledge
 from eval import write_json
-from model import load_vlm
+from model import TINY_WARM_START, load_vlm
 from rundir import RunError
 from scheduler import make_schedule
 
@@ -94,13 +94,25 @@ def settle(cfg, vlm, labels):
     else:
         task = tasks.Grounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt)
     cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens(vlm.is_tiny)
-    vlm.task_fields = task.fields()
+    vlm.run_fields = {**task.fields(), "medloc_max_new_tokens": cfg.max_new_tokens}
     return task
 
 
 def new_policy(cfg, device, labels):
-    """(policy, task) of a new run: the starting model, sharded under --fsdp."""
+    """(policy, task) of a new run: the starting model, sharded under --fsdp. A GRPO grounding run
+    of the built-in tiny model starts from its shipped SFT warm start unless --init or
+    --sft-steps says otherwise (--sft-steps N: N SFT steps from random weights here)."""
+    if cfg.model == "tiny" and cfg.init is None and cfg.sft_steps is None and cfg.algo == "grpo" and cfg.task == "ground":
+        cfg.init, cfg.sft_steps = TINY_WARM_START, 0
     policy = load_policy(cfg, cfg.init or cfg.model, device)
+    if cfg.task == "ground" and getattr(policy.model.config, "medloc_task", "ground") == "classify":
+        raise RunError(f"{cfg.init or cfg.model} is a classification model (trained with --task classify); "
+                       "a grounding run starts from a grounding model, or from --model")
+    if cfg.lora_rank:  # a --lora-targets that matches nothing is said now, not after the warm start
+        try:
+            lora.targets_of(policy.model, cfg.lora_targets or lora.DEFAULT_TARGETS)
+        except ValueError as e:
+            raise RunError(str(e))
     task = settle(cfg, policy, labels)
     if cfg.fsdp:
         dist.shard(policy.model)
@@ -131,7 +143,7 @@ def optimizer_of(cfg, policy):
 def begin(cfg, run_dir, device, policy, task):
     """The rest of a new run once its policy is warm: adapters, config.json, reference, optimizer."""
     if cfg.lora_rank:  # after the warm start: the adapters learn the RL update only
-        add_adapters(cfg, policy)
+        add_adapters(cfg, policy, run_dir)
     saved = {k: rundir.to_config_path(v, run_dir) if k in PATH_KEYS else v
              for k, v in dataclasses.asdict(cfg).items()}
     if dist.is_main():
@@ -156,8 +168,16 @@ def reference(cfg, policy, name, device, same):
     return (policy if same else load_policy(cfg, name, device)).frozen_copy()
 
 
-def add_adapters(cfg, policy, folder=None):
-    """LoRA adapters on the policy: fresh ones, or those saved in `folder` (a checkpoint's model/)."""
+def add_adapters(cfg, policy, run_dir, folder=None):
+    """LoRA adapters on the policy: fresh ones, or those saved in `folder` (a checkpoint's model/).
+    Their base is the run's starting model; the random built-in tiny model is first saved in
+    RUN/warmstart/model, so that the adapters name a folder that PEFT can load."""
+    if not cfg.init and cfg.model == "tiny" and not folder:
+        base = os.path.join(run_dir, "warmstart", "model")
+        if dist.is_main():
+            rundir.save_model(policy, base)
+        dist.barrier()
+        cfg.init = base
     policy.base_name = os.path.abspath(cfg.init) if cfg.init else cfg.model
     try:
         if folder:
@@ -176,13 +196,21 @@ def resume(cfg, run_dir, device, labels):
         print(f"skipping a damaged checkpoint: {reason}")
     if ckpt is None:
         raise RunError(f"--resume {run_dir}: no intact checkpoint to resume from")
-    if cfg.steps <= state["step"]:
+    last_output = "final" if default_eval_spec(cfg) == "none" else "eval.json"  # written after the last step
+    finished = os.path.exists(os.path.join(run_dir, last_output))
+    if cfg.steps < state["step"] or cfg.steps == state["step"] and finished:
         raise RunError(f"--resume {run_dir}: the run is at step {state['step']}; pass --steps above that")
+    if cfg.steps == state["step"]:  # trained to the end, stopped before its evaluation: finish that
+        print(f"{run_dir} trained all {cfg.steps} steps; finishing its final model and evaluation")
     if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's starting model
         policy = load_policy(cfg, cfg.init or cfg.model, device)
-        add_adapters(cfg, policy, os.path.join(ckpt, "model"))
+        add_adapters(cfg, policy, run_dir, os.path.join(ckpt, "model"))
     else:
         policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
+    saved = getattr(policy.model.config, "medloc_labels", None)
+    if labels and saved and not labels.same_classes(labels_from_json(saved, os.path.join(ckpt, "model", "config.json"))):
+        raise RunError(f"--resume {run_dir}: the run's classes were {[c['name'] for c in saved['classes']]}, "
+                       f"its labels now give {labels.names}; resuming would change what every label means")
     task = settle(cfg, policy, labels)
     if cfg.fsdp:
         dist.shard(policy.model)

@@ -311,10 +311,10 @@ def of_model(vlm, where="config.json"):
 def saved_labels(name):
     """The labels of a classifier's folder, None for a grounding model: read from config.json
     alone, so eval.py checks its data against them before loading any weights."""
-    if name == "tiny" or os.path.isfile(os.path.join(name, "adapter_config.json")):
+    if name == "tiny":
         return None
     model_type_of(name)  # a one-line error for a run folder or a missing model
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     if getattr(config, "medloc_task", "ground") != "classify":
         return None
     return labels_from_json(config.medloc_labels, os.path.join(name, "config.json"))

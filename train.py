@@ -209,7 +209,7 @@ def train_loop(run, train_set, eval_set, run_dir, start_step=0):
     """Run steps start_step+1 .. cfg.steps, logging and checkpointing as it goes."""
     cfg, policy = run.cfg, run.policy
     log_path = os.path.join(run_dir, "metrics.jsonl")
-    if start_step == 0 and os.path.exists(log_path):
+    if start_step == 0 and dist.is_main() and os.path.exists(log_path):
         os.remove(log_path)  # left by a run that died before its first checkpoint
     name = "sft" if cfg.algo == "sft" else f"grpo:{cfg.schedule}" if run.task.has_tau else "grpo"
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=name, initial=start_step,
@@ -233,6 +233,9 @@ def train_loop(run, train_set, eval_set, run_dir, start_step=0):
                 rundir.log_line(log_path, record)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(run, run_dir, step)
+            if dist.is_main() and ("eval_mIoU" in record or "eval_accuracy" in record or step % cfg.save_every == 0
+                                   or step == cfg.steps):
+                rundir.plot_curves(run_dir, cfg.margin if cfg.schedule == "medloc" else None)  # the run's picture
     except KeyboardInterrupt:
         raise Stopped(step - 1)
     except Diverged as e:
@@ -269,6 +272,15 @@ def warm_start(cfg, task, policy, train_set, eval_set, run_dir):
     return os.path.join(folder, "model")
 
 
+def score_start(cfg, task, policy, eval_set, run_dir):
+    """The model this run starts from (--init, or the shipped tiny warm start), scored in
+    <run>/warmstart/eval.json: the baseline the run has to beat."""
+    if evaluates_here(policy):
+        report(policy, task, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "warmstart", "eval.json"),
+               f"start ({cfg.init})")
+    dist.barrier()
+
+
 def evaluates_here(policy):
     """Evaluation runs on rank 0 alone, unless the model is split over the ranks: then each
     forward needs them all, so every rank evaluates the same samples (rank 0 reports)."""
@@ -290,7 +302,8 @@ def train(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
     train_set, eval_set, eval_spec, labels = start.load_data(cfg)
     if eval_set is None and dist.is_main():
-        print(f"no evaluation at the end: {cfg.dataset} has no built-in test split; pass --eval-dataset FILE, "
+        why = "--eval-dataset none" if cfg.eval_dataset == "none" else f"{cfg.dataset} has no built-in test split"
+        print(f"no evaluation at the end: {why}; pass --eval-dataset FILE, "
               f"or run eval.py --model {run_dir}/final --dataset FILE afterwards")
     if cfg.resume and rundir.checkpoints(run_dir):
         run, step = start.resume(cfg, run_dir, device, labels)
@@ -302,6 +315,8 @@ def train(cfg, run_dir, device):
         if cfg.sft_steps and cfg.algo == "grpo" and cfg.init != warmed:
             print(f"warm start: {cfg.sft_steps} SFT steps (batch {cfg.sft_batch}, lr {cfg.sft_lr})")
             cfg.init = warm_start(cfg, task, policy, train_set, eval_set, run_dir)
+        elif cfg.init and eval_set and not os.path.exists(os.path.join(run_dir, "warmstart", "eval.json")):
+            score_start(cfg, task, policy, eval_set, run_dir)
         run, step = start.begin(cfg, run_dir, device, policy, task), 0
     train_loop(run, train_set, eval_set, run_dir, step)
     policy = run.policy
@@ -316,6 +331,31 @@ def train(cfg, run_dir, device):
     dist.barrier()
 
 
+@contextlib.contextmanager
+def claim(cfg, run_dir):
+    """Hold the run folder: rank 0 creates and locks it and checks it may be used; every rank acts
+    on that verdict before anything touches the folder (so a refused second torchrun job cannot
+    delete the first one's files from another rank)."""
+    lock, problem = None, None
+    if dist.is_main():
+        try:
+            rundir.prepare(run_dir)
+            lock = rundir.Lock(run_dir).__enter__()
+            if not cfg.resume and os.path.exists(os.path.join(run_dir, "config.json")):
+                raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            rundir.remove_leftovers(run_dir)
+        except RunError as e:
+            problem = str(e)
+    problem = dist.from_main(problem)
+    try:
+        if problem:
+            raise RunError(problem)
+        yield
+    finally:
+        if lock:
+            lock.__exit__()
+
+
 def main(argv=None):
     """The command line. A user's mistake ends in one line naming it, never a traceback."""
     run_dir = None
@@ -328,12 +368,7 @@ def main(argv=None):
         device = dist.setup(device, cfg.fsdp)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
-        rundir.prepare(run_dir)
-        with rundir.Lock(run_dir) if dist.is_main() else contextlib.nullcontext():
-            if not cfg.resume and os.path.exists(os.path.join(run_dir, "config.json")):
-                raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-            if dist.is_main():
-                rundir.remove_leftovers(run_dir)
+        with claim(cfg, run_dir):
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -341,6 +376,14 @@ def main(argv=None):
         dist.teardown()
     except (RunError, DataError) as e:
         raise SystemExit(f"error: {e}")
+    except Exception as e:
+        if not dist.lost_peer(e):
+            raise
+        last = rundir.checkpoints(run_dir) if run_dir else []  # another process died: this one cannot go on alone
+        raise SystemExit(f"error: rank {dist.rank()}: another torchrun process of this job stopped "
+                         f"({str(e).splitlines()[0][:120]}); last checkpoint: "
+                         f"{os.path.basename(last[-1]) if last else 'none'}; resume with: "
+                         f"torchrun --nproc_per_node K train.py --resume {run_dir}")
     except Stopped as s:
         last = rundir.checkpoints(run_dir)
         if not os.path.exists(os.path.join(run_dir, "config.json")):  # Ctrl-C in the warm start

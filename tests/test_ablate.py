@@ -1,23 +1,23 @@
-"""ablate.py's bookkeeping: finished runs are not redone, and the tables average the right runs."""
-import argparse
+"""ablate.py's bookkeeping: the studies' runs start where their protocol says, finished runs are
+not redone, and the tables and paired differences average the right runs."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 import ablate
 
 
-def fake_run(folder, a05, taus=None):
-    os.makedirs(folder, exist_ok=True)
-    m = {"A@0.5": a05, "A@0.8": a05 / 2, "mAP": a05 / 3, "mIoU": a05 / 4, "parse_fail": 0.0, "n": 10,
-         "by_size": {}}
-    with open(os.path.join(folder, "eval.json"), "w") as f:
-        json.dump(m, f)
+def fake_run(folder, a05, taus=(), start=0.4):
+    """A finished grounding run: eval.json from a05, its start's score, one log line per tau."""
+    os.makedirs(os.path.join(folder, "warmstart"), exist_ok=True)
+    for path, value in (("eval.json", a05), (os.path.join("warmstart", "eval.json"), start)):
+        m = {"A@0.5": value, "A@0.8": value / 2, "mAP": value / 3, "mIoU": value / 4, "parse_fail": 0.0, "n": 10}
+        with open(os.path.join(folder, path), "w") as f:
+            json.dump(m, f)
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-        for step, tau in enumerate(taus or [], 1):
-            f.write(json.dumps({"step": step, "tau": tau, "hit_rate": 0.5,
+        for step, tau in enumerate(taus, 1):
+            f.write(json.dumps({"step": step, "tau": tau, "hit_rate": 0.5, "tau_changed": step > 1 and tau != taus[step - 2],
                                 "frac_equal_groups": 1.0 if step <= 2 else 0.0}) + "\n")
 
 
@@ -26,65 +26,64 @@ def test_mean_std_in_percent():
     assert ablate.mean_std([0.25]) == "25.0 ± 0.0"
 
 
-def test_condition_study_lists_the_paper_ablations():
-    names = set(ablate.CONDITIONS)
-    assert {"without-reward", "without-stability", "without-margin", "only-reward", "only-stability",
-            "only-margin", "constant-0.05", "constant-0.15", "constant-0.25", "linear", "cosine"} <= names
-    assert ablate.CONDITIONS["only-margin"] == ["--schedule", "medloc", "--no-reward-check",
-                                                "--no-stability-check"]
+def test_the_rule_study_is_the_paper_s_ablation():
+    assert set(ablate.RULES) == {"medloc", "without-reward", "without-stability", "without-margin", "only-margin",
+                                 "only-stability"}
+    assert ablate.RULES["only-margin"] == ["--schedule", "medloc", "--no-reward-check", "--no-stability-check"]
+    assert ablate.RULES["without-reward"] == ["--schedule", "medloc", "--no-reward-check"]
+
+
+def test_compared_rows_start_from_the_same_model_and_run_the_same_steps(tmp_path):
+    args = ablate.parse_args(["--study", "compare", "--steps", "120", "--init", "/w", "--out", str(tmp_path)])
+    cells = [("derm", 0), ("derm", 1)]
+    (stage,) = ablate.STUDIES["compare"].stages(args, "R", cells)
+    assert len(stage) == 2 * len(ablate.COMPARE)
+    for run_dir, flags in stage:
+        assert flags[flags.index("--init") + 1] == "/w" and flags[flags.index("--steps") + 1] == "120"
+        assert flags[flags.index("--seed") + 1] == run_dir.split("-s")[1][0]  # the seed of its folder
+    sft = dict(stage)[os.path.join("R", "derm-s1", "sft")]
+    assert sft[-2:] == ["--batch-prompts", "4"] and "--algo" in sft
+    # without --init: one SFT warm start of --warm-steps first, every row from its final model
+    args = ablate.parse_args(["--study", "compare", "--warm-steps", "700", "--out", str(tmp_path)])
+    (warm, flags), = ablate.STUDIES["compare"].stages(args, "R", cells)[0]
+    assert warm == os.path.join("R", "warmstart") and flags[flags.index("--steps") + 1] == "700"
+    rows = ablate.STUDIES["compare"].stages(args, "R", cells)[1]
+    assert {f[f.index("--init") + 1] for _, f in rows} == {os.path.join("R", "warmstart", "final")}
 
 
 def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     out = tmp_path / "results"
-    fake_run(out / "runs" / "warmstart" / "derm-s0-w100", 0.4)
-    for k, name in enumerate(ablate.CONDITIONS):
-        fake_run(out / "runs" / "conditions-quick" / "derm-s0" / name, 0.5 + k / 100,
-                 taus=[0.3, 0.3, 0.45, 0.45, 0.6, 0.6, 0.7, 0.8])
+    for k, name in enumerate(ablate.RULES):
+        for seed in (0, 1):  # seed 1 two points better on every row; row k one point above row k-1
+            fake_run(out / "runs" / "rules-quick" / f"derm-s{seed}" / name, 0.5 + k / 100 + 0.02 * seed,
+                     taus=[0.3, 0.3, 0.45, 0.45, 0.6, 0.6, 0.7, 0.8][:8 - k])
     import matplotlib.pyplot  # noqa: F401  its first import may run fc-list through subprocess
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was redone"))
-    ablate.main(["--study", "conditions", "--quick", "--modality", "derm", "--out", str(out), "--warm-steps", "100"])
-    rows = json.loads((out / "conditions-quick.json").read_text())
-    assert len(rows) == len(ablate.CONDITIONS)
+    ablate.main(["--study", "rules", "--quick", "--seeds", "2", "--init", "W", "--out", str(out)])
+    rows = json.loads((out / "rules-quick.json").read_text())
+    assert len(rows) == len(ablate.RULES)  # --quick: one seed
     first = rows[0]
-    assert (first["modality"], first["method"], first["seed"]) == ("derm", "medloc", 0)
-    assert first["A@0.5"] == 0.5 and first["final_tau"] == 0.8
+    assert (first["set"], first["row"], first["seed"]) == ("derm", "medloc", 0)
+    assert first["A@0.5"] == 0.5 and first["start_A@0.5"] == 0.4 and first["final_tau"] == 0.8
+    assert first["raises"] == 4 and first["first_raise"] == 3
     assert first["early_frac_equal_groups"] == 1.0  # first quarter = 2 of 8 steps, both all-equal
-    table = (out / "conditions-quick.md").read_text()
-    assert "| synth:derm | A@0.5 | 40.0 ± 0.0 | 50.0 ± 0.0 | 51.0 ± 0.0 |" in table
+    table = (out / "rules-quick.md").read_text()
+    assert "| synth:derm | medloc | 50.0 ± 0.0 | 25.0 ± 0.0 | 16.7 ± 0.0 | 12.5 ± 0.0 | 40.0 ± 0.0 |" in table
+    # without-reward (row 1) has 7 steps: tau 0.3 .. 0.7, three raises
+    assert "| synth:derm | without-reward | 51.0 ± 0.0 |" in table
+    assert "| 0.7 ± 0.0 | 3.0 ± 0.0 | 3.0 ± 0.0 |" in table
+    assert "| synth:derm | medloc − without-reward | the full rule instead of without-reward | -0.5 ±" in table
     for key in ("tau", "hit_rate", "frac_equal_groups"):
-        assert (out / f"conditions-quick_{key}.png").stat().st_size > 1000
-    lines = (out / "conditions-quick_curves.csv").read_text().splitlines()
-    assert len(lines) == 1 + 8 * len(ablate.CONDITIONS)  # a header, then every step of every run
+        assert (out / f"rules-quick_{key}.png").stat().st_size > 1000
+    lines = (out / "rules-quick_curves.csv").read_text().splitlines()
+    assert len(lines) == 1 + sum(8 - k for k in range(len(ablate.RULES)))  # a header, then every step of every run
     assert lines[1].startswith("derm,") and ",3,0.45," in "".join(lines)  # step 3 of a run: tau 0.45
-
-
-def test_the_warm_start_length_is_read_off_the_ceiling_curve():
-    curve = [(250, {"mIoU": 0.1}), (500, {"mIoU": 0.3}), (750, {"mIoU": 0.5}), (1000, {"mIoU": 0.45})]
-    # half of the best 0.5 is 0.25: 3/4 of the way from step 250 to 500 = 437.5, rounded up to 450
-    assert ablate.warm_steps(curve, 0.5) == 450
-    assert ablate.warm_steps(curve, 0.2) == 250  # 0.1: reached exactly at the first evaluation
-    assert ablate.warm_steps(curve, 0.1) == 150  # 0.05: between step 0 (mIoU 0) and 250, 125 -> 150
 
 
 def test_paired_differences_with_a_t_interval():
     mean, half = ablate.paired_ci([0.5, 0.6, 0.7], [0.4, 0.4, 0.5])  # differences 10, 20, 20 points
     assert mean == pytest.approx(50 / 3)
     assert half == pytest.approx(4.303 * (100 / 3) ** 0.5 / 3 ** 0.5)
-
-
-def test_the_ceiling_study_reports_the_best_point_and_the_warm_start_rule(tmp_path):
-    out = tmp_path / "results"
-    for m in ablate.MODALITIES:
-        run = out / "runs" / "ceiling" / m
-        fake_run(run, 0.8)  # final eval: mIoU 0.2
-        with open(run / "metrics.jsonl", "w") as f:
-            for step, miou in ((250, 0.1), (500, 0.4), (750, 0.3)):
-                f.write(json.dumps({"step": step, **{f"eval_{k}": miou for k in ablate.METRICS}}) + "\n")
-    ablate.main(["--study", "ceiling", "--out", str(out)])
-    text = (out / "ceiling.md").read_text()
-    # best mIoU 0.4 at step 500; 40 % of it (0.16) is reached 1/5 of the way from 250 to 500: 300
-    assert "| synth:derm | 500 | 40.0 | 40.0 | 40.0 | 40.0 | 300 |" in text
-    assert (out / "ceiling.png").stat().st_size > 1000
 
 
 def test_vrft_rows_and_their_flags():
@@ -95,16 +94,15 @@ def test_vrft_rows_and_their_flags():
     assert ablate.VRFT["-recite"][-1] == "-0.5" and ablate.VRFT["+recite"][-1] == "0.5"
 
 
-def test_vrft_rows_start_from_the_warm_start_of_their_prompt_and_grounding_stage(tmp_path, monkeypatch):
-    runs = {}
-    monkeypatch.setattr(ablate, "run_train", lambda flags, run_dir, log: runs.setdefault(run_dir, flags) and 0.0)
-    args = ablate.parse_args(["--study", "vrft", "--quick", "--jobs", "1", "--out", str(tmp_path)])
-    ablate.run_vrft(args)
-    root = str(tmp_path / "runs" / "vrft-quick")
+def test_vrft_rows_start_from_the_warm_start_of_their_prompt_and_grounding_stage(tmp_path):
+    args = ablate.parse_args(["--study", "vrft", "--quick", "--out", str(tmp_path)])
+    grounding, warm, rows = ablate.vrft_stages(args, "R", [(k, 0) for k in ablate.VRFT_SETS])
+    runs = dict(grounding + warm + rows)
+    assert len(runs) == len(grounding) + len(warm) + len(rows)  # no run is listed twice
 
     def init(run_dir):
-        flags = runs[os.path.join(root, run_dir)]
-        return flags[flags.index("--init") + 1][len(root) + 1:] if "--init" in flags else None
+        flags = runs[os.path.join("R", run_dir)]
+        return flags[flags.index("--init") + 1][2:] if "--init" in flags else None
     assert init("grade-s0/+PA_pi") == "warmstart/grade-s0-perception/final"
     assert init("grade-s0/+ground-sft") == "warmstart/grade-s0-ground-sft/final"
     assert init("type-s0/all") == "warmstart/type-s0-perception-knowledge/final"
@@ -113,47 +111,48 @@ def test_vrft_rows_start_from_the_warm_start_of_their_prompt_and_grounding_stage
     assert init("warmstart/grade-s0-perception") == "grounding-s0/final"
     assert init("warmstart/grade-s0-ground-sft") == "grounding-s0/warmstart/model"  # before its GRPO
     assert init("warmstart/grade-s0") is None and init("grounding-s0") is None
-    assert "--knowledge" in runs[os.path.join(root, "warmstart", "type-s0-knowledge")]
+    assert "--knowledge" in runs[os.path.join("R", "warmstart", "type-s0-knowledge")]
+    assert "+MFRS" not in {r.split(os.sep)[-1] for r, _ in rows if "type-s0" in r}
 
 
-def test_vrft_report_from_finished_runs(tmp_path):
+def test_vrft_report_pairs_the_rows_by_seed(tmp_path):
     out = tmp_path / "results"
-    root = out / "runs" / "vrft-quick"
+    root = out / "runs" / "vrft"
     for kind in ablate.VRFT_SETS:
         for seed in (0, 1):
             for k, name in enumerate(ablate.vrft_rows(kind)):
                 run = root / f"{kind}-s{seed}" / name
-                os.makedirs(run)
+                os.makedirs(run / "warmstart")
                 # seed 1 is 2 points better everywhere, "+PA_p" 4 points better than rft on seed 1 only
                 accuracy = 0.5 + k / 100 + 0.02 * seed + (0.04 * seed if name == "+PA_p" else 0)
                 metrics = {"accuracy": accuracy, "macro_f1": 0.4, "n": 10}
                 if kind == "grade":
                     metrics.update(qwk=0.6, mae=0.75)
                 (run / "eval.json").write_text(json.dumps(metrics))
+                (run / "warmstart" / "eval.json").write_text(json.dumps({"accuracy": 0.3}))
                 steps = [{"step": i, "acc_mean": accuracy, "recite_mean": 0.1 * seed} for i in range(1, 4)]
-                start = ablate.warm_dir(str(root), (kind, seed), ablate.PERCEPTION_FIRST.get(name),
-                                        "--knowledge" in ablate.VRFT[name])
-                os.makedirs(start, exist_ok=True)  # warm starts at 30 % plus 10 points from a grounding model
-                (Path(start) / "eval.json").write_text(json.dumps({"accuracy": 0.3 + 0.1 * (name in ablate.PERCEPTION_FIRST)}))
                 (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-    ablate.report_vrft(argparse.Namespace(quick=True, out=str(out)), str(root),
-                       [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)], 60.0)
-    table = (out / "vrft-quick.md").read_text()
-    assert "| rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 | 52.0 ± 1.0 | 40.0 ± 0.0 | 30.0 ± 0.0 |" in table
-    assert "| +MFRS | 56.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 | - | - | - |" in table
-    assert "| all | 59.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 40.0 ± 0.0 | 58.0 ± 1.0 | 40.0 ± 0.0 | 40.0 ± 0.0 |" in table
-    assert "| grade mae | grade warm-start accuracy | type accuracy |" in table
+    cells = [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)]
+    ablate.report(ablate.STUDIES["vrft"], "vrft", str(root), cells, str(out), 60.0)
+    table = (out / "vrft.md").read_text()
+    assert "| synth:grade | rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 |" in table
+    assert "| synth:type | rft | 52.0 ± 1.0 | 40.0 ± 0.0 | - | - | 30.0 ± 0.0 |" in table
+    assert "| synth:type | +MFRS |" not in table  # not an ordinal set
     # paired differences: +PA_p is 1 then 5 points above rft: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2
     half = 12.706 * 2 ** 0.5 * 2 / 2 ** 0.5
-    assert f"| +PA_p − rft | knowledge in the prompt | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +3.0 ± {half:.1f} |" in table
-    assert "| +MFRS − rft | the fuzzy grade reward | +4.0 ± 0.0 | +0.0 ± 0.0 | - |" in table
+    assert f"| synth:grade | +PA_p − rft | knowledge in the prompt | +3.0 ± {half:.1f} | +0.0 ± 0.0 |" in table
+    assert "| synth:grade | +MFRS − rft | the fuzzy grade reward | +4.0 ± 0.0 | +0.0 ± 0.0 |" in table
     # -recite is 5 then 1 points above +PA_p on grade (row 7 vs 2), 4 then 0 on type (no +MFRS row there)
-    assert f"| -recite − +PA_p | penalising recitation | +3.0 ± {half:.1f} | +0.0 ± 0.0 | +2.0 ± {half:.1f} |" in table
-    for plot in ("vrft-quick.png", "vrft-quick_acc_mean.png", "vrft-quick_recite_mean.png"):
+    assert f"| synth:type | -recite − +PA_p | penalising recitation | +2.0 ± {half:.1f} | - |" in table
+    for plot in ("vrft_acc_mean.png", "vrft_recite_mean.png"):
         assert (out / plot).stat().st_size > 1000
 
 
-def test_a_study_size_below_one_is_refused_in_one_line(capsys):
+def test_a_study_size_below_one_or_a_file_as_out_is_refused_in_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit):
         ablate.main(["--seeds", "0"])
     assert "--seeds 0: must be at least 1" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        ablate.main(["--out", str(tmp_path / "f")])
+    assert "a file, not a folder" in capsys.readouterr().err

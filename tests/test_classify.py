@@ -145,7 +145,7 @@ def test_bad_class_records_and_labels_name_the_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:2: field 'label': 'c' is not one of \['a', 'b'\]"):
         load_class_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "labels.json"))
     (tmp_path / "bad.json").write_text(json.dumps({"classes": ["a", "A"]}))
-    with pytest.raises(DataError, match=r"bad.json: field 'classes': names repeat"):
+    with pytest.raises(DataError, match=r"bad.json: field 'classes': \['A', 'a'\] are one answer"):
         load_class_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "bad.json"))
     with pytest.raises(DataError, match="needs --labels"):
         load_class_dataset(str(tmp_path / "d.jsonl"))
@@ -188,16 +188,17 @@ def test_knowledge_from_a_file_gives_the_classes_their_descriptions(tmp_path):
 
 def test_a_short_classification_run_logs_and_evaluates_the_new_metrics(tmp_path, capsys):
     run = str(tmp_path / "run")
-    train.main(["--task", "classify", "--dataset", "synth:grade", "--sft-steps", "20", "--steps", "2",
-                "--batch-prompts", "2", "--group-size", "4", "--eval-n", "6", "--knowledge", "--mfrs-weight", "1",
-                "--template", "r1", "--recite-weight", "0.5", "--threads", "1", "--out", run])
+    train.main(["--task", "classify", "--dataset", "synth:grade", "--sft-steps", "2", "--sft-batch", "2",
+                "--steps", "2", "--batch-prompts", "2", "--group-size", "4", "--eval-n", "6", "--knowledge",
+                "--mfrs-weight", "1", "--template", "r1", "--recite-weight", "0.5", "--max-new-tokens", "16",
+                "--threads", "1", "--out", run])
     log = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(log) == 2 and {"acc_mean", "mfrs_mean", "recite_mean", "reward_mean"} <= set(log[0])
     assert "tau" not in log[0] and log[0]["seconds_rollout"] > 0
     saved = json.load(open(os.path.join(run, "eval.json")))
     assert {"accuracy", "macro_f1", "qwk", "mae", "confusion"} <= set(saved) and saved["n"] == 6
     assert os.path.getsize(os.path.join(run, "eval_confusion.png")) > 1000
-    out = str(tmp_path / "again.json")  # eval.py reads the task, labels and knowledge from the model
+    out = str(tmp_path / "again.json")  # eval.py reads the task, labels, knowledge and length from the model
     ev.main(["--model", os.path.join(run, "final"), "--dataset", "synth:grade", "--n", "6", "--out", out])
     again = json.load(open(out))
     assert again["accuracy"] == saved["accuracy"] and again["qwk"] == saved["qwk"]

@@ -64,9 +64,12 @@ def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(wa
     assert metrics["n"] == 2
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(tmp_path):
-    with pytest.raises(AssertionError, match="--batch-prompts 3 does not split over 2 processes"):
-        torchrun(["train.py", "--batch-prompts", "3", "--out", str(tmp_path / "r")])
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun tells each process
+    with pytest.raises(SystemExit, match="--batch-prompts 3 does not split over 2 processes"):
+        train.main(["--batch-prompts", "3", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()  # refused before anything is made
 
 
 def test_a_sharded_run_matches_the_replicated_one_resumes_and_evaluates_as_one_process(warm, tmp_path):
