@@ -35,11 +35,13 @@ def setup(device, fsdp=False):
     return device
 
 
-def teardown():
-    """Leave the process group (a process that exits inside it can abort at exit)."""
+def teardown(together=True):
+    """Leave the process group (a process that exits inside it can abort at exit). `together`:
+    every rank is here, so wait for all; False on an error path, where the others may not be."""
     if dist.is_initialized():
         gc.collect()  # sharded models freed while their process group still exists
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

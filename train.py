@@ -375,11 +375,13 @@ def main(argv=None):
             train(cfg, run_dir, device)
         dist.teardown()
     except (RunError, DataError) as e:
+        dist.teardown(together=False)
         raise SystemExit(f"error: {e}")
     except Exception as e:
         if not dist.lost_peer(e):
             raise
         last = rundir.checkpoints(run_dir) if run_dir else []  # another process died: this one cannot go on alone
+        dist.teardown(together=False)
         raise SystemExit(f"error: rank {dist.rank()}: another torchrun process of this job stopped "
                          f"({str(e).splitlines()[0][:120]}); last checkpoint: "
                          f"{os.path.basename(last[-1]) if last else 'none'}; resume with: "
