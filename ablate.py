@@ -260,21 +260,22 @@ def record(study, root, cell, row):
     metrics, log = read_run(folder)
     with open(os.path.join(folder, "warmstart", "eval.json")) as f:
         start_metrics = json.load(f)
+    raised = {r["step"]: r["tau"] for r in log if r.get("tau_changed")}
     taus = [r["tau"] for r in log if r.get("tau") is not None]
     equal = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r]
     early = equal[:max(len(equal) // 4, 1)]
     return {"set": cell[0], "seed": cell[1], "row": row,
             **{k: metrics[k] for k in study.metrics if k in metrics},
             **{f"start_{k}": start_metrics[k] for k in study.metrics if k in start_metrics},
-            "final_tau": taus[-1] if taus else None, "raises": sum(b > a for a, b in zip(taus, taus[1:])) if taus else None,
-            "first_raise": next((r["step"] for r in log if r.get("tau_changed")), None),
+            "final_tau": taus[-1] if taus else None, "raises": len(raised) if taus else None,
+            "first_raise": min(raised, default=None),
             "early_frac_equal_groups": statistics.mean(early) if equal else None}
 
 
-def mean_std(values, scale=100):
+def mean_std(values, scale=100, digits=1):
     values = [scale * v for v in values]
     sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (the normal's beyond 10)
@@ -293,7 +294,7 @@ def columns(study, records):
     """(key, label, scale) of the table's columns that some record holds."""
     cols = [(k, k, 1 if k == "mae" else 100) for k in study.metrics]
     cols += [(f"start_{k}", f"start {k}", 1 if k == "mae" else 100) for k in study.metrics]
-    cols += [("final_tau", "final tau", 1), ("raises", "tau raises", 1), ("first_raise", "first raise (step)", 1),
+    cols += [("final_tau", "tau at the end", 1), ("raises", "tau raises", 1), ("first_raise", "first raise (step)", 1),
              ("early_frac_equal_groups", "all-equal groups, first quarter (%)", 100)]
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
 
@@ -308,7 +309,8 @@ def table(study, records):
             cells = []
             for key, _, scale in cols:
                 values = [r[key] for r in mine if r.get(key) is not None]
-                cells.append(mean_std(values, scale) if len(values) == len(mine) and values else "-")
+                digits = 2 if key in ("final_tau", "mae") else 1
+                cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
             lines.append(f"| synth:{kind} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -98,6 +98,9 @@ class Config:
     device: str = knob("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
     precision: str = knob("auto", "auto: bf16-mixed on CUDA, fp32 on CPU",
                            ("auto", "bf16-mixed", "bf16", "fp32"))
+    final_dtype: str = knob("published", "dtype of final/: the model's published one (bf16 for Qwen; "
+                                         "checkpoints stay fp32 for an exact resume), fp32 or bf16",
+                            ("published", "fp32", "bf16"))
     gradient_checkpointing: bool = knob(False, "trade compute for memory (real models on one GPU)")
     freeze_vision: bool = knob(False, "train the language model only")
     fsdp: bool = knob(False, "under torchrun: split the weights, gradients and optimizer state over the "
@@ -244,7 +247,7 @@ def parse_stages(text):
 
 
 # ----------------------------------------------------------------------------- new or resumed
-MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp")
+MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "final_dtype")
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
 

@@ -12,6 +12,7 @@ them after, and receives only its 1/K of the summed gradient (FSDP2's reduce-sca
 layer (tied to the input embeddings in Qwen2.5-VL-3B) stays whole on every rank: the step calls
 it outside the model body, chunk by chunk, and its gradient is summed like any replicated one.
 """
+import contextlib
 import gc
 import math
 import os
@@ -19,7 +20,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -112,23 +113,43 @@ def all_done(done):
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def shard(model):
+def shard(model, compute_dtype=None):
     """Split a Qwen2(.5)-VL model over the ranks with FSDP2 (fully_shard), in place.
 
     Units: each decoder layer, each vision block, then the body (`model.model`: embeddings, norms,
     patch embedding, merger), whose forward is what the step calls. The output layer is left out
     (see the module docstring). Gradients are reduced as sums, not FSDP's default mean, since the
-    loss weights are global already."""
+    loss weights are global already. `compute_dtype` (bf16 under bf16-mixed): the units gather
+    their weights in it and reduce gradients in fp32, so the traffic is halved and the fp32
+    masters stay exact."""
     body = model.model
+    mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    policy = {"mp_policy": mixed} if mixed else {}
     for block in list(body.language_model.layers) + list(body.visual.blocks):
-        fully_shard(block)
-    fully_shard(body, ignored_params={model.lm_head.weight})
+        fully_shard(block, **policy)
+    fully_shard(body, ignored_params={model.lm_head.weight}, **policy)
     for unit in body.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
     # the step only reads the body's output (indexing, never in place), which this warning is about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside the block a sharded model keeps each unit's weights once gathered (a rollout would
+    otherwise gather every layer again for every decoded token); resharded on the way out. It
+    holds the whole model for that time, the price of decoding at the speed of one device."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def trainable(model):

@@ -34,8 +34,9 @@ def predict(vlm, task, samples, batch_size=32, max_new_tokens=None, desc="eval")
     bar = tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, disable=not dist.is_main())
     for start in bar:
         chunk = samples[start:start + batch_size]
-        out = sample_groups(vlm, [s.image() for s in chunk], [task.prompt(s) for s in chunk], 1,
-                            max_new_tokens=max_new_tokens, greedy=True, finished=finished)
+        with dist.gathered(vlm.model):
+            out = sample_groups(vlm, [s.image() for s in chunk], [task.prompt(s) for s in chunk], 1,
+                                max_new_tokens=max_new_tokens, greedy=True, finished=finished)
         preds += [task.predict(text, s, in_size) for s, text, in_size in zip(chunk, out.texts, vlm.input_sizes(out.batch))]
         bar.set_postfix(task.postfix(preds))
     return preds

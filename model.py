@@ -128,6 +128,7 @@ class VLM:
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
         self.base_name = None       # what LoRA adapters are trained on (written into adapter_config.json)
+        self.published_dtype = None  # the dtype its folder was published in: final/'s default (load_vlm sets it)
         self.run_fields = {}        # what the run writes into config.json: the task's (tasks.of_config reads
                                     # them back) and the completion length eval.py decodes to
         self.coord = COORD_FRAMES[model_type]
@@ -292,11 +293,14 @@ class VLM:
         """log pi(target) for rows of final hidden states (M, H) -> (M,), in chunks of positions.
 
         The logits of a chunk exist only inside it: the backward recomputes them (activation
-        checkpointing), so no (M, vocab) float32 tensor is ever held, whatever the vocabulary."""
+        checkpointing), so no (M, vocab) float32 tensor is ever held, whatever the vocabulary. The
+        output layer runs in the model's compute dtype, as it does when sampling."""
         rows = max(1, LOGIT_CHUNK // self.model.lm_head.out_features)
 
         def chunk(h, y):
-            logp = self.policy_logprobs(self.model.lm_head(h), temperature, sampling)
+            with self.context():
+                logits = self.model.lm_head(h)
+            logp = self.policy_logprobs(logits, temperature, sampling)
             return logp.gather(-1, y[:, None])[:, 0]
 
         parts = []
@@ -327,25 +331,36 @@ class VLM:
         return ref.freeze()
 
     def freeze(self):
-        """This policy as a reference: no gradients, eval mode, and under bf16-mixed plain bf16
-        weights (no optimizer steps on it, so fp32 masters are not needed)."""
+        """This policy as a reference: no gradients, eval mode, and the policy's own precision.
+        Under bf16-mixed that means fp32 weights under bf16 autocast, not a bf16 copy: the norms,
+        embeddings and residual sums then compute the same function as the policy's, so the KL is
+        exactly 0 while the policy equals its reference (a bf16 copy gave 1.2e-4 at step 1). It
+        costs the reference fp32 memory (7.5 GB more for 3B); LoRA's reference costs nothing."""
         self.model.eval().requires_grad_(False)
-        if self.amp_dtype is not None:
-            self.model.to(self.amp_dtype)
-            self.amp_dtype = None
         return self
 
-    def save(self, folder, state=None):
+    def save(self, folder, state=None, dtype=None):
         """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
         with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
-        `state`: the whole weights of a sharded model (dist.full_state), else the model's own."""
+        `state`: the whole weights of a sharded model (dist.full_state), else the model's own;
+        `dtype`: the floating-point dtype to write them in (default: as they are)."""
         for key, value in {"medloc_template": self.template, **self.run_fields}.items():
             setattr(self.model.config, key, value)
         if lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
             self.model.config.save_pretrained(folder)  # the task fields, for eval.py and resume
-        else:
+        elif dtype is None or dtype == next(self.model.parameters()).dtype:
             self.model.save_pretrained(folder, state_dict=state)
+        else:  # e.g. bf16 for a model published in bf16, trained with fp32 masters
+            state = {k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in (state or self.model.state_dict()).items()}
+            self.model.save_pretrained(folder, state_dict=state)
+            path = os.path.join(folder, "config.json")  # save_pretrained wrote the live weights' dtype
+            with open(path) as f:
+                config = json.load(f)
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            with open(path, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
         self.processor.save_pretrained(folder)
 
 
@@ -403,6 +418,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
                         setattr(vlm.model.config, key, value)
             vlm.template = template or vlm.model.config.medloc_template
         return vlm
+    published = torch.float32  # the built-in model's; a folder says its own below
     if name == "tiny":
         tok = build_tiny_tokenizer()
         processor = build_tiny_processor(tok, min_pixels or 56 * 56, max_pixels or 112 * 112)
@@ -416,6 +432,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
             check_chat_template(processor)
+            published = AutoConfig.from_pretrained(name, trust_remote_code=False).dtype  # before dtype= overrides it
             model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         except Exception as e:  # broken files, weights_only refusing a pickled .bin, a sandboxed template
             first = (str(e).splitlines() or [""])[0][:200]
@@ -429,4 +446,6 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves
     if freeze_vision:
         model.model.visual.requires_grad_(False)
-    return VLM(model, processor, template=template, amp_dtype=amp_dtype)
+    vlm = VLM(model, processor, template=template, amp_dtype=amp_dtype)
+    vlm.published_dtype = published if isinstance(published, torch.dtype) else None
+    return vlm

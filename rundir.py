@@ -167,14 +167,15 @@ def why(error):
     return str(error).splitlines()[0][:200]
 
 
-def save_model(policy, folder, weights=None):
-    """A save_pretrained folder (final/, warmstart/model), written whole or not at all."""
+def save_model(policy, folder, weights=None, dtype=None):
+    """A save_pretrained folder (final/, warmstart/model), written whole or not at all (in `dtype`
+    if given)."""
     if not all_finite(weights.values() if weights else policy.model):
         raise RunError(f"the weights are not finite; {folder} not written")
     tmp = folder + ".tmp"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(tmp, weights)
+        policy.save(tmp, weights, dtype)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException as e:
@@ -191,7 +192,9 @@ def checkpoints(run_dir):
 def read_checkpoint(folder):
     """The trainer state of a checkpoint whose files are all whole; raises RunError otherwise."""
     try:
-        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+        # onto the CPU first, wherever it was saved (a GPU run's optimizer state names cuda:N):
+        # the optimizer then places each tensor with its parameter, on this run's device or shard
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True, map_location="cpu")
     except Exception as e:  # missing, empty, truncated, or holding more than plain data
         raise RunError(f"{folder}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})")
     weights = glob.glob(os.path.join(folder, "model", "*.safetensors"))

@@ -115,7 +115,7 @@ def new_policy(cfg, device, labels):
             raise RunError(str(e))
     task = settle(cfg, policy, labels)
     if cfg.fsdp:
-        dist.shard(policy.model)
+        dist.shard(policy.model, policy.amp_dtype)
     return policy, task
 
 
@@ -163,9 +163,10 @@ def reference(cfg, policy, name, device, same):
     sharded like the policy (a sharded model cannot be copied whole)."""
     if cfg.fsdp:
         ref = load_policy(cfg, name, device).freeze()
-        dist.shard(ref.model)
+        dist.shard(ref.model, ref.amp_dtype)
         return ref
-    return (policy if same else load_policy(cfg, name, device)).frozen_copy()
+    # loaded: frozen as it is, no copy (on resume the policy is the checkpoint, not the start)
+    return policy.frozen_copy() if same else load_policy(cfg, name, device).freeze()
 
 
 def add_adapters(cfg, policy, run_dir, folder=None):
@@ -178,7 +179,8 @@ def add_adapters(cfg, policy, run_dir, folder=None):
             rundir.save_model(policy, base)
         dist.barrier()
         cfg.init = base
-    policy.base_name = os.path.abspath(cfg.init) if cfg.init else cfg.model
+    start = cfg.init or cfg.model  # a folder by its absolute path, so the adapters load from anywhere
+    policy.base_name = os.path.abspath(start) if os.path.isdir(start) else start
     try:
         if folder:
             lora.load(policy.model, folder)
@@ -213,7 +215,7 @@ def resume(cfg, run_dir, device, labels):
                        f"its labels now give {labels.names}; resuming would change what every label means")
     task = settle(cfg, policy, labels)
     if cfg.fsdp:
-        dist.shard(policy.model)
+        dist.shard(policy.model, policy.amp_dtype)
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
         ref = reference(cfg, policy, cfg.ref_model or cfg.init or cfg.model, device,

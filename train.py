@@ -43,7 +43,7 @@ def grpo_step(run, samples, phases):
     """One GRPO step (METHOD.md section 5) on this rank's prompts; returns the step's log record."""
     cfg, task, policy, G = run.cfg, run.task, run.policy, run.cfg.group_size
     tau = run.schedule.tau if task.has_tau else None  # the threshold this step's rewards use
-    with timed(phases, "rollout"):  # 1. G completions per prompt (5.1)
+    with timed(phases, "rollout"), dist.gathered(policy.model):  # 1. G completions per prompt (5.1)
         rollout = grpo.sample_groups(policy, [s.image() for s in samples], [task.prompt(s) for s in samples], G,
                                      cfg.temperature, cfg.max_new_tokens, finished=dist.all_done)
     with timed(phases, "reward"):  # 2. rewards (section 4 or 10), advantages within each group (5.2)
@@ -323,7 +323,8 @@ def train(cfg, run_dir, device):
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
     weights = dist.full_state(policy.model)
     if dist.is_main():
-        rundir.save_model(policy, os.path.join(run_dir, "final"), weights)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.final_dtype, policy.published_dtype)
+        rundir.save_model(policy, os.path.join(run_dir, "final"), weights, dtype)
     if eval_set and evaluates_here(policy):
         method = "SFT" if cfg.algo == "sft" else f"GRPO, {cfg.schedule} schedule" if run.task.has_tau else "GRPO"
         report(policy, run.task, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),

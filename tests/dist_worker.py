@@ -1,6 +1,7 @@
 """Run by tests/test_dist.py, under torchrun (K processes) or alone: one GRPO update per loss type on
 fixed rollouts, and the curriculum on fixed IoUs; writes what rank 0 ends with to OUT/.
 `--fsdp`: the policy and the reference are sharded over the processes (FSDP2)."""
+import contextlib
 import json
 import os
 import sys
@@ -63,9 +64,37 @@ def curriculum(out):
         json.dump(taus, f)
 
 
+def gather_counts(out):
+    """FSDP all-gathers during a 10-token rollout of a sharded model, left to itself and inside
+    dist.gathered, and the tokens each drew (the same seed)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+    real, count = group.foreach_all_gather, [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+    group.foreach_all_gather = counting
+    policy = load_vlm("tiny")
+    dist.shard(policy.model)
+    result = {}
+    for mode in ("plain", "gathered"):
+        count[0] = 0
+        torch.manual_seed(0)
+        with dist.gathered(policy.model) if mode == "gathered" else contextlib.nullcontext():
+            r = grpo.sample_groups(policy, images((200, 300), (380, 170)), ["a", "bb"], 2, 1.3, 10,
+                                   finished=dist.all_done)
+        result[mode] = {"gathers": count[0], "ids": r.completion_ids.tolist()}
+    group.foreach_all_gather = real
+    if dist.is_main():
+        with open(os.path.join(out, "gathers.json"), "w") as f:
+            json.dump(result, f)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.setup("cpu", fsdp="--fsdp" in sys.argv)
     updates(sys.argv[1], "--fsdp" in sys.argv)
     curriculum(sys.argv[1])
+    if "--fsdp" in sys.argv:
+        gather_counts(sys.argv[1])
     dist.teardown()

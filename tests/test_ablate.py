@@ -71,7 +71,7 @@ def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     assert "| synth:derm | medloc | 50.0 ± 0.0 | 25.0 ± 0.0 | 16.7 ± 0.0 | 12.5 ± 0.0 | 40.0 ± 0.0 |" in table
     # without-reward (row 1) has 7 steps: tau 0.3 .. 0.7, three raises
     assert "| synth:derm | without-reward | 51.0 ± 0.0 |" in table
-    assert "| 0.7 ± 0.0 | 3.0 ± 0.0 | 3.0 ± 0.0 |" in table
+    assert "| 0.70 ± 0.00 | 3.0 ± 0.0 | 3.0 ± 0.0 |" in table
     assert "| synth:derm | medloc − without-reward | the full rule instead of without-reward | -0.5 ±" in table
     for key in ("tau", "hit_rate", "frac_equal_groups"):
         assert (out / f"rules-quick_{key}.png").stat().st_size > 1000
@@ -135,7 +135,7 @@ def test_vrft_report_pairs_the_rows_by_seed(tmp_path):
     cells = [(k, s) for k in ablate.VRFT_SETS for s in (0, 1)]
     ablate.report(ablate.STUDIES["vrft"], "vrft", str(root), cells, str(out), 60.0)
     table = (out / "vrft.md").read_text()
-    assert "| synth:grade | rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.8 ± 0.0 | 30.0 ± 0.0 |" in table
+    assert "| synth:grade | rft | 52.0 ± 1.0 | 40.0 ± 0.0 | 60.0 ± 0.0 | 0.75 ± 0.00 | 30.0 ± 0.0 |" in table
     assert "| synth:type | rft | 52.0 ± 1.0 | 40.0 ± 0.0 | - | - | 30.0 ± 0.0 |" in table
     assert "| synth:type | +MFRS |" not in table  # not an ordinal set
     # paired differences: +PA_p is 1 then 5 points above rft: mean 3, half-width 12.706 * sd(1, 5) / sqrt 2

@@ -46,6 +46,11 @@ def test_two_processes_update_the_weights_as_one_and_share_one_curriculum(tmp_pa
                 assert torch.allclose(a[name], b[name], atol=1e-6), (other.name, loss_type, name)
     traces = [json.loads((d / f"taus-{r}.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
     assert traces[0] == traces[1] == traces[2] and traces[0][-1] > traces[0][0]
+    # a sharded rollout inside dist.gathered draws the same tokens with one gather per unit, not one per token
+    counts = json.loads((sharded / "gathers.json").read_text())
+    assert counts["gathered"]["ids"] == counts["plain"]["ids"] and len(counts["plain"]["ids"][0]) == 10
+    units = 4 + 2 + 1  # text layers, vision blocks, the body (FSDP's root, often still gathered)
+    assert 4 <= counts["gathered"]["gathers"] <= units < 9 * 4 <= counts["plain"]["gathers"]  # 9 decode steps x 4 layers
 
 
 def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(warm, tmp_path):

@@ -159,17 +159,18 @@ def test_unknown_model_family_is_refused(tiny):
         model.config.model_type = "qwen2_5_vl"
 
 
-def test_bf16_mixed_keeps_fp32_weights_and_a_bf16_reference():
+def test_bf16_mixed_keeps_fp32_weights_and_a_reference_that_computes_the_same_function():
     # the CUDA default, exercised with CPU autocast: fp32 master weights, bf16 matmuls
     mixed = load_vlm("tiny", precision="bf16-mixed")
     plain = load_vlm("tiny")
     assert next(mixed.model.parameters()).dtype == torch.float32
-    batch = plain.encode(images((200, 300)), ["q"])
-    ids = torch.tensor([[40, 41, 2]])
+    batch = plain.encode(images((200, 300), (380, 170)), ["q", "qq"])
+    ids = torch.tensor([[40, 41, 2], [43, 2, 0]])
     assert torch.allclose(mixed.completion_logps(batch, ids), plain.completion_logps(batch, ids), atol=0.05)
     ref = mixed.frozen_copy()
-    assert next(ref.model.parameters()).dtype == torch.bfloat16 and ref.amp_dtype is None
-    assert next(mixed.model.parameters()).dtype == torch.float32
+    assert next(ref.model.parameters()).dtype == torch.float32 and ref.amp_dtype == torch.bfloat16
+    # policy == reference: the KL is exactly 0, not bf16 noise (a bf16 copy differed by up to 0.12 nats)
+    assert torch.equal(ref.completion_logps(batch, ids, 0.9), mixed.completion_logps(batch, ids, 0.9))
     assert mixed.completion_logps(batch, ids).dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision"):
         load_vlm("tiny", precision="fp8")
