@@ -52,7 +52,7 @@ class Config:
     recite_weight: float = knob(0.0, "classify: delta, weight of the recitation reward (< 0 penalises it)")
     # algorithm (METHOD.md section 5)
     algo: str = knob("grpo", "grpo, or sft: supervised on the GT answers (the SFT baseline)", ("grpo", "sft"))
-    steps: int = knob(300, "optimizer steps in total (with --resume: the total to reach)")
+    steps: int = knob(500, "optimizer steps in total (with --resume: the total to reach)")
     batch_prompts: int = knob(4, "B: prompts per step")
     group_size: int = knob(8, "G: completions per prompt")
     temperature: float = knob(0.9, "sampling temperature of the rollouts (top_k=0, top_p=1)")
@@ -87,7 +87,9 @@ class Config:
     no_margin_check: bool = knob(False, "medloc ablation: drop m_bar >= Delta")
     stages: str = knob("0:0.5,0.3333:0.65,0.6667:0.8", "stages schedule: fraction:tau pairs")
     # warm start, run folder, machine
-    sft_steps: int = knob(None, "SFT warm-start steps before GRPO (default: 1200 for a fresh tiny, else 0)")
+    sft_steps: int = knob(None, "SFT warm-start steps before GRPO from the --model's weights (default: none; "
+                                "the tiny model's grounding runs start from its shipped warm start, its "
+                                "classification runs from 1200 SFT steps)")
     sft_lr: float = knob(1e-3, "learning rate of the warm start")
     sft_batch: int = knob(16, "batch size of the warm start")
     out: str = knob(None, "run folder (default: runs/<schedule>-<time>)")

@@ -8,6 +8,7 @@
 trainer_state.pt holds only tensors, numbers, strings, lists and dicts and is read with
 `torch.load(weights_only=True)`: a crafted file from a shared run folder cannot run code.
 """
+import contextlib
 import errno
 import fcntl
 import glob
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from dist import local
+from dist import from_main, is_main, local
 
 
 class RunError(Exception):
@@ -84,6 +85,31 @@ def prepare(run_dir):
         raise RunError(f"cannot create the run folder {run_dir} ({e.strerror})")
     if not os.access(run_dir, os.W_OK):
         raise RunError(f"cannot write to {run_dir} (read-only); choose another --out")
+
+
+@contextlib.contextmanager
+def claim(run_dir, resume):
+    """Hold the run folder: rank 0 creates and locks it and checks it may be used; every rank acts
+    on that verdict before anything touches the folder (so a refused second torchrun job cannot
+    delete the first one's files from another rank)."""
+    lock, problem = None, None
+    if is_main():
+        try:
+            prepare(run_dir)
+            lock = Lock(run_dir).__enter__()
+            if not resume and os.path.exists(os.path.join(run_dir, "config.json")):
+                raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            remove_leftovers(run_dir)
+        except RunError as e:
+            problem = str(e)
+    problem = from_main(problem)
+    try:
+        if problem:
+            raise RunError(problem)
+        yield
+    finally:
+        if lock:
+            lock.__exit__()
 
 
 # ----------------------------------------------------------------------------- paths in config.json

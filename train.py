@@ -332,31 +332,6 @@ def train(cfg, run_dir, device):
     dist.barrier()
 
 
-@contextlib.contextmanager
-def claim(cfg, run_dir):
-    """Hold the run folder: rank 0 creates and locks it and checks it may be used; every rank acts
-    on that verdict before anything touches the folder (so a refused second torchrun job cannot
-    delete the first one's files from another rank)."""
-    lock, problem = None, None
-    if dist.is_main():
-        try:
-            rundir.prepare(run_dir)
-            lock = rundir.Lock(run_dir).__enter__()
-            if not cfg.resume and os.path.exists(os.path.join(run_dir, "config.json")):
-                raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-            rundir.remove_leftovers(run_dir)
-        except RunError as e:
-            problem = str(e)
-    problem = dist.from_main(problem)
-    try:
-        if problem:
-            raise RunError(problem)
-        yield
-    finally:
-        if lock:
-            lock.__exit__()
-
-
 def main(argv=None):
     """The command line. A user's mistake ends in one line naming it, never a traceback."""
     run_dir = None
@@ -369,7 +344,7 @@ def main(argv=None):
         device = dist.setup(device, cfg.fsdp)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
-        with claim(cfg, run_dir):
+        with rundir.claim(run_dir, cfg.resume):
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
