@@ -151,7 +151,7 @@ def vrft_start(root, cell, row):
 def vrft_stages(args, root, cells):
     """Per seed, PA_pi's grounding run (SFT, then MedLoc-R1 GRPO on synth:derm); per (set, seed,
     starting point) a classification SFT warm start on the prompt its rows see; then every row."""
-    steps = args.vrft_steps // 3 if args.quick else args.vrft_steps
+    steps = max(args.vrft_steps // 3, 1) if args.quick else args.vrft_steps
     shared = ["--task", "classify", "--template", "r1", "--threads", "1", "--eval-n", str(args.eval_n),
               "--save-every", str(args.save_every)]
     seeds = sorted({seed for _, seed in cells})
@@ -214,7 +214,9 @@ def run_train(flags, run_dir, log):
     cmd += ["--resume", run_dir] if resumable else flags + ["--out", run_dir]
     t0 = time.time()
     with open(log, "a") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=HERE)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+    if done.returncode:
+        raise SystemExit(f"error: the run {run_dir} failed (exit status {done.returncode}); its output is in {log}")
     return time.time() - t0
 
 

@@ -47,10 +47,10 @@ def grpo_step(run, samples, phases):
         rollout = grpo.sample_groups(policy, [s.image() for s in samples], [task.prompt(s) for s in samples], G,
                                      cfg.temperature, cfg.max_new_tokens, finished=dist.all_done)
     with timed(phases, "reward"):  # 2. rewards (section 4 or 10), advantages within each group (5.2)
-        per_row = [s for s in samples for _ in range(G)]
+        per_row = [s for s in samples for _ in range(G)]  # N = B*G rows, group after group, as in the rollout
         input_sizes = [size for size in policy.input_sizes(rollout.batch) for _ in range(G)]
-        scores = task.rewards(rollout.texts, per_row, input_sizes, tau)
-        advantages = grpo.group_advantages(scores["reward"], G, cfg.adv_scale).to(policy.device)
+        scores = task.rewards(rollout.texts, per_row, input_sizes, tau)  # column -> (N,)
+        advantages = grpo.group_advantages(scores["reward"], G, cfg.adv_scale).to(policy.device)  # (N,)
     update = policy_update(run, rollout, advantages, phases)  # 3-5. log-probs, loss, AdamW
     scores = {k: dist.gather(v) for k, v in scores.items()}  # every rank's groups, in rank order
     record = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),

@@ -156,3 +156,9 @@ def test_a_study_size_below_one_or_a_file_as_out_is_refused_in_one_line(capsys, 
     with pytest.raises(SystemExit):
         ablate.main(["--out", str(tmp_path / "f")])
     assert "a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_failed_run_ends_the_study_in_one_line_pointing_at_its_log(tmp_path):
+    with pytest.raises(SystemExit, match=r"the run .* failed \(exit status 1\); its output is in"):
+        ablate.run_train(["--steps", "0"], str(tmp_path / "r"), str(tmp_path / "log"))
+    assert "--steps 0: must be >= 1" in (tmp_path / "log").read_text()
