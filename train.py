@@ -353,15 +353,6 @@ def main(argv=None):
     except (RunError, DataError) as e:
         dist.teardown(together=False)
         raise SystemExit(f"error: {e}")
-    except Exception as e:
-        if not dist.lost_peer(e):
-            raise
-        last = rundir.checkpoints(run_dir) if run_dir else []  # another process died: this one cannot go on alone
-        dist.teardown(together=False)
-        raise SystemExit(f"error: rank {dist.rank()}: another torchrun process of this job stopped "
-                         f"({str(e).splitlines()[0][:120]}); last checkpoint: "
-                         f"{os.path.basename(last[-1]) if last else 'none'}; resume with: "
-                         f"torchrun --nproc_per_node K train.py --resume {run_dir}")
     except Stopped as s:
         last = rundir.checkpoints(run_dir)
         if not os.path.exists(os.path.join(run_dir, "config.json")):  # Ctrl-C in the warm start
@@ -371,6 +362,15 @@ def main(argv=None):
             print(f"\nstopped at step {s.step}; last checkpoint: {os.path.basename(last[-1]) if last else 'none'}; "
                   f"resume with: python train.py --resume {run_dir}", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as e:
+        if not dist.lost_peer(e):
+            raise
+        last = rundir.checkpoints(run_dir) if run_dir else []  # another process died: this one cannot go on alone
+        dist.teardown(together=False)
+        raise SystemExit(f"error: rank {dist.rank()}: another torchrun process of this job stopped "
+                         f"({str(e).splitlines()[0][:120]}); last checkpoint: "
+                         f"{os.path.basename(last[-1]) if last else 'none'}; resume with: "
+                         f"torchrun --nproc_per_node K train.py --resume {run_dir}")
     return run_dir
 
 

@@ -277,13 +277,13 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, monkeypatch, c
 def test_disk_full_while_saving_the_final_model_keeps_the_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    def full(self, folder, weights=None):
+    def full(self, folder, weights=None, dtype=None):
         os.makedirs(folder, exist_ok=True)
         raise OSError(errno.ENOSPC, "No space left on device")
     run = str(tmp_path / "run")
     real = rundir.save_model
-    monkeypatch.setattr(rundir, "save_model", lambda p, f, w: (monkeypatch.setattr(model.VLM, "save", full),
-                                                               real(p, f, w)))
+    monkeypatch.setattr(rundir, "save_model", lambda p, f, w, d=None: (monkeypatch.setattr(model.VLM, "save", full),
+                                                                       real(p, f, w, d)))
     text = error_of(TINY_SFT + ["--steps", "1", "--out", run])
     assert "disk full" in text and "final" in text
     assert rundir.checkpoints(run) and not os.path.exists(os.path.join(run, "final.tmp"))
