@@ -533,8 +533,10 @@ def read_npz_array(npz_path, key):
                                 f"archive stores {info.file_size:,}: damaged, or not a data array")
             with z.open(info) as f:
                 return np.lib.format.read_array(f, allow_pickle=False)
-    except ValueError as e:  # DataError included
-        raise DataError(str(e)) if not isinstance(e, DataError) else e
+    except DataError:
+        raise
+    except ValueError as e:  # not a regular file, or a header numpy cannot parse
+        raise DataError(f"{npz_path}: {e}" if npz_path not in str(e) else str(e))
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{npz_path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})")
 
