@@ -22,12 +22,15 @@ from grpo import sample_groups
 from model import load_vlm
 
 
+def token_budget(vlm, task, given=None):
+    """Completion length: `given`, else the length the model's run trained to, else the task's default."""
+    return given or getattr(vlm.model.config, "medloc_max_new_tokens", None) or task.max_new_tokens(vlm.is_tiny)
+
+
 @torch.no_grad()
 def predict(vlm, task, samples, batch_size=32, max_new_tokens=None, desc="eval"):
     """Greedy prediction per sample, read by the task (a box in original pixels and its IoU, or a class)."""
-    # default: the length the model was trained to (its run's), else the task's default
-    max_new_tokens = (max_new_tokens or getattr(vlm.model.config, "medloc_max_new_tokens", None)
-                      or task.max_new_tokens(vlm.is_tiny))
+    max_new_tokens = token_budget(vlm, task, max_new_tokens)
     vlm.model.eval()
     finished = dist.all_done if dist.is_sharded(vlm.model) else torch.all  # a split model decodes on every rank
     preds = []
@@ -50,7 +53,7 @@ def sampled_hits(vlm, task, samples, group_size, temperature=0.9, max_new_tokens
     """What the curriculum's window sees (METHOD.md 6): G completions per image sampled as in
     training, their mean IoU and the fraction at or above each tau of HIT_THRESHOLDS, and the
     fraction of groups whose rewards at that tau would all be equal (no gradient)."""
-    max_new_tokens = max_new_tokens or getattr(vlm.model.config, "medloc_max_new_tokens", None) or 24
+    max_new_tokens = token_budget(vlm, task, max_new_tokens)
     torch.manual_seed(seed)
     ious = []
     for start in range(0, len(samples), batch_size):

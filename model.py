@@ -375,15 +375,16 @@ PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
               "bf16-mixed": (torch.float32, torch.bfloat16)}
 
 
-def model_type_of(name):
-    """The model family of a folder or hub id, or a one-line ValueError saying what `name` is instead."""
+def model_config(name):
+    """The config of a folder or hub id (its model_type says the family), or a one-line ValueError
+    saying what `name` is instead."""
     if os.path.isdir(os.path.join(name, "final")) or glob.glob(os.path.join(name, "checkpoint-*", "model")):
         raise ValueError(f"{name} is a training run folder, not a model folder: did you mean "
                          f"{os.path.join(name, 'final')} (or a checkpoint's model/ folder)?")
     try:
         # trust_remote_code=False: a folder whose config names custom code is refused, never run
         # (left unset, transformers would ask on a terminal)
-        return AutoConfig.from_pretrained(name, trust_remote_code=False).model_type
+        return AutoConfig.from_pretrained(name, trust_remote_code=False)
     except OSError as e:  # missing folder, bad hub id, no network
         raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
     except ValueError as e:  # a config.json without a model_type, or broken JSON
@@ -424,7 +425,8 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         processor = build_tiny_processor(tok, min_pixels or 56 * 56, max_pixels or 112 * 112)
         model = build_tiny_model(tok, seed=seed)
     else:
-        model_type = model_type_of(name)
+        config = model_config(name)
+        model_type = config.model_type
         if model_type not in MODEL_CLASSES:
             raise ValueError(f"{name}: model type {model_type!r} is not supported; "
                              f"expected one of {sorted(MODEL_CLASSES)}")
@@ -432,7 +434,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
             check_chat_template(processor)
-            published = AutoConfig.from_pretrained(name, trust_remote_code=False).dtype  # before dtype= overrides it
+            published = config.dtype  # read before from_pretrained's dtype= overrides it
             model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         except Exception as e:  # broken files, weights_only refusing a pickled .bin, a sandboxed template
             first = (str(e).splitlines() or [""])[0][:200]

@@ -11,10 +11,8 @@ saved model's task from its config.json (`fields` is what the task writes there)
 """
 import os
 
-from transformers import AutoConfig
-
 from data import labels_from_json
-from model import model_type_of
+from model import model_config
 from reward import (from_image_frame, iou, parse_box, parse_class, score_classes, score_completions,
                     to_image_frame)
 
@@ -313,8 +311,7 @@ def saved_labels(name):
     alone, so eval.py checks its data against them before loading any weights."""
     if name == "tiny":
         return None
-    model_type_of(name)  # a one-line error for a run folder or a missing model
-    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    config = model_config(name)  # a one-line error for a run folder or a missing model
     if getattr(config, "medloc_task", "ground") != "classify":
         return None
     return labels_from_json(config.medloc_labels, os.path.join(name, "config.json"))
