@@ -5,6 +5,8 @@
     python bench.py --model proxy --naive   # random-init Qwen2.5-VL, 151,936 vocab, ~256 image tokens
     python bench.py --model 3b              # Qwen2.5-VL-3B dimensions (random init; for a GPU)
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
+    python bench.py --memory-plan --model 3b [--fsdp K] [--lora-rank r]   # expected peak per phase
+    python bench.py --memory-plan --model proxy --check                    # ... against a run on this CPU
 
 The lean step samples with the prompt prefilled once per group and scores each group in one row
 (grpo.sample_groups, VLM.completion_logps); `--naive` runs the same step (train.grpo_step) with a
@@ -25,10 +27,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+import lora
 import train
 from config import Config
 from data import load_dataset
-from model import PRECISIONS, VLM, build_tiny_processor, build_tiny_tokenizer, load_vlm
+from model import (LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor, build_tiny_tokenizer,
+                   load_vlm, weights_on_meta)
 from scheduler import make_schedule
 from start import Run
 from tasks import Grounding
@@ -43,37 +47,47 @@ SHAPES = {
     "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, mlp=11008, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
+    "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, mrope=[16, 24, 24], theta=1e6,
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
 }
+TIED = {"proxy": True, "3b": True, "7b": False}  # 3B ties its output layer to the input embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
-            "3b": dict(B=4, G=8, new=256, micro=8)}
+            "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8)}
+PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
 
 
-def build(name, device, precision):
-    """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry."""
-    if name == "tiny":
-        return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
+def shape_config(name, tok):
+    """The Qwen2_5_VLConfig of a SHAPES entry around the tokenizer `tok` (151,936 tokens)."""
     s = SHAPES[name]
-    tok = build_tiny_tokenizer(vocab_size=151_936)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                          num_key_value_heads=s["kv_heads"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=name != "3b",
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=TIED[name],
                          rope_scaling={"type": "mrope", "rope_type": "default", "rope_theta": s["theta"],
                                        "mrope_section": s["mrope"]}),
         vision_config=dict(**s["vision"], out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=112),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+        tie_word_embeddings=TIED[name])
+
+
+def build(name, device, precision):
+    """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry."""
+    if name == "tiny":
+        return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
+    tok = build_tiny_tokenizer(vocab_size=151_936)
     torch.manual_seed(0)
     dtype, amp = train_precision(device, precision)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype)
+    model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
     if device == "cuda":
         model.activation_checkpointing_enable()
     pixels = IMAGE_TOKENS * 28 * 28
@@ -267,9 +281,218 @@ def run_memory():
 PROBES = ("lean-head", "naive-head", "lean-pass", "naive-pass")
 
 
+# ----------------------------------------------------------------------------- memory plan
+GiB = 2 ** 30
+PIXELS_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, float32 pixel_values
+TOKENIZER_BYTES_PER_ENTRY = 360     # the loaded processor, per vocabulary entry (measured: 52 MiB for 151,936)
+
+
+def plan_model(name, lora_rank=0):
+    """The model of a memory plan on the meta device (shapes, no memory): tiny, proxy, 3b or 7b."""
+    with weights_on_meta():
+        if name == "tiny":
+            model = build_tiny_model(build_tiny_tokenizer())
+        else:
+            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, build_tiny_tokenizer(vocab_size=151_936)))
+        if lora_rank:
+            lora.inject(model, lora_rank, 2 * lora_rank)
+    return model
+
+
+def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, device="cuda"):
+    """Expected peak bytes per process in each phase of a run, term by term, from the model's
+    shapes and the run's settings (docs/usage.md, "Memory"). Steady state (the second step on):
+    the weights, the reference, AdamW's moments and the last step's gradients stay resident; each
+    phase adds its own working set on top. Terms for the step as model.py and train.py run it:
+    the shared-prompt scoring row, the output layer in chunks of LOGIT_CHUNK, sdpa attention.
+    `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included."""
+    text, vision = model.config.text_config, model.config.vision_config
+    weights_dtype, amp = train_precision(device, cfg.precision)
+    weight_bytes = weights_dtype.itemsize          # fp32 masters unless pure bf16
+    act = (amp or weights_dtype).itemsize          # what activations and the KV cache are computed in
+    head = model.lm_head.weight
+    params = {id(p): p for p in model.parameters()}.values()                      # tied tensors once
+    split = lambda p: p.numel() / ranks if fsdp and p is not head else p.numel()  # the head stays whole
+    local = sum(split(p) for p in params)
+    trainable = sum(split(p) for p in params if p.requires_grad)
+    B = cfg.batch_prompts // ranks                                                # this process's prompts
+    G, T, L = cfg.group_size, cfg.max_new_tokens, prompt_tokens
+    h, heads, kv, m, V = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, \
+        text.intermediate_size, text.vocab_size
+    d = h // heads
+    patches = 4 * image_tokens  # before the 2x2 merge
+    grad_bytes = 4 if cfg.lora_rank else weight_bytes  # LoRA's adapters are float32 on any base
+    steady = {"weights": local * weight_bytes,
+              "reference": local * weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
+              "AdamW moments": 2 * trainable * grad_bytes, "prompt pixels": B * patches * PIXELS_PER_PATCH * 4}
+    gradients = {"gradients": trainable * grad_bytes}  # from the first backward to the optimizer step
+    # sampling: the KV cache of B*G rows at full length, one layer's copy as it grows, the logits
+    rows = B * G
+    kv_cache = text.num_hidden_layers * 2 * rows * (L + T) * kv * d * act
+    sampling = {"KV cache": kv_cache * (1 + 1 / text.num_hidden_layers), "next-token logits": 5 * rows * V * 4}
+    if fsdp:  # dist.gathered: every unit's weights gathered in the compute dtype for the whole rollout
+        sampling["gathered weights"] = sum(p.numel() for p in params if p is not head) * act
+    # scoring: per forward, `groups` rows of [prompt | G completions]; what autograd keeps per token
+    # and layer: the two norms' inputs and outputs, q, repeated k and v, attention output and its
+    # reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask
+    groups = (cfg.micro_batch or B * G) // G
+    S = L + G * (T - 1)
+    per_token = 6 * h + 2 * d + 5 * heads * d + 4 * m + S
+    vision_per_patch = 11 * vision.hidden_size + 2 * vision.hidden_size // vision.num_heads \
+        + 4 * vision.intermediate_size + patches
+    layers = text.num_hidden_layers
+    if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
+        kept = groups * S * act * (layers * h + per_token) + groups * patches * act * (
+            vision.depth * vision.hidden_size + vision_per_patch)
+    else:
+        kept = groups * (S * layers * per_token + patches * vision.depth * vision_per_patch) * act
+    chunk = min(max(1, LOGIT_CHUNK // V), groups * G * T) * V * 4  # float32 log-probs of one chunk of positions
+    scoring = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 5 * chunk,
+               "output-layer gradient": head.numel() * weight_bytes if head.requires_grad else 0}
+    if act < weight_bytes:  # autocast keeps a bf16 copy of each trainable weight it uses (FSDP's units
+        # gather theirs in bf16 already: only the whole output layer is cast)
+        cast = head.numel() if fsdp else sum(p.numel() for p in params if p.requires_grad)
+        scoring["autocast weight copies"] = cast * act if head.requires_grad or not fsdp else 0
+    if fsdp:  # a unit being used and the next one prefetched, in the compute dtype
+        unit = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
+        scoring["gathered units"] = 2 * unit * act
+    largest = max(split(p) for p in params if p.requires_grad)
+    # torch's AdamW: one tensor at a time on the CPU (two temporaries of it), all at once on CUDA (foreach)
+    update = {"AdamW temporaries": 2 * largest * grad_bytes if device == "cpu" else trainable * grad_bytes}
+    setup = {"weights": steady["weights"], "reference": steady["reference"],
+             "processor": V * TOKENIZER_BYTES_PER_ENTRY}
+    return {"set-up": setup, "sampling": {**steady, **sampling}, "scoring": {**steady, **gradients, **scoring},
+            "update": {**steady, **gradients, **update}}
+
+
+def print_plan(plan, title):
+    print(title)
+    print("| phase | peak GiB | largest terms (GiB) |\n|---|---|---|")
+    for phase, terms in plan.items():
+        top = sorted(terms.items(), key=lambda kv: -kv[1])[:5]
+        print(f"| {phase} | {sum(terms.values()) / GiB:.2f} | "
+              + ", ".join(f"{k} {v / GiB:.2f}" for k, v in top if v) + " |")
+
+
+def resident(field):
+    """This process's resident memory in bytes: VmRSS now, VmHWM its peak since the last reset."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: VmHWM starts again from VmRSS
+
+
+MEASURED_PHASES = {"rollout": "sampling", "reference": "scoring", "policy_forward": "scoring",
+                   "backward": "scoring", "optimizer": "update"}
+
+
+def measured_run(model, size):
+    """A real run's set-up and two GRPO steps on the CPU (train.train_step, as train.py runs
+    them): the peak resident memory each phase adds to the process before the model was loaded,
+    set-up over the first step and the phases of the second (the steady state)."""
+    import tempfile
+    import contextlib
+    import start
+    shape = dict(batch_prompts=size["B"], group_size=size["G"], max_new_tokens=size["new"], micro_batch=size["micro"])
+    if model == "tiny":
+        cfg = Config(eval_dataset="none", steps=2, **shape)
+    else:
+        pixels = IMAGE_TOKENS * 28 * 28
+        cfg = Config(model=model, eval_dataset="none", steps=2, sft_steps=0, min_pixels=pixels, max_pixels=pixels,
+                     lr=1e-6, **shape)
+    train_set, _, _, labels = start.load_data(cfg)
+    base = resident("VmRSS")
+    reset_peak()
+    policy, task = start.new_policy(cfg, "cpu", labels)
+    run = start.begin(cfg, tempfile.mkdtemp(), "cpu", policy, task)
+    peaks = {"set-up": resident("VmHWM") - base}
+    timed = train.timed
+
+    @contextlib.contextmanager
+    def watched(phases, name):
+        reset_peak()
+        with timed(phases, name):
+            yield
+        if name in MEASURED_PHASES:
+            phase = MEASURED_PHASES[name]
+            peaks[phase] = max(peaks.get(phase, 0), resident("VmHWM") - base)
+    train.timed = watched
+    for step in (1, 2):
+        for phase in MEASURED_PHASES.values():
+            peaks.pop(phase, None)
+        train.train_step(run, train_set, step)
+    sample = train_set[0]
+    prompt = policy.encode([sample.image()], [task.prompt(sample)])
+    return {"peaks": peaks, "base": base, "prompt_tokens": prompt["input_ids"].shape[1],
+            "image_tokens": int(prompt["image_grid_thw"].prod()) // 4, "cfg": vars(cfg)}
+
+
+def check_plan(model, size=None):
+    """The plan against a measured run of `model` (tiny or proxy; `size`: B, G, new tokens and
+    micro-batch, default SETTINGS) on this CPU, in a fresh process in which glibc hands freed
+    blocks back at once, so that resident memory follows the live tensors."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        name = model
+        if model == "proxy":
+            name = os.path.join(tmp, "proxy")
+            build("proxy", "cpu", "fp32").save(name)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        size = json.dumps(size or SETTINGS[model])
+        res = subprocess.run([sys.executable, __file__, "--measure-run", name, size], capture_output=True,
+                             text=True, env=env, check=True)
+    measured = json.loads(res.stdout.strip().splitlines()[-1])
+    cfg = Config(**measured["cfg"])
+    plan = memory_plan(plan_model(model), cfg, measured["prompt_tokens"], measured["image_tokens"], device="cpu")
+    rows = {}
+    for phase, terms in plan.items():
+        expected, got = sum(terms.values()), measured["peaks"][phase]
+        rows[phase] = {"plan": expected, "measured": got, "base": measured["base"]}
+    return rows
+
+
+def print_check(model, rows):
+    print(f"{model} on this CPU (fp32, 1 thread), memory over the process before the model was loaded (GiB):")
+    print("| phase | plan | measured | plan / measured | with the process's own (total) |\n|---|---|---|---|---|")
+    for phase, r in rows.items():
+        total = (r["plan"] + r["base"]) / (r["measured"] + r["base"])
+        print(f"| {phase} | {r['plan'] / GiB:.3f} | {r['measured'] / GiB:.3f} | {r['plan'] / r['measured']:.2f} "
+              f"| {total:.2f} |")
+
+
+def show_plan(a, p):
+    if a.check:
+        if a.model not in ("tiny", "proxy"):
+            p.error(f"--check measures a run on this CPU: --model tiny or proxy, not {a.model}")
+        rows = check_plan(a.model)
+        print_check(a.model, rows)
+        return rows
+    if a.fsdp and a.lora_rank:
+        p.error("--fsdp with --lora-rank: train.py refuses that pair (the LoRA base fits each GPU)")
+    device = "cpu" if a.model in ("tiny", "proxy") else "cuda"
+    s = SETTINGS[a.model]
+    ranks = a.fsdp or a.ranks
+    checkpointing = (a.gradient_checkpointing or ("on" if device == "cuda" else "off")) == "on"
+    cfg = Config(batch_prompts=(a.batch_prompts or s["B"]) * ranks, group_size=a.group_size or s["G"],
+                 max_new_tokens=a.max_new_tokens or s["new"], micro_batch=s["micro"], lora_rank=a.lora_rank,
+                 precision=a.precision, gradient_checkpointing=checkpointing)
+    image = 16 if a.model == "tiny" else IMAGE_TOKENS
+    plan = memory_plan(plan_model(a.model, a.lora_rank), cfg, image + PROMPT_TEXT_TOKENS, image, ranks,
+                       bool(a.fsdp), device)
+    how = f"--fsdp over {a.fsdp} processes" if a.fsdp else f"{ranks} data-parallel process(es)"
+    print_plan(plan, f"{a.model}, {how}{f', LoRA r={a.lora_rank}' if a.lora_rank else ''}, {device}, "
+                     f"precision {a.precision}, per process: {cfg.batch_prompts // ranks} prompts x "
+                     f"{cfg.group_size} completions x {cfg.max_new_tokens} tokens, {image} image tokens, micro-batch "
+                     f"{cfg.micro_batch or 'all'}, gradient checkpointing {'on' if checkpointing else 'off'}")
+    return plan
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "3b"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "3b", "7b"))
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
@@ -281,8 +504,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for comparable timings)")
     p.add_argument("--memory", action="store_true", help="peak memory of one log-prob pass, lean vs naive")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
+    p.add_argument("--memory-plan", action="store_true",
+                   help="expected peak memory per process at set-up, sampling, scoring and update, from the shapes")
+    p.add_argument("--fsdp", type=int, default=0, metavar="K", help="memory plan: split over K processes (--fsdp)")
+    p.add_argument("--ranks", type=int, default=1, metavar="K", help="memory plan: K data-parallel processes")
+    p.add_argument("--lora-rank", type=int, default=0, help="memory plan: LoRA adapters of this rank")
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default=None,
+                   help="memory plan: default on for 3b/7b, off for tiny/proxy (as bench and a CPU run use them)")
+    p.add_argument("--check", action="store_true",
+                   help="memory plan of tiny or proxy against a measured run on this CPU")
+    p.add_argument("--measure-run", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1}
+    lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1,
+              "fsdp": 0, "ranks": 1, "lora_rank": 0}
     for name, lo in lowest.items():  # a group of one has no advantage (its std is undefined)
         if getattr(a, name) is not None and getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least {lo}")
@@ -293,6 +527,11 @@ def main(argv=None):
         return memory_probe(a)
     if a.memory:
         return run_memory()
+    if a.measure_run:
+        print(json.dumps(measured_run(a.measure_run[0], json.loads(a.measure_run[1]))))
+        return None
+    if a.memory_plan:
+        return show_plan(a, p)
     return run_bench(a)
 
 

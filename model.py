@@ -16,7 +16,9 @@ from itertools import accumulate
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from huggingface_hub import snapshot_download
+from torch.distributed.tensor import DTensor, Shard
+from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -391,9 +393,134 @@ def model_config(name):
         raise ValueError(f"{name}: not a model folder ({str(e).splitlines()[0][:200]})")
 
 
+def prepare(model, gradient_checkpointing, freeze_vision):
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def weights_on_meta():
+    """Modules built inside get their parameters on the meta device (shapes, no memory) and their
+    buffers as usual: the rotary frequencies are computed when a model is built, no file holds them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:  # a meta one is passed on as it is: tying shares it
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def model_key(key):
+    """A weight's name in a Qwen2(.5)-VL folder -> its name in the model. The hub's folders (and
+    save_pretrained's) call the text layers model.* and the vision tower visual.*; transformers 5
+    nests both in model.language_model and model.visual."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + key.removeprefix("model.")
+    return key
+
+
+def weight_files(name):
+    """The safetensors files of a folder or hub id (downloaded to the hub cache like from_pretrained)."""
+    folder = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.safetensors", "*.json"])
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{name}: --fsdp loads safetensors weights one tensor at a time, and this folder has none")
+    return folder, files
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """(name, shape, read) for each tensor of a .safetensors file, where read(start, stop) returns
+    its rows start:stop (dim 0; all of a scalar) in memory of their own. Each rank reads only the
+    rows it keeps. Not through a memory map: every rank touches every tensor, and a mapped file
+    stays in each process's resident memory until closed (the whole model, on every rank)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")  # the format: header length, JSON header, raw bytes
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: weight {name} is stored as {entry['dtype']}, which this loader does not read")
+            shape, (begin, end) = entry["shape"], entry["data_offsets"]
+            row = (end - begin) // shape[0] if shape and shape[0] else end - begin  # bytes per dim-0 row
+
+            def read(start=0, stop=None, shape=shape, begin=begin, row=row, dtype=entry["dtype"], name=name):
+                stop = (shape[0] if shape else 1) if stop is None else stop
+                raw = torch.empty((stop - start) * row, dtype=torch.uint8)
+                f.seek(8 + size + begin + start * row)
+                if f.readinto(raw.numpy()) != raw.numel():
+                    raise ValueError(f"{path}: ends in the middle of weight {name}")
+                return raw.view(SAFETENSORS_DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else [])
+            yield name, shape, read
+
+
+def rows_of_rank(n, param):
+    """The dim-0 rows [start, stop) of an n-row tensor that this rank keeps of `param`, a DTensor
+    split as FSDP2 splits every parameter: torch.chunk over the ranks, the last chunks short or empty."""
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"a parameter split as {param.placements}: expected FSDP2's Shard(0)")
+    per = -(-n // param.device_mesh.size())
+    start = min(param.device_mesh.get_local_rank() * per, n)
+    return start, min(start + per, n)
+
+
+def load_sharded(model_cls, config, name, dtype, compute_dtype, device, shard, gradient_checkpointing, freeze_vision):
+    """The model of `name`, split by `shard` before any weight exists, then filled one tensor at a
+    time: each process reads only the rows it keeps (and the whole output layer, which every rank
+    keeps), never the whole model (METHOD.md section 5.4)."""
+    with weights_on_meta():
+        model = model_cls._from_config(config, dtype=dtype)
+    prepare(model, gradient_checkpointing, freeze_vision)
+    shard(model, compute_dtype)  # FSDP2 splits meta parameters as real ones; the buffers go to the device
+    # every name a parameter goes by (the tied output layer and input embeddings are one tensor)
+    names = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(key)
+    owners = {key: keys for keys in names.values() for key in keys}
+    folder, files = weight_files(name)
+    for path in files:
+        for stored, shape, read in read_safetensors(path):
+            key = model_key(stored)
+            if key not in owners:
+                raise ValueError(f"{path}: weight {stored} belongs to no parameter of {model_cls.__name__}")
+            old = model.get_parameter(key)
+            if list(shape) != list(old.shape):
+                raise ValueError(f"{path}: weight {stored} has shape {shape}, the model's is {list(old.shape)}")
+            if isinstance(old, DTensor):  # this rank's rows only
+                local = read(*rows_of_rank(shape[0], old)).to(device=device, dtype=dtype)
+                value = DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
+                                           shape=old.shape, stride=old.stride())
+            else:
+                value = read().to(device=device, dtype=dtype)
+            new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            for alias in owners[key]:
+                module, _, leaf = alias.rpartition(".")
+                model.get_submodule(module).register_parameter(leaf, new)
+    missing = [key for key, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{name}: its weight files have no {missing[0]} (and {len(missing) - 1} more)")
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):  # its stop tokens
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()  # as from_pretrained returns it
+
+
 def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=None,
-             gradient_checkpointing=False, freeze_vision=False, template=None, seed=0):
-    """`tiny`, a hub id or a local folder -> VLM on `device`.
+             gradient_checkpointing=False, freeze_vision=False, template=None, seed=0, shard=None):
+    """`tiny`, a hub id or a local folder -> VLM on `device`. `shard(model, compute_dtype)` (--fsdp:
+    dist.shard) splits the model over the processes as it is loaded (`load_sharded`).
 
     precision "auto" is bf16-mixed on CUDA (fp32 weights, bf16 autocast: with lr 1e-6, pure bf16
     weights would round most updates away) and fp32 on the CPU."""
@@ -408,7 +535,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
             raise ValueError(f"{name}/adapter_config.json: field 'base_model_name_or_path' names adapters "
                              f"({base}), not a model")
         vlm = load_vlm(base, device, precision, min_pixels, max_pixels, gradient_checkpointing,
-                       freeze_vision, template, seed)
+                       freeze_vision, template, seed, shard)
         lora.load(vlm.model, name)
         vlm.base_name = base
         saved = os.path.join(name, "config.json")  # the task the adapters were trained for
@@ -435,7 +562,13 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
             check_chat_template(processor)
             published = config.dtype  # read before from_pretrained's dtype= overrides it
-            model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+            if shard:
+                model = load_sharded(model_cls, config, name, dtype, amp_dtype, device, shard,
+                                     gradient_checkpointing, freeze_vision)
+            else:
+                model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+        except ValueError:  # load_sharded's own one-line messages
+            raise
         except Exception as e:  # broken files, weights_only refusing a pickled .bin, a sandboxed template
             first = (str(e).splitlines() or [""])[0][:200]
             raise ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first})")
@@ -443,11 +576,11 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
             size = processor.image_processor.size
             processor.image_processor.size = {"shortest_edge": min_pixels or size.shortest_edge,
                                               "longest_edge": max_pixels or size.longest_edge}
-    model.to(device=device, dtype=dtype)
-    if gradient_checkpointing:
-        model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves
-    if freeze_vision:
-        model.model.visual.requires_grad_(False)
+    if not shard or name == "tiny":  # load_sharded prepared and split the model as it loaded it
+        model.to(device=device, dtype=dtype)
+        prepare(model, gradient_checkpointing, freeze_vision)
+        if shard:  # the built-in tiny model: built whole (it is small), then split
+            shard(model, amp_dtype)
     vlm = VLM(model, processor, template=template, amp_dtype=amp_dtype)
     vlm.published_dtype = published if isinstance(published, torch.dtype) else None
     return vlm

@@ -1,7 +1,7 @@
 """The beginning of a run, new or resumed: data, policy, task, reference, adapters, optimizer and
 schedule, gathered in the one small object the training loop threads (`Run`).
 
-    load_data -> load_policy (+ settle the model-dependent defaults, make the task, shard)
+    load_data -> load_policy (split as it loads under --fsdp) + settle (the model-dependent defaults, the task)
               -> [train.py's SFT warm start] -> begin: adapters, config.json, reference, optimizer
     or: resume, which restores all of it from the newest intact checkpoint of the run folder.
 """
@@ -68,11 +68,12 @@ def load_data(cfg):
 
 # ----------------------------------------------------------------------------- policy and task
 def load_policy(cfg, name, device):
-    """A policy or reference from `name` (a one-line error for a missing model or family)."""
+    """A policy or reference from `name` (a one-line error for a missing model or family), split
+    over the processes as it loads under --fsdp."""
     try:
         return load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                         gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
-                        template=cfg.template, seed=cfg.seed)
+                        template=cfg.template, seed=cfg.seed, shard=dist.shard if cfg.fsdp else None)
     except ValueError as e:
         raise RunError(str(e))
 
@@ -99,7 +100,7 @@ def settle(cfg, vlm, labels):
 
 
 def new_policy(cfg, device, labels):
-    """(policy, task) of a new run: the starting model, sharded under --fsdp. A GRPO grounding run
+    """(policy, task) of a new run: the starting model. A GRPO grounding run
     of the built-in tiny model starts from its shipped SFT warm start unless --init or
     --sft-steps says otherwise (--sft-steps N: N SFT steps from random weights here)."""
     if cfg.model == "tiny" and cfg.init is None and cfg.sft_steps is None and cfg.algo == "grpo" and cfg.task == "ground":
@@ -113,10 +114,7 @@ def new_policy(cfg, device, labels):
             lora.targets_of(policy.model, cfg.lora_targets or lora.DEFAULT_TARGETS)
         except ValueError as e:
             raise RunError(str(e))
-    task = settle(cfg, policy, labels)
-    if cfg.fsdp:
-        dist.shard(policy.model, policy.amp_dtype)
-    return policy, task
+    return policy, settle(cfg, policy, labels)
 
 
 def make_run_schedule(cfg):
@@ -159,12 +157,10 @@ def begin(cfg, run_dir, device, policy, task):
 
 def reference(cfg, policy, name, device, same):
     """The frozen KL anchor (METHOD.md 5.3): a frozen copy of `policy` while that is still the
-    starting model (`same`), else loaded from `name`. Under --fsdp it is always loaded, then
-    sharded like the policy (a sharded model cannot be copied whole)."""
+    starting model (`same`), else loaded from `name`. Under --fsdp it is always loaded, sharded
+    like the policy (a sharded model cannot be copied whole)."""
     if cfg.fsdp:
-        ref = load_policy(cfg, name, device).freeze()
-        dist.shard(ref.model, ref.amp_dtype)
-        return ref
+        return load_policy(cfg, name, device).freeze()
     # loaded: frozen as it is, no copy (on resume the policy is the checkpoint, not the start)
     return policy.frozen_copy() if same else load_policy(cfg, name, device).freeze()
 
@@ -214,8 +210,6 @@ def resume(cfg, run_dir, device, labels):
         raise RunError(f"--resume {run_dir}: the run's classes were {[c['name'] for c in saved['classes']]}, "
                        f"its labels now give {labels.names}; resuming would change what every label means")
     task = settle(cfg, policy, labels)
-    if cfg.fsdp:
-        dist.shard(policy.model, policy.amp_dtype)
     ref = None
     if cfg.algo == "grpo" and cfg.beta > 0:  # the starting policy, recorded in config.json
         ref = reference(cfg, policy, cfg.ref_model or cfg.init or cfg.model, device,

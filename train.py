@@ -82,7 +82,6 @@ def policy_update(run, rollout, advantages, phases):
     old_logps = [None] * len(parts)
     stats = {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
     for _ in range(cfg.updates_per_rollout):
-        run.optimizer.zero_grad(set_to_none=True)
         for k, (rows, ids, mask, adv) in enumerate(parts):
             with timed(phases, "policy_forward"):
                 logp = policy.completion_logps(rows, ids, cfg.temperature, mask)  # (n, T)
@@ -121,6 +120,7 @@ def apply_update(run):
     dist.sum_gradients(run.params)  # every rank now holds the whole step's gradient (or its shard of it)
     grad_norm = check_finite("the gradient norm", dist.clip_gradients(run.params, run.cfg.grad_clip))
     run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next backward
     if not dist.everywhere(rundir.all_finite(run.params)):
         raise Diverged("the update made the weights non-finite")
     return grad_norm
@@ -193,7 +193,6 @@ def train_step(run, train_set, step):
     record, phases = {"step": step}, {}
     if cfg.algo == "sft":
         run.policy.model.train()
-        run.optimizer.zero_grad(set_to_none=True)
         loss = sft_loss(run, samples)
         record["loss"] = check_finite("the loss", dist.total(loss.item()))
         loss.backward()

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist  # noqa: E402
 import grpo  # noqa: E402
+import model  # noqa: E402
 import start  # noqa: E402
 import train  # noqa: E402
 from config import Config  # noqa: E402
@@ -90,8 +91,35 @@ def gather_counts(out):
             json.dump(result, f)
 
 
+def resident(field):
+    """This process's resident memory in bytes: VmRSS now, or VmHWM, its peak so far."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def sharded_setup(out, folder):
+    """Load the weights of `folder` split over the ranks: the whole weights (gathered to rank 0),
+    the peak resident memory the load added to this process, and the bytes of what it keeps."""
+    config = model.model_config(folder)
+    before = resident("VmRSS")
+    loaded = model.load_sharded(model.MODEL_CLASSES[config.model_type][0], config, folder, torch.float32, None,
+                                "cpu", dist.shard, False, False)
+    grown = resident("VmHWM") - before
+    kept = sum(dist.local(p).numel() * p.element_size() for p in loaded.parameters())  # tied ones once
+    weights = dist.full_state(loaded)
+    if dist.is_main():
+        torch.save(weights, os.path.join(out, "weights.pt"))
+    with open(os.path.join(out, f"memory-{dist.rank()}.json"), "w") as f:
+        json.dump({"grown": grown, "kept": kept}, f)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if "--setup" in sys.argv:  # before anything else touches memory
+        dist.setup("cpu", fsdp=True)
+        sharded_setup(sys.argv[1], sys.argv[sys.argv.index("--setup") + 1])
+        dist.teardown()
+        sys.exit()
     dist.setup("cpu", fsdp="--fsdp" in sys.argv)
     updates(sys.argv[1], "--fsdp" in sys.argv)
     curriculum(sys.argv[1])

@@ -1,6 +1,7 @@
 """Data parallel under torchrun (2 CPU processes, gloo) computes what one process computes."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,6 +99,66 @@ def test_a_sharded_run_matches_the_replicated_one_resumes_and_evaluates_as_one_p
     metrics, _ = ev.evaluate(final, tasks.of_model(final), load_dataset("synth:derm", "test", n=4), max_new_tokens=24)
     with open(os.path.join(sharded, "eval.json")) as f:
         assert json.load(f)["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+def test_a_run_resumes_on_another_number_of_processes_and_back(warm, tmp_path):
+    """A one-process checkpoint resumed by 2 processes, split (--fsdp: its AdamW state split as the
+    weights are) or replicated, which then agree step for step; and a split 2-process checkpoint
+    resumed by one process. Each keeps the log up to its checkpoint and carries on AdamW's state."""
+    args = ["train.py", "--init", warm, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4",
+            "--eval-dataset", "none", "--reward", "iou", "--save-every", "2", "--threads", "1", "--device", "cpu"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, *args, "--steps", "2", "--out", str(one)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    split, replicated = tmp_path / "split", tmp_path / "replicated"
+    for copy in (split, replicated):
+        shutil.copytree(one, copy)
+    torchrun(["train.py", "--resume", str(split), "--steps", "4", "--fsdp"])
+    torchrun(["train.py", "--resume", str(replicated), "--steps", "4"])
+    back = tmp_path / "back"
+    torchrun(args + ["--steps", "2", "--out", str(back), "--fsdp"])
+    subprocess.run([sys.executable, "train.py", "--resume", str(back), "--steps", "4"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    before = read_log(one)
+    for run in (split, replicated, back):
+        log = read_log(run)
+        assert [r["step"] for r in log] == [1, 2, 3, 4]
+        if run != back:
+            assert log[:2] == before
+        state = torch.load(run / "checkpoint-000004" / "trainer_state.pt", weights_only=True)
+        shapes = dict(load_vlm(str(run / "final")).model.named_parameters())
+        moments = list(state["optimizer"]["state"].values())
+        assert all(s["step"].item() == 4 for s in moments)  # two steps before the resume, two after
+        assert sorted(s["exp_avg"].shape for s in moments) == sorted(p.shape for p in shapes.values())
+    for a, b in zip(read_log(split)[2:], read_log(replicated)[2:]):
+        for key in a:
+            if "seconds" not in key:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    """bench.py's proxy model saved as a folder: Qwen2.5-VL, real 151,936 vocabulary, 430 MB in fp32."""
+    import bench
+    folder = str(tmp_path_factory.mktemp("proxy") / "model")
+    bench.build("proxy", "cpu", "fp32").save(folder)
+    return folder
+
+
+def test_a_sharded_load_never_holds_the_whole_model_and_loads_its_weights_exactly(proxy, tmp_path):
+    """--fsdp builds the model without weights, splits it, then reads each rank's rows from the
+    file: 2 processes each peak below one whole model (the old way, loading whole and then
+    splitting, peaked above it), at what they keep plus a little, with the weights from_pretrained reads."""
+    torchrun([os.path.join(HERE, "dist_worker.py"), str(tmp_path), "--setup", proxy])
+    whole = load_vlm(proxy).model
+    expected = whole.state_dict()
+    weights = torch.load(tmp_path / "weights.pt")
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    whole_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
+    for rank in (0, 1):
+        memory = json.loads((tmp_path / f"memory-{rank}.json").read_text())
+        assert memory["kept"] < memory["grown"] < 1.05 * memory["kept"] < whole_bytes, memory
 
 
 def test_fsdp_outside_torchrun_or_with_lora_is_refused_in_one_line(tmp_path, monkeypatch):

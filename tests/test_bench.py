@@ -1,0 +1,36 @@
+"""bench.py's memory plan against what a run on this CPU holds."""
+import pytest
+
+import bench
+
+
+@pytest.mark.parametrize("model, size", [("tiny", None), ("proxy", dict(B=2, G=4, new=48, micro=4))])
+def test_the_memory_plan_is_within_15_percent_of_a_measured_run(model, size):
+    """Set-up and the second step's sampling, scoring and update phases of a real run (train.py's
+    functions), peak resident memory per phase. The proxy's weights, reference, AdamW state and
+    activations dominate, so its plan is checked alone; the tiny model's few megabytes are checked
+    with the process they run in (the interpreter, torch and the data: most of what it holds)."""
+    for phase, row in bench.check_plan(model, size).items():
+        if model == "proxy":
+            assert 0.85 < row["plan"] / row["measured"] < 1.15, (phase, row)
+        assert 0.85 < (row["plan"] + row["base"]) / (row["measured"] + row["base"]) < 1.15, (phase, row)
+
+
+def test_the_plan_follows_the_settings_as_the_accounting_says():
+    """--fsdp K splits everything but the output layer; LoRA drops the reference and the full-size
+    optimizer state; gradient checkpointing shrinks the activations."""
+    model = bench.plan_model("3b")
+    cfg = bench.Config(batch_prompts=8, group_size=8, max_new_tokens=256, micro_batch=8)
+    one = bench.memory_plan(model, cfg, 320, 256)
+    four = bench.memory_plan(model, cfg, 320, 256, ranks=4, fsdp=True)
+    head = model.lm_head.weight.numel() * 4
+    whole = one["set-up"]["weights"]
+    assert four["set-up"]["weights"] == pytest.approx((whole - head) / 4 + head)
+    assert one["update"]["AdamW moments"] == 2 * whole and one["set-up"]["reference"] == whole
+    assert four["sampling"]["gathered weights"] == pytest.approx((whole - head) / 2)  # bf16 copies of the body
+    lora = bench.memory_plan(bench.plan_model("3b", 64), bench.Config(**{**vars(cfg), "lora_rank": 64}), 320, 256)
+    h, kv, m = 2048, 2 * 128, 11008  # Qwen2.5-VL-3B: q, k, v, o, gate, up, down in each of 36 layers
+    adapters = 36 * 64 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + m) + (m + h))  # r x (in + out) each
+    assert lora["set-up"]["reference"] == 0 and lora["update"]["AdamW moments"] == 2 * 4 * adapters
+    saved = bench.memory_plan(model, bench.Config(**{**vars(cfg), "gradient_checkpointing": True}), 320, 256)
+    assert saved["scoring"]["activations"] < 0.1 * one["scoring"]["activations"]
