@@ -202,7 +202,24 @@ def run_bench(a):
     print(f"{a.model} on {device}, {torch.get_num_threads()} thread(s): B={B}, G={G}, {new} new tokens, "
           f"micro-batch {s['micro'] or B * G}, median of {a.steps} steps after {a.warmup} warm-up")
     print(table(results))
+    print(utilisation(policy, samples, task, results["lean"], device, B, G, new))
     return results
+
+
+def utilisation(policy, samples, task, results, device, B, G, new):
+    """The lean step's FLOPs per phase (step_flops, images of the last step's size) over its median
+    time, as a share of this device's square-matmul rate in the weights' dtype (or bf16 under autocast)."""
+    batch = policy.encode([samples[0].image()], [task.prompt(samples[0])])
+    image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
+    flops = step_flops(policy.model.config, B, G, new, batch["input_ids"].shape[1], image_tokens)
+    rate = matmul_rate(device, policy.amp_dtype or next(policy.model.parameters()).dtype)
+    lines = [f"matmul rate {rate / 1e9:.1f} GFLOP/s; the lean step's FLOPs (bench.step_flops) per median second:",
+             "| phase | GFLOP | GFLOP/s | utilisation |", "|---|---|---|---|"]
+    for phase in list(flops) + ["step"]:
+        work = sum(flops.values()) if phase == "step" else flops[phase]
+        seconds = statistics.median(r["total" if phase == "step" else phase] for r in results)
+        lines.append(f"| {phase} | {work / 1e9:.2f} | {work / seconds / 1e9:.1f} | {work / seconds / rate:.0%} |")
+    return "\n".join(lines)
 
 
 def table(results):
@@ -279,6 +296,81 @@ def run_memory():
 
 
 PROBES = ("lean-head", "naive-head", "lean-pass", "naive-pass")
+
+
+# ----------------------------------------------------------------------------- FLOPs and utilisation
+def linear_flops(config):
+    """Matmul FLOPs per token of one language layer, per patch of one vision block, per merged
+    image token of the merger, per patch of the patch embedding, per position of the output layer
+    (2 x multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
+    text, vision = config.text_config, config.vision_config
+    h, q, kv, m = text.hidden_size, text.hidden_size, text.num_key_value_heads * (text.hidden_size //
+                                                                                 text.num_attention_heads), text.intermediate_size
+    hv, mv, merged = vision.hidden_size, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2
+    return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
+            "block": 2 * (hv * 3 * hv + hv * hv + 3 * hv * mv),
+            "merger": 2 * (merged * merged + merged * vision.out_hidden_size),
+            "patch": 2 * PIXELS_PER_PATCH * hv, "head": 2 * h * text.vocab_size}
+
+
+def attention_flops(config, queries, keys):
+    """QK^T and PV of every language layer for `queries` positions each seeing `keys` (sdpa
+    computes a masked square whole)."""
+    text = config.text_config
+    return 4 * queries * keys * text.hidden_size * text.num_hidden_layers
+
+
+def vision_flops(config, images, image_tokens, attention=True):
+    """The vision encoder on `images` images of `image_tokens` merged tokens: patch embedding,
+    blocks, merger; windowed attention except in the full-attention blocks."""
+    vision, f = config.vision_config, linear_flops(config)
+    patches = 4 * image_tokens
+    total = images * (patches * (f["patch"] + vision.depth * f["block"]) + image_tokens * f["merger"])
+    if attention:
+        window = min(patches, (vision.window_size // vision.patch_size) ** 2)
+        full = len(vision.fullatt_block_indexes)
+        total += images * 4 * patches * vision.hidden_size * (full * patches + (vision.depth - full) * window)
+    return total
+
+
+def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
+    """FLOPs per phase of one lean GRPO step (this process's B prompts, G completions of T tokens
+    each, run to full length; METHOD.md 5.1 and 5.5): the rollout prefills each prompt once and
+    decodes T steps over B*G rows, each reading the cache; scoring runs one row per group,
+    [prompt | G completions of T-1 tokens], and the output layer on the N*T positions; the
+    backward costs twice the forward's matmuls, plus the output layer's recomputation (its
+    chunks are checkpointed), and 2.5x the forward's attention (flash backward: five matmuls)."""
+    f, layers = linear_flops(config), config.text_config.num_hidden_layers
+    N, S, L = B * G, prompt_tokens + G * (T - 1), prompt_tokens
+    vision = vision_flops(config, B, image_tokens, attention)
+    prefill = vision + B * L * layers * f["layer"] + B * f["head"]
+    decode = T * N * (layers * f["layer"] + f["head"])
+    score_linear = vision_flops(config, B, image_tokens, False) + B * S * layers * f["layer"] + N * T * f["head"]
+    score_attention = B * attention_flops(config, S, S) if attention else 0
+    vision_attention = vision - vision_flops(config, B, image_tokens, False)
+    if attention:
+        prefill += B * attention_flops(config, L, L)
+        decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T + 1))
+    forward = score_linear + score_attention
+    return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward,
+            "backward": 2 * score_linear - B * 4 * image_tokens * f["patch"] + N * T * f["head"]
+            + 2.5 * (score_attention + vision_attention)}
+
+
+def matmul_rate(device, dtype):
+    """FLOP/s of this device's square matmuls (the utilisation's denominator): median of 5."""
+    import time
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])
 
 
 # ----------------------------------------------------------------------------- memory plan

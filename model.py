@@ -15,7 +15,6 @@ import string
 from itertools import accumulate
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from huggingface_hub import snapshot_download
 from torch.distributed.tensor import DTensor, Shard
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
@@ -294,25 +293,24 @@ class VLM:
     def token_logps(self, hidden, targets, temperature, sampling=True):
         """log pi(target) for rows of final hidden states (M, H) -> (M,), in chunks of positions.
 
-        The logits of a chunk exist only inside it: the backward recomputes them (activation
-        checkpointing), so no (M, vocab) float32 tensor is ever held, whatever the vocabulary. The
-        output layer runs in the model's compute dtype, as it does when sampling."""
+        The logits of a chunk exist only inside it, so no (M, vocab) float32 tensor is ever held,
+        whatever the vocabulary: with gradients, `OutputLayer` recomputes a chunk in the backward.
+        The output layer runs in the model's compute dtype, as it does when sampling."""
+        if torch.is_grad_enabled():
+            return OutputLayer.apply(hidden, self.model.lm_head.weight, targets, self, temperature, sampling)
+        return torch.cat([self.chunk_logps(h, y, temperature, sampling)[0] for h, y in self.chunks(hidden, targets)]
+                         or [hidden.new_zeros(0, dtype=torch.float32)])
+
+    def chunks(self, hidden, targets):
         rows = max(1, LOGIT_CHUNK // self.model.lm_head.out_features)
+        return [(hidden[s:s + rows], targets[s:s + rows]) for s in range(0, hidden.shape[0], rows)]
 
-        def chunk(h, y):
-            with self.context():
-                logits = self.model.lm_head(h)
-            logp = self.policy_logprobs(logits, temperature, sampling)
-            return logp.gather(-1, y[:, None])[:, 0]
-
-        parts = []
-        for s in range(0, hidden.shape[0], rows):
-            h, y = hidden[s:s + rows], targets[s:s + rows]
-            if torch.is_grad_enabled():
-                parts.append(checkpoint(chunk, h, y, use_reentrant=False))
-            else:
-                parts.append(chunk(h, y))
-        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    def chunk_logps(self, h, y, temperature, sampling):
+        """(log pi(y) (n,), log pi over the vocabulary (n, V)) of one chunk of positions."""
+        with self.context():
+            logits = self.model.lm_head(h)
+        logp = self.policy_logprobs(logits, temperature, sampling)
+        return logp.gather(-1, y[:, None])[:, 0], logp
 
     @staticmethod
     def select_rows(batch, start, end):
@@ -364,6 +362,44 @@ class VLM:
             with open(path, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
         self.processor.save_pretrained(folder)
+
+
+class OutputLayer(torch.autograd.Function):
+    """The output layer and log-softmax of `VLM.token_logps`, chunk by chunk, with a backward
+    that recomputes each chunk's log-probs and adds its weight gradient straight into
+    weight.grad: d log pi(y) / d logits = (onehot(y) - pi) / T, so for upstream gradients g
+    dX = (g (onehot - pi) / T) W and dW += (g (onehot - pi) / T)^T X, with no (vocab, hidden)
+    tensor per chunk beside the gradient itself (autograd would make one and then add it).
+    dW is computed in the weight's dtype (float32 masters under bf16-mixed)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, policy, temperature, sampling):
+        ctx.save_for_backward(hidden, targets)
+        ctx.policy, ctx.temperature, ctx.sampling = policy, temperature, sampling
+        parts = [policy.chunk_logps(h, y, temperature, sampling)[0] for h, y in policy.chunks(hidden, targets)]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, targets = ctx.saved_tensors
+        policy, temperature = ctx.policy, ctx.temperature
+        weight = policy.model.lm_head.weight
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        if weight.requires_grad and weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        start = 0
+        for h, y in policy.chunks(hidden, targets):
+            _, logp = policy.chunk_logps(h, y, temperature, ctx.sampling)
+            d_logits = logp.exp_().neg_()                                  # -pi, in place: (n, V) float32
+            d_logits[torch.arange(len(y), device=y.device), y] += 1        # onehot(y) - pi
+            d_logits *= grad[start:start + len(y), None] / temperature    # x g / T
+            if grad_hidden is not None:
+                with policy.context():
+                    grad_hidden[start:start + len(y)] = d_logits.to(weight.dtype) @ weight
+            if weight.requires_grad:
+                weight.grad.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
+            start += len(y)
+        return grad_hidden, None, None, None, None, None
 
 
 def check_chat_template(processor):

@@ -34,3 +34,31 @@ def test_the_plan_follows_the_settings_as_the_accounting_says():
     assert lora["set-up"]["reference"] == 0 and lora["update"]["AdamW moments"] == 2 * 4 * adapters
     saved = bench.memory_plan(model, bench.Config(**{**vars(cfg), "gradient_checkpointing": True}), 320, 256)
     assert saved["scoring"]["activations"] < 0.1 * one["scoring"]["activations"]
+
+
+def test_the_flop_formulas_count_the_matmuls_torch_counts():
+    """step_flops without attention against torch's FlopCounterMode (which does not count the CPU's
+    sdpa kernel) on the rollout, the scoring forward and its backward of the lean step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import grpo
+    from test_model import images
+    policy = bench.build("tiny", "cpu", "fp32")
+    policy.eos_ids = policy.suppress_ids[:1].tolist()  # never sampled: every completion runs to T tokens
+    B, G, T = 2, 4, 6
+    pictures, prompts = images((200, 300), (200, 300)), ["find the lesion", "find it"]
+    batch = policy.encode(pictures, prompts)
+    image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
+    expected = bench.step_flops(policy.model.config, B, G, T, batch["input_ids"].shape[1], image_tokens,
+                                attention=False)
+    counted = {}
+    with FlopCounterMode(display=False) as count:
+        rollout = grpo.sample_groups(policy, pictures, prompts, G, 1.0, T)
+    counted["rollout"] = count.get_total_flops()
+    with FlopCounterMode(display=False) as count:
+        logp = policy.completion_logps(rollout.batch, rollout.completion_ids, 1.0, rollout.mask)
+    counted["policy_forward"] = count.get_total_flops()
+    with FlopCounterMode(display=False) as count:
+        logp.sum().backward()
+    counted["backward"] = count.get_total_flops()
+    for phase, flops in counted.items():  # biases and the merger's norm are left out of the formulas
+        assert flops == pytest.approx(expected[phase], rel=0.01), phase

@@ -159,3 +159,55 @@ def test_scoring_with_the_real_vocabulary_never_builds_a_vocab_sized_tensor_per_
         sizes[name] = probe.largest
     assert sizes["naive"] >= full_logits  # the probe sees the straightforward path's logits
     assert sizes["shared"] <= full_logits / 8
+
+
+@pytest.mark.parametrize("temperature, sampling, amp", [(0.7, True, None), (1.0, False, None),
+                                                        (0.9, True, torch.bfloat16)])
+def test_the_output_layer_backward_equals_autograd_through_whole_logits(tiny, monkeypatch, temperature, sampling, amp):
+    """model.OutputLayer (chunks recomputed in the backward, the weight gradient added in place)
+    against autograd through the whole (M, vocab) logits: values, the hidden states' gradient and
+    the weight's, over several chunks and two accumulated calls (micro-batches), with a frozen
+    output layer (LoRA) too, and under bf16 autocast as bf16-mixed runs it."""
+    import model
+    monkeypatch.setattr(model, "LOGIT_CHUNK", 37 * tiny.model.lm_head.out_features)  # 37 positions per chunk
+    monkeypatch.setattr(tiny, "amp_dtype", amp)
+    weight = tiny.model.lm_head.weight
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(100, weight.shape[1], generator=g), torch.randint(12, 90, (100,), generator=g),
+              torch.randn(100, generator=g)) for _ in range(2)]
+
+    def grads(score, frozen):
+        weight.requires_grad_(not frozen)
+        weight.grad = None
+        values, hidden_grads = [], []
+        for h, y, up in calls:
+            h = h.clone().requires_grad_()
+            value = score(h, y)
+            (value * up).sum().backward()
+            values.append(value.detach())
+            hidden_grads.append(h.grad)
+        return torch.cat(values), torch.cat(hidden_grads), weight.grad
+
+    def whole(h, y):
+        with tiny.context():
+            logits = tiny.model.lm_head(h)
+        return tiny.policy_logprobs(logits, temperature, sampling).gather(-1, y[:, None])[:, 0]
+
+    def close(a, b):  # bf16: the same up to its rounding (the lean weight gradient is summed in float32)
+        if amp:
+            assert (a - b).norm() / b.norm() < 1e-2
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # sums of ~200 float32 terms of size ~10
+    try:
+        for frozen in (False, True):
+            lean = grads(lambda h, y: tiny.token_logps(h, y, temperature, sampling), frozen)
+            reference = grads(whole, frozen)
+            close(lean[0], reference[0])
+            close(lean[1], reference[1])
+            if frozen:
+                assert lean[2] is None and reference[2] is None
+            else:
+                close(lean[2], reference[2])
+    finally:
+        weight.requires_grad_(True)
+        weight.grad = None
