@@ -15,6 +15,7 @@ model when it prefills and when it scores, with full (N, T, vocab) logits. Compl
 to --max-new-tokens (no stop token), so both paths do the same work whatever a random model samples.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -22,19 +23,21 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch allocates
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import lora
+import start
 import train
 from config import Config
 from data import load_dataset
 from model import (LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor, build_tiny_tokenizer,
                    load_vlm, weights_on_meta)
 from scheduler import make_schedule
-from start import Run
 from tasks import Grounding
 
 PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optimizer")
@@ -189,9 +192,9 @@ def run_bench(a):
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=s["micro"], lr=1e-6)
     task, tau = Grounding(policy.template, policy.coord), make_schedule("fixed", tau=0.5)
-    runs = {"lean": Run(cfg, task, policy, ref, optimizer, params, tau)}
+    runs = {"lean": start.Run(cfg, task, policy, ref, optimizer, params, tau)}
     if a.naive:
-        runs["naive"] = Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
+        runs["naive"] = start.Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
     results = {v: [] for v in runs}
     for i in range(a.warmup + a.steps):  # interleaved, so outside load hits both paths alike
         samples = [data[(i * B + k) % len(data)] for k in range(B)]
@@ -304,8 +307,8 @@ def linear_flops(config):
     image token of the merger, per patch of the patch embedding, per position of the output layer
     (2 x multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
     text, vision = config.text_config, config.vision_config
-    h, q, kv, m = text.hidden_size, text.hidden_size, text.num_key_value_heads * (text.hidden_size //
-                                                                                 text.num_attention_heads), text.intermediate_size
+    h, q, m = text.hidden_size, text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     hv, mv, merged = vision.hidden_size, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2
     return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
             "block": 2 * (hv * 3 * hv + hv * hv + 3 * hv * mv),
@@ -359,7 +362,6 @@ def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
 
 def matmul_rate(device, dtype):
     """FLOP/s of this device's square matmuls (the utilisation's denominator): median of 5."""
-    import time
     n = 2048 if device == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
@@ -394,9 +396,10 @@ def plan_model(name, lora_rank=0):
 def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, device="cuda"):
     """Expected peak bytes per process in each phase of a run, term by term, from the model's
     shapes and the run's settings (docs/usage.md, "Memory"). Steady state (the second step on):
-    the weights, the reference, AdamW's moments and the last step's gradients stay resident; each
-    phase adds its own working set on top. Terms for the step as model.py and train.py run it:
-    the shared-prompt scoring row, the output layer in chunks of LOGIT_CHUNK, sdpa attention.
+    the weights, the reference and AdamW's moments stay resident, the gradients from the first
+    backward to the optimizer step; each phase adds its own working set on top. Terms for the
+    step as model.py and train.py run it: the shared-prompt scoring row, the output layer in
+    chunks of LOGIT_CHUNK, sdpa attention.
     `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included."""
     text, vision = model.config.text_config, model.config.vision_config
     weights_dtype, amp = train_precision(device, cfg.precision)
@@ -439,8 +442,9 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
     else:
         kept = groups * (S * layers * per_token + patches * vision.depth * vision_per_patch) * act
     chunk = min(max(1, LOGIT_CHUNK // V), groups * G * T) * V * 4  # float32 log-probs of one chunk of positions
-    scoring = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 5 * chunk,
-               "output-layer gradient": head.numel() * weight_bytes if head.requires_grad else 0}
+    # a chunk of the output layer (model.OutputLayer): its logits, their copy at temperature T and
+    # the log-softmax, recomputed once in the backward; the weight gradient is added in place
+    scoring = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 3 * chunk}
     if act < weight_bytes:  # autocast keeps a bf16 copy of each trainable weight it uses (FSDP's units
         # gather theirs in bf16 already: only the whole output layer is cast)
         cast = head.numel() if fsdp else sum(p.numel() for p in params if p.requires_grad)
@@ -485,9 +489,6 @@ def measured_run(model, size):
     """A real run's set-up and two GRPO steps on the CPU (train.train_step, as train.py runs
     them): the peak resident memory each phase adds to the process before the model was loaded,
     set-up over the first step and the phases of the second (the steady state)."""
-    import tempfile
-    import contextlib
-    import start
     shape = dict(batch_prompts=size["B"], group_size=size["G"], max_new_tokens=size["new"], micro_batch=size["micro"])
     if model == "tiny":
         cfg = Config(eval_dataset="none", steps=2, **shape)
@@ -526,7 +527,6 @@ def check_plan(model, size=None):
     """The plan against a measured run of `model` (tiny or proxy; `size`: B, G, new tokens and
     micro-batch, default SETTINGS) on this CPU, in a fresh process in which glibc hands freed
     blocks back at once, so that resident memory follows the live tensors."""
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         name = model
         if model == "proxy":

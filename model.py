@@ -376,12 +376,14 @@ class OutputLayer(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, policy, temperature, sampling):
         ctx.save_for_backward(hidden, targets)
         ctx.policy, ctx.temperature, ctx.sampling = policy, temperature, sampling
-        parts = [policy.chunk_logps(h, y, temperature, sampling)[0] for h, y in policy.chunks(hidden, targets)]
+        chunks = policy.chunks(hidden.detach(), targets)  # no graph: backward below is the gradient
+        parts = [policy.chunk_logps(h, y, temperature, sampling)[0] for h, y in chunks]
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
         hidden, targets = ctx.saved_tensors
+        hidden = hidden.detach()  # as in the forward (a view of a grad-requiring tensor confuses module hooks)
         policy, temperature = ctx.policy, ctx.temperature
         weight = policy.model.lm_head.weight
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -487,9 +489,14 @@ def read_safetensors(path):
         size = int.from_bytes(f.read(8), "little")  # the format: header length, JSON header, raw bytes
         header = json.loads(f.read(size))
         header.pop("__metadata__", None)
+        data = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if os.path.getsize(path) < 8 + size + data:  # said before any rank reads: each reads different rows
+            raise ValueError(f"{path}: truncated ({os.path.getsize(path)} bytes; "
+                             f"its header describes {8 + size + data})")
         for name, entry in header.items():
             if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: weight {name} is stored as {entry['dtype']}, which this loader does not read")
+                raise ValueError(f"{path}: weight {name} is stored as {entry['dtype']}, "
+                                 "which this loader does not read")
             shape, (begin, end) = entry["shape"], entry["data_offsets"]
             row = (end - begin) // shape[0] if shape and shape[0] else end - begin  # bytes per dim-0 row
 

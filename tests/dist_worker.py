@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist  # noqa: E402
 import grpo  # noqa: E402
+from bench import resident  # noqa: E402
 import model  # noqa: E402
 import start  # noqa: E402
 import train  # noqa: E402
@@ -89,12 +90,6 @@ def gather_counts(out):
     if dist.is_main():
         with open(os.path.join(out, "gathers.json"), "w") as f:
             json.dump(result, f)
-
-
-def resident(field):
-    """This process's resident memory in bytes: VmRSS now, or VmHWM, its peak so far."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def sharded_setup(out, folder):

@@ -174,3 +174,29 @@ def test_bf16_mixed_keeps_fp32_weights_and_a_reference_that_computes_the_same_fu
     assert mixed.completion_logps(batch, ids).dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision"):
         load_vlm("tiny", precision="fp8")
+
+
+def test_the_sharded_loader_reads_a_weight_file_row_by_row_and_refuses_a_truncated_one(tmp_path):
+    """model.read_safetensors (what --fsdp loads with) gives safetensors' own tensors, any rows of
+    them, and says a file is cut short before anything is read: every rank then stops alike."""
+    from safetensors.torch import load_file, save_file
+    import model
+    weights = {"a": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16(),
+               "s": torch.tensor(2.5)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(weights, path)
+    expected = load_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    seen = []
+    for name, shape, fetch in model.read_safetensors(path):
+        seen.append(name)
+        assert list(shape) == list(expected[name].shape)
+        assert torch.equal(fetch(), expected[name]) and fetch().dtype == expected[name].dtype
+        if name == "a":
+            assert torch.equal(fetch(1, 4), expected["a"][1:4])
+    assert sorted(seen) == sorted(weights)
+    with open(path, "wb") as f:
+        f.write(data[:-4])
+    with pytest.raises(ValueError, match=r"w.safetensors: truncated \(\d+ bytes; its header describes \d+\)"):
+        next(model.read_safetensors(path))
