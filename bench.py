@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch allocates
 import torch
@@ -225,7 +226,8 @@ def utilisation(policy, samples, task, results, device, B, G, new, name):
         lines.append(f"| {phase} | {work / 1e9:.2f} | {work / seconds / 1e9:.1f} | {work / seconds / rate:.0%} |")
     if name in UTILISATION_TARGETS:
         target, share = UTILISATION_TARGETS[name], work / seconds / rate
-        lines.append(f"target: the step at >= {target:.0%} of the matmul rate: {'met' if share >= target else 'NOT met'}")
+        verdict = "met" if share >= target else "NOT met"
+        lines.append(f"target: the step at >= {target:.0%} of the matmul rate: {verdict}")
     return "\n".join(lines)
 
 
@@ -405,64 +407,81 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
     step as model.py and train.py run it: the shared-prompt scoring row, the output layer in
     chunks of LOGIT_CHUNK, sdpa attention.
     `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included."""
-    text, vision = model.config.text_config, model.config.vision_config
-    weights_dtype, amp = train_precision(device, cfg.precision)
-    weight_bytes = weights_dtype.itemsize          # fp32 masters unless pure bf16
-    act = (amp or weights_dtype).itemsize          # what activations and the KV cache are computed in
-    head = model.lm_head.weight
-    params = {id(p): p for p in model.parameters()}.values()                      # tied tensors once
-    split = lambda p: p.numel() / ranks if fsdp and p is not head else p.numel()  # the head stays whole
-    local = sum(split(p) for p in params)
-    trainable = sum(split(p) for p in params if p.requires_grad)
-    B = cfg.batch_prompts // ranks                                                # this process's prompts
-    G, T, L = cfg.group_size, cfg.max_new_tokens, prompt_tokens
-    h, heads, kv, m, V = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, \
-        text.intermediate_size, text.vocab_size
-    d = h // heads
-    patches = 4 * image_tokens  # before the 2x2 merge
-    grad_bytes = 4 if cfg.lora_rank else weight_bytes  # LoRA's adapters are float32 on any base
-    steady = {"weights": local * weight_bytes,
-              "reference": local * weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
-              "AdamW moments": 2 * trainable * grad_bytes, "prompt pixels": B * patches * PIXELS_PER_PATCH * 4}
-    gradients = {"gradients": trainable * grad_bytes}  # from the first backward to the optimizer step
-    # sampling: the KV cache of B*G rows at full length, one layer's copy as it grows, the logits
-    rows = B * G
-    kv_cache = text.num_hidden_layers * 2 * rows * (L + T) * kv * d * act
-    sampling = {"KV cache": kv_cache * (1 + 1 / text.num_hidden_layers), "next-token logits": 5 * rows * V * 4}
-    if fsdp:  # dist.gathered: every unit's weights gathered in the compute dtype for the whole rollout
-        sampling["gathered weights"] = sum(p.numel() for p in params if p is not head) * act
-    # scoring: per forward, `groups` rows of [prompt | G completions]; what autograd keeps per token
-    # and layer: the two norms' inputs and outputs, q, repeated k and v, attention output and its
-    # reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask
-    groups = (cfg.micro_batch or B * G) // G
-    S = L + G * (T - 1)
-    per_token = 6 * h + 2 * d + 5 * heads * d + 4 * m + S
-    vision_per_patch = 11 * vision.hidden_size + 2 * vision.hidden_size // vision.num_heads \
-        + 4 * vision.intermediate_size + patches
-    layers = text.num_hidden_layers
-    if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
-        kept = groups * S * act * (layers * h + per_token) + groups * patches * act * (
-            vision.depth * vision.hidden_size + vision_per_patch)
-    else:
-        kept = groups * (S * layers * per_token + patches * vision.depth * vision_per_patch) * act
-    chunk = min(max(1, LOGIT_CHUNK // V), groups * G * T) * V * 4  # float32 log-probs of one chunk of positions
-    # a chunk of the output layer (model.OutputLayer): its logits, their copy at temperature T and
-    # the log-softmax, recomputed once in the backward; the weight gradient is added in place
-    scoring = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 3 * chunk}
-    if act < weight_bytes:  # autocast keeps a bf16 copy of each trainable weight it uses (FSDP's units
-        # gather theirs in bf16 already: only the whole output layer is cast)
-        cast = head.numel() if fsdp else sum(p.numel() for p in params if p.requires_grad)
-        scoring["autocast weight copies"] = cast * act if head.requires_grad or not fsdp else 0
-    if fsdp:  # a unit being used and the next one prefetched, in the compute dtype
-        unit = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.language_model.layers)
-        scoring["gathered units"] = 2 * unit * act
-    largest = max(split(p) for p in params if p.requires_grad)
+    s = plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device)
+    resident = {"weights": s.local * s.weight_bytes,
+                "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
+                "AdamW moments": 2 * s.trainable * s.grad_bytes,
+                "prompt pixels": s.B * s.patches * PIXELS_PER_PATCH * 4}
+    gradients = {"gradients": s.trainable * s.grad_bytes}
     # torch's AdamW: one tensor at a time on the CPU (two temporaries of it), all at once on CUDA (foreach)
-    update = {"AdamW temporaries": 2 * largest * grad_bytes if device == "cpu" else trainable * grad_bytes}
-    setup = {"weights": steady["weights"], "reference": steady["reference"],
-             "processor": V * TOKENIZER_BYTES_PER_ENTRY}
-    return {"set-up": setup, "sampling": {**steady, **sampling}, "scoring": {**steady, **gradients, **scoring},
-            "update": {**steady, **gradients, **update}}
+    update = {"AdamW temporaries": 2 * s.largest * s.grad_bytes if device == "cpu" else s.trainable * s.grad_bytes}
+    setup = {"weights": resident["weights"], "reference": resident["reference"],
+             "processor": s.text.vocab_size * TOKENIZER_BYTES_PER_ENTRY}
+    return {"set-up": setup, "sampling": {**resident, **sampling_terms(s)},
+            "scoring": {**resident, **gradients, **scoring_terms(s, cfg)},
+            "update": {**resident, **gradients, **update}}
+
+
+def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device):
+    """What the plan's terms are made of: bytes per number, this process's parameter counts, the
+    step's sizes."""
+    weights_dtype, amp = train_precision(device, cfg.precision)
+    head = model.lm_head.weight
+    params = list({id(p): p for p in model.parameters()}.values())                # tied tensors once
+    split = lambda p: p.numel() / ranks if fsdp and p is not head else p.numel()  # the head stays whole
+    return types.SimpleNamespace(
+        text=model.config.text_config, vision=model.config.vision_config, model=model, head=head,
+        params=params, fsdp=fsdp,
+        weight_bytes=weights_dtype.itemsize,                 # fp32 masters unless pure bf16
+        act=(amp or weights_dtype).itemsize,                 # what activations and the KV cache are computed in
+        grad_bytes=4 if cfg.lora_rank else weights_dtype.itemsize,  # LoRA's adapters are float32 on any base
+        local=sum(split(p) for p in params), trainable=sum(split(p) for p in params if p.requires_grad),
+        largest=max(split(p) for p in params if p.requires_grad),
+        B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens,
+        patches=4 * image_tokens)  # before the 2x2 merge
+
+
+def sampling_terms(s):
+    """The KV cache of B*G rows at full length (one layer's copy as it grows), the next-token
+    logits; with --fsdp, every unit's weights gathered in the compute dtype for the whole rollout."""
+    text, rows = s.text, s.B * s.G
+    kv_cache = text.num_hidden_layers * 2 * rows * (s.L + s.T) * text.num_key_value_heads * \
+        (text.hidden_size // text.num_attention_heads) * s.act
+    terms = {"KV cache": kv_cache * (1 + 1 / text.num_hidden_layers),
+             "next-token logits": 5 * rows * text.vocab_size * 4}
+    if s.fsdp:
+        terms["gathered weights"] = sum(p.numel() for p in s.params if p is not s.head) * s.act
+    return terms
+
+
+def scoring_terms(s, cfg):
+    """Per forward, `groups` rows of [prompt | G completions]. What autograd keeps per token and
+    layer: the two norms' inputs and outputs, q, repeated k and v, the attention output and its
+    reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask.
+    The output layer's chunk (model.OutputLayer): its logits, their copy at temperature T and the
+    log-softmax, recomputed once in the backward; its weight gradient goes in place."""
+    text, vision, act = s.text, s.vision, s.act
+    h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
+    groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
+    per_token = 6 * h + 2 * (h // heads) + 5 * heads * (h // heads) + 4 * text.intermediate_size + S
+    per_patch = 11 * vision.hidden_size + 2 * (vision.hidden_size // vision.num_heads) \
+        + 4 * vision.intermediate_size + s.patches
+    if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
+        kept = groups * act * (S * (layers * h + per_token)
+                               + s.patches * (vision.depth * vision.hidden_size + per_patch))
+    else:
+        kept = groups * act * (S * layers * per_token + s.patches * vision.depth * per_patch)
+    V = text.vocab_size
+    chunk = min(max(1, LOGIT_CHUNK // V), groups * s.G * s.T) * V * 4  # float32 log-probs of one chunk
+    terms = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 3 * chunk}
+    if act < s.weight_bytes:  # autocast keeps a bf16 copy of each trainable weight it uses (FSDP's units
+        # gather theirs in bf16 already: only the whole output layer is cast)
+        cast = s.head.numel() if s.fsdp else sum(p.numel() for p in s.params if p.requires_grad)
+        terms["autocast weight copies"] = cast * act if s.head.requires_grad or not s.fsdp else 0
+    if s.fsdp:  # a unit being used and the next one prefetched, in the compute dtype
+        unit = max(sum(p.numel() for p in layer.parameters()) for layer in s.model.model.language_model.layers)
+        terms["gathered units"] = 2 * unit * act
+    return terms
 
 
 def print_plan(plan, title):
