@@ -5,6 +5,7 @@
     python bench.py --model proxy --naive   # random-init Qwen2.5-VL, 151,936 vocab, ~256 image tokens
     python bench.py --model 3b              # Qwen2.5-VL-3B dimensions (random init; for a GPU)
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
+    python bench.py --head                  # the output layer's forward + backward, lean vs whole logits
     python bench.py --memory-plan --model 3b [--fsdp K] [--lora-rank r]   # expected peak per phase
     python bench.py --memory-plan --model proxy --check                    # ... against a run on this CPU
 
@@ -19,7 +20,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -266,7 +266,7 @@ def memory_probe(a):
     ids = torch.randint(200, 151_936, (8, 128))
     if a.probe.endswith("head"):
         hidden = torch.randn(8 * 128, policy.model.lm_head.in_features, requires_grad=True)
-        base = rss_gib()
+        base = resident("VmRSS")
         if a.probe == "lean-head":
             policy.token_logps(hidden, ids.flatten(), 1.0).sum().backward()
         else:
@@ -275,19 +275,10 @@ def memory_probe(a):
     else:
         data = load_dataset("synth:mix")
         batch = policy.encode([data[0].image(), data[1].image()], [data[0].query, data[1].query])
-        base = rss_gib()
+        base = resident("VmRSS")
         scorer = Naive.of(policy) if a.probe == "naive-pass" else policy
         scorer.completion_logps(batch, ids).sum().backward()
-    print(json.dumps({"probe": a.probe, "extra_gib": peak_rss_gib() - base}))
-
-
-def rss_gib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
-
-
-def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"probe": a.probe, "extra_gib": (resident("VmHWM") - base) / GiB}))
 
 
 def run_memory():
@@ -302,6 +293,33 @@ def run_memory():
         lean, naive = out[f"lean-{part}"], out[f"naive-{part}"]
         label = "log-prob head (hidden states -> log-probs)" if part == "head" else "whole log-prob pass"
         print(f"| {label} | {lean:.2f} | {naive:.2f} | {lean / naive:.2f} |")
+
+
+def time_head(steps=5):
+    """Seconds of one forward + backward of log-probs through the proxy's output layer (1,024
+    positions, 151,936 tokens): the lean chunks (model.OutputLayer) and the whole (1024, vocab)
+    logits through autograd, interleaved; medians of `steps` after one warm-up each."""
+    policy = build("proxy", "cpu", "fp32")
+    weight = policy.model.lm_head.weight
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1024, weight.shape[1], generator=g)
+    targets, upstream = torch.randint(200, weight.shape[0], (1024,), generator=g), torch.randn(1024, generator=g)
+
+    def naive(h):
+        return policy.policy_logprobs(policy.model.lm_head(h), 0.9).gather(-1, targets[:, None])[:, 0]
+    paths = {"lean": lambda h: policy.token_logps(h, targets, 0.9), "naive": naive}
+    times = {name: [] for name in paths}
+    for i in range(steps + 1):
+        for name, path in paths.items():
+            weight.grad = None
+            h = hidden.clone().requires_grad_()
+            t0 = time.perf_counter()
+            (path(h) * upstream).sum().backward()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    lean, naive_s = statistics.median(times["lean"]), statistics.median(times["naive"])
+    print(f"output layer, forward + backward of 1,024 positions, {torch.get_num_threads()} thread(s), "
+          f"median of {steps}: lean {lean:.2f} s, whole logits {naive_s:.2f} s, lean / whole {lean / naive_s:.2f}")
 
 
 PROBES = ("lean-head", "naive-head", "lean-pass", "naive-pass")
@@ -619,6 +637,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for comparable timings)")
     p.add_argument("--memory", action="store_true", help="peak memory of one log-prob pass, lean vs naive")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
+    p.add_argument("--head", action="store_true",
+                   help="time the output layer's forward + backward, lean chunks vs whole logits (proxy)")
     p.add_argument("--memory-plan", action="store_true",
                    help="expected peak memory per process at set-up, sampling, scoring and update, from the shapes")
     p.add_argument("--fsdp", type=int, default=0, metavar="K", help="memory plan: split over K processes (--fsdp)")
@@ -642,6 +662,8 @@ def main(argv=None):
         return memory_probe(a)
     if a.memory:
         return run_memory()
+    if a.head:
+        return time_head(a.steps)
     if a.measure_run:
         print(json.dumps(measured_run(a.measure_run[0], json.loads(a.measure_run[1]))))
         return None
