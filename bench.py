@@ -36,14 +36,15 @@ import start
 import train
 from config import Config
 from data import load_dataset
-from model import (LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor, build_tiny_tokenizer,
-                   load_vlm, weights_on_meta)
+from model import (CACHE_BLOCK, LOGIT_CHUNK, PRECISIONS, VLM, OutputLayer, build_tiny_model, build_tiny_processor,
+                   build_tiny_tokenizer, load_vlm, weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
 
 PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optimizer")
 # Shapes of the benchmark models. proxy: what a CPU can step in seconds with the real vocabulary
-# and image-token count; 3b: Qwen2.5-VL-3B-Instruct's config.json dimensions.
+# and image-token count; clone: Qwen-shaped with the body small next to the output layer (hidden
+# 256, 2 layers: the head is 6x the body per token); 3b: Qwen2.5-VL-3B-Instruct's config.json dimensions.
 SHAPES = {
     "proxy": dict(hidden=512, layers=8, heads=4, kv_heads=2, mlp=1536, mrope=[16, 24, 24], theta=1e6,
                   vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
@@ -51,17 +52,25 @@ SHAPES = {
     "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, mlp=11008, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
+    "clone": dict(hidden=256, layers=2, heads=2, kv_heads=2, mlp=1024, mrope=[16, 24, 24], theta=1e6,
+                  vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
+                              fullatt_block_indexes=[3])),
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
 }
-TIED = {"proxy": True, "3b": True, "7b": False}  # 3B ties its output layer to the input embeddings, 7B does not
+TIED = {"proxy": True, "clone": True, "3b": True, "7b": False}  # 3B ties its output layer to the input embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
+            "clone": dict(B=4, G=8, new=128, micro=8),
             "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8)}
 UTILISATION_TARGETS = {"proxy": 0.5}  # the lean step's FLOP rate over the square-matmul rate (1 thread, CPU)
+# (model, path, against, phase, at most): the median of one path's phase over another's, interleaved
+# in one run (1 thread, CPU): with --naive, the lean step against the straightforward one; with
+# --compile, the rollout with a compiled decoding step against the eager one.
+RATIO_TARGETS = [("clone", "lean", "naive", "total", 0.8), ("tiny", "compiled", "lean", "rollout", 0.6)]
 PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
 
 
@@ -122,8 +131,8 @@ class Naive(VLM):
         naive.__class__ = cls
         return naive
 
-    def prefill(self, batch, copies):
-        return super().prefill(repeat_rows(batch, copies), 1)  # G prompt prefills, no cache copies
+    def prefill(self, batch, copies, max_new_tokens):
+        return super().prefill(repeat_rows(batch, copies), 1, max_new_tokens)  # G prompt prefills, no cache copies
 
     def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
         """log pi(token) (N, T) from full (N, T, vocab) logits of the prompts repeated G times."""
@@ -139,6 +148,12 @@ class Naive(VLM):
                                 pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
                                 logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
         return self.policy_logprobs(logits, temperature, sampling).gather(-1, completion_ids[..., None])[..., 0]
+
+    def completion_loss(self, batch, completion_ids, objective, temperature=1.0, mask=None, sampling=True):
+        """The objective's sum over the scored tokens, backpropagated by autograd through the logits."""
+        logp = self.completion_logps(batch, completion_ids, temperature, sampling=sampling)
+        mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+        return objective(logp[mask], 0, int(mask.sum())).sum(), logp.detach() * mask
 
 
 class Counter:
@@ -157,7 +172,8 @@ class Counter:
         self.images += grid_thw.shape[0]  # one (t, h, w) row per image
 
     def language(self, module, args, kwargs):
-        rows, cols = kwargs["inputs_embeds"].shape[:2]
+        tokens = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        rows, cols = tokens.shape[:2]
         self.prompt_tokens += rows * min(cols, self.prompt_len) if cols >= self.prompt_len else 0
 
     def reset(self, prompt_len):
@@ -190,25 +206,45 @@ def run_bench(a):
     ref = policy.frozen_copy()
     counter = Counter(policy, ref)
     data = load_dataset("synth:mix")
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
     cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=s["micro"], lr=1e-6)
+    optimizer, params = start.optimizer_of(cfg, policy)
     task, tau = Grounding(policy.template, policy.coord), make_schedule("fixed", tau=0.5)
     runs = {"lean": start.Run(cfg, task, policy, ref, optimizer, params, tau)}
     if a.naive:
         runs["naive"] = start.Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
-    results = {v: [] for v in runs}
+    if a.compile:  # the same model, its decoding step compiled (VLM.compile_decoding)
+        compiled = copy.copy(policy)
+        compiled.compile_decoding()
+        runs["compiled"] = start.Run(cfg, task, compiled, ref, optimizer, params, tau)
+    results, first = {v: [] for v in runs}, {}
     for i in range(a.warmup + a.steps):  # interleaved, so outside load hits both paths alike
         samples = [data[(i * B + k) % len(data)] for k in range(B)]
         for v, run in runs.items():
             r = step_once(run, samples, counter)
+            first.setdefault(v, r["rollout"])
             if i >= a.warmup:
                 results[v].append(r)
     print(f"{a.model} on {device}, {torch.get_num_threads()} thread(s): B={B}, G={G}, {new} new tokens, "
           f"micro-batch {s['micro'] or B * G}, median of {a.steps} steps after {a.warmup} warm-up")
     print(table(results))
+    if a.compile:  # the first compiled rollout compiles: what it took beyond a compiled rollout's median
+        print(f"compilation: {first['compiled'] - statistics.median(r['rollout'] for r in results['compiled']):.1f} s "
+              "(the first rollout's time beyond the median)")
+    print(targets(a.model, results))
     print(utilisation(policy, samples, task, results["lean"], device, B, G, new, a.model))
     return results
+
+
+def targets(name, results):
+    """RATIO_TARGETS of this model among the paths that ran: met or not."""
+    lines = []
+    for model, path, against, phase, most in RATIO_TARGETS:
+        if model == name and path in results and against in results:
+            ratio = statistics.median(r[phase] for r in results[path]) / \
+                statistics.median(r[phase] for r in results[against])
+            lines.append(f"target: the {path} {phase} at most {most}x the {against} one: {ratio:.2f}x, "
+                         f"{'met' if ratio <= most else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def utilisation(policy, samples, task, results, device, B, G, new, name):
@@ -232,29 +268,20 @@ def utilisation(policy, samples, task, results, device, B, G, new, name):
 
 
 def table(results):
+    """Medians per phase of each path, and each other path over the lean one."""
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in results.items()}
-    cols = list(med)
-    rows = [(f"{p} s", p, "{:.3f}") for p in PHASES + ("total",)]
-    lines = [f"| {'':<22} | " + " | ".join(f"{c:>10}" for c in cols) + (" | naive / lean |" if "naive" in med else " |"),
-             "|" + "---|" * (len(cols) + 1 + ("naive" in med))]
-    for label, key, fmt in rows + [("completions / s", None, "{:.1f}"), ("tokens / s", None, "{:.1f}"),
-                                   ("vision images / step", "images", "{:.0f}"),
-                                   ("prompt tokens / step", "prompt_tokens", "{:.0f}"),
-                                   ("peak GiB (CUDA)", "peak_gib", "{:.2f}")]:
-        vals = {}
-        for c in cols:
-            m = med[c]
-            if label == "completions / s":
-                vals[c] = m["completions"] / m["total"]
-            elif label == "tokens / s":
-                vals[c] = m["tokens"] / m["total"]
-            else:
-                vals[c] = m[key]
-        line = f"| {label:<22} | " + " | ".join(f"{fmt.format(vals[c]):>10}" for c in cols)
-        if "naive" in med:
-            ratio = vals["naive"] / vals["lean"] if vals["lean"] else float("nan")
-            line += f" | {ratio:>12.2f}"
-        lines.append(line + " |")
+    cols, others = list(med), [c for c in med if c != "lean"]
+    lines = ["| " + " | ".join([f"{'':<22}"] + [f"{c:>10}" for c in cols] + [f"{c} / lean" for c in others]) + " |",
+             "|" + "---|" * (1 + len(cols) + len(others))]
+    for label, key, fmt in [(f"{p} s", p, "{:.3f}") for p in PHASES + ("total",)] + [
+            ("completions / s", "completions", "{:.1f}"), ("tokens / s", "tokens", "{:.1f}"),
+            ("vision images / step", "images", "{:.0f}"), ("prompt tokens / step", "prompt_tokens", "{:.0f}"),
+            ("peak GiB (CUDA)", "peak_gib", "{:.2f}")]:
+        per_second = label.endswith("/ s")  # counts over the step's time
+        vals = {c: med[c][key] / med[c]["total"] if per_second else med[c][key] for c in cols}
+        ratios = [vals[c] / vals["lean"] if vals["lean"] else float("nan") for c in others]
+        lines.append("| " + " | ".join([f"{label:<22}"] + [f"{fmt.format(vals[c]):>10}" for c in cols]
+                                       + [f"{r:.2f}" for r in ratios]) + " |")
     return "\n".join(lines)
 
 
@@ -264,11 +291,12 @@ def memory_probe(a):
     torch.manual_seed(0)
     policy = build("proxy", "cpu", "fp32")
     ids = torch.randint(200, 151_936, (8, 128))
+    objective = lambda logp, start, stop: logp  # noqa: E731  (the sum of the log-probs)
     if a.probe.endswith("head"):
         hidden = torch.randn(8 * 128, policy.model.lm_head.in_features, requires_grad=True)
         base = resident("VmRSS")
         if a.probe == "lean-head":
-            policy.token_logps(hidden, ids.flatten(), 1.0).sum().backward()
+            OutputLayer.apply(hidden, policy.model.lm_head.weight, ids.flatten(), policy, 1.0, True, objective)[0].backward()
         else:
             logits = policy.model.lm_head(hidden).view(8, 128, -1)
             policy.policy_logprobs(logits, 1.0).gather(-1, ids[..., None]).sum().backward()
@@ -277,7 +305,7 @@ def memory_probe(a):
         batch = policy.encode([data[0].image(), data[1].image()], [data[0].query, data[1].query])
         base = resident("VmRSS")
         scorer = Naive.of(policy) if a.probe == "naive-pass" else policy
-        scorer.completion_logps(batch, ids).sum().backward()
+        scorer.completion_loss(batch, ids, objective)[0].backward()
     print(json.dumps({"probe": a.probe, "extra_gib": (resident("VmHWM") - base) / GiB}))
 
 
@@ -296,25 +324,30 @@ def run_memory():
 
 
 def time_head(steps=5):
-    """Seconds of one forward + backward of log-probs through the proxy's output layer (1,024
-    positions, 151,936 tokens): the lean chunks (model.OutputLayer) and the whole (1024, vocab)
-    logits through autograd, interleaved; medians of `steps` after one warm-up each."""
+    """Seconds of a weighted sum of log-probs through the proxy's output layer (1,024 positions,
+    151,936 tokens), forward and backward: the lean chunks (model.OutputLayer, the gradient taken
+    in the forward) and the whole (1024, vocab) logits through autograd, interleaved; medians of
+    `steps` after one warm-up each."""
     policy = build("proxy", "cpu", "fp32")
     weight = policy.model.lm_head.weight
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1024, weight.shape[1], generator=g)
     targets, upstream = torch.randint(200, weight.shape[0], (1024,), generator=g), torch.randn(1024, generator=g)
 
+    def lean(h):
+        return OutputLayer.apply(h, weight, targets, policy, 0.9, True, lambda logp, s, e: upstream[s:e] * logp)[0]
+
     def naive(h):
-        return policy.policy_logprobs(policy.model.lm_head(h), 0.9).gather(-1, targets[:, None])[:, 0]
-    paths = {"lean": lambda h: policy.token_logps(h, targets, 0.9), "naive": naive}
+        logp = policy.policy_logprobs(policy.model.lm_head(h), 0.9).gather(-1, targets[:, None])[:, 0]
+        return (logp * upstream).sum()
+    paths = {"lean": lean, "naive": naive}
     times = {name: [] for name in paths}
     for i in range(steps + 1):
         for name, path in paths.items():
             weight.grad = None
             h = hidden.clone().requires_grad_()
             t0 = time.perf_counter()
-            (path(h) * upstream).sum().backward()
+            path(h).backward()
             if i:
                 times[name].append(time.perf_counter() - t0)
     lean, naive_s = statistics.median(times["lean"]), statistics.median(times["naive"])
@@ -363,24 +396,26 @@ def vision_flops(config, images, image_tokens, attention=True):
 def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
     """FLOPs per phase of one lean GRPO step (this process's B prompts, G completions of T tokens
     each, run to full length; METHOD.md 5.1 and 5.5): the rollout prefills each prompt once and
-    decodes T steps over B*G rows, each reading the cache; scoring runs one row per group,
-    [prompt | G completions of T-1 tokens], and the output layer on the N*T positions; the
-    backward costs twice the forward's matmuls, plus the output layer's recomputation (its
-    chunks are checkpointed), and 2.5x the forward's attention (flash backward: five matmuls)."""
+    decodes T - 1 steps over B*G rows, each reading the cache (the useful part of it); scoring runs one row per group,
+    [prompt | G completions of T-1 tokens], and the output layer on the N*T positions. The policy
+    forward also takes the output layer's gradients (dX and dW: twice its forward, model.OutputLayer);
+    the backward costs twice the forward's other matmuls and 2.5x its attention (flash backward:
+    five matmuls)."""
     f, layers = linear_flops(config), config.text_config.num_hidden_layers
     N, S, L = B * G, prompt_tokens + G * (T - 1), prompt_tokens
     vision = vision_flops(config, B, image_tokens, attention)
     prefill = vision + B * L * layers * f["layer"] + B * f["head"]
-    decode = T * N * (layers * f["layer"] + f["head"])
+    decode = (T - 1) * N * (layers * f["layer"] + f["head"])  # the prefill's logits give the first token
     score_linear = vision_flops(config, B, image_tokens, False) + B * S * layers * f["layer"] + N * T * f["head"]
     score_attention = B * attention_flops(config, S, S) if attention else 0
     vision_attention = vision - vision_flops(config, B, image_tokens, False)
     if attention:
         prefill += B * attention_flops(config, L, L)
-        decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T + 1))
+        decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T))
     forward = score_linear + score_attention
-    return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward,
-            "backward": 2 * score_linear - B * 4 * image_tokens * f["patch"] + N * T * f["head"]
+    head = N * T * f["head"]
+    return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward + 2 * head,
+            "backward": 2 * (score_linear - head) - B * 4 * image_tokens * f["patch"]
             + 2.5 * (score_attention + vision_attention)}
 
 
@@ -431,13 +466,12 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
                 "AdamW moments": 2 * s.trainable * s.grad_bytes,
                 "prompt pixels": s.B * s.patches * PIXELS_PER_PATCH * 4}
     gradients = {"gradients": s.trainable * s.grad_bytes}
-    # torch's AdamW: one tensor at a time on the CPU (two temporaries of it), all at once on CUDA (foreach)
-    update = {"AdamW temporaries": 2 * s.largest * s.grad_bytes if device == "cpu" else s.trainable * s.grad_bytes}
+    # torch's fused AdamW (start.optimizer_of) updates each tensor in place: no temporaries to plan for
     setup = {"weights": resident["weights"], "reference": resident["reference"],
              "processor": s.text.vocab_size * TOKENIZER_BYTES_PER_ENTRY}
     return {"set-up": setup, "sampling": {**resident, **sampling_terms(s)},
             "scoring": {**resident, **gradients, **scoring_terms(s, cfg)},
-            "update": {**resident, **gradients, **update}}
+            "update": {**resident, **gradients}}
 
 
 def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device):
@@ -454,18 +488,19 @@ def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device):
         act=(amp or weights_dtype).itemsize,                 # what activations and the KV cache are computed in
         grad_bytes=4 if cfg.lora_rank else weights_dtype.itemsize,  # LoRA's adapters are float32 on any base
         local=sum(split(p) for p in params), trainable=sum(split(p) for p in params if p.requires_grad),
-        largest=max(split(p) for p in params if p.requires_grad),
         B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens,
         patches=4 * image_tokens)  # before the 2x2 merge
 
 
 def sampling_terms(s):
-    """The KV cache of B*G rows at full length (one layer's copy as it grows), the next-token
+    """The static KV cache of B*G rows (model.VLM.static_cache: the prompt plus T tokens, rounded up
+    to CACHE_BLOCK), the prefill's own cache of the B prompts that is copied into it, the next-token
     logits; with --fsdp, every unit's weights gathered in the compute dtype for the whole rollout."""
     text, rows = s.text, s.B * s.G
-    kv_cache = text.num_hidden_layers * 2 * rows * (s.L + s.T) * text.num_key_value_heads * \
+    per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * \
         (text.hidden_size // text.num_attention_heads) * s.act
-    terms = {"KV cache": kv_cache * (1 + 1 / text.num_hidden_layers),
+    length = -(-(s.L + s.T) // CACHE_BLOCK) * CACHE_BLOCK
+    terms = {"KV cache": per_position * rows * length, "prompts' KV cache": per_position * s.B * s.L,
              "next-token logits": 5 * rows * text.vocab_size * 4}
     if s.fsdp:
         terms["gathered weights"] = sum(p.numel() for p in s.params if p is not s.head) * s.act
@@ -477,7 +512,7 @@ def scoring_terms(s, cfg):
     layer: the two norms' inputs and outputs, q, repeated k and v, the attention output and its
     reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask.
     The output layer's chunk (model.OutputLayer): its logits, their copy at temperature T and the
-    log-softmax, recomputed once in the backward; its weight gradient goes in place."""
+    log-softmax, which becomes the logits' gradient in place; its weight gradient goes in place."""
     text, vision, act = s.text, s.vision, s.act
     h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
     groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
@@ -625,8 +660,9 @@ def show_plan(a, p):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "3b", "7b"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b"))
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
+    p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     p.add_argument("--batch-prompts", type=int, default=None, help="B (default: 4)")

@@ -104,6 +104,8 @@ class Config:
                                          "checkpoints stay fp32 for an exact resume), fp32 or bf16",
                             ("published", "fp32", "bf16"))
     gradient_checkpointing: bool = knob(False, "trade compute for memory (real models on one GPU)")
+    compile: bool = knob(False, "torch.compile the sampler's decoding step (its first rollouts pay for the "
+                                "compilation; README says when it pays off)")
     freeze_vision: bool = knob(False, "train the language model only")
     fsdp: bool = knob(False, "under torchrun: split the weights, gradients and optimizer state over the "
                              "processes (FSDP2) instead of a whole copy on each")
@@ -203,6 +205,8 @@ def check(cfg, processes=1):
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         problems.append("--fsdp splits the model over torchrun's processes: launch with "
                         "torchrun --nproc_per_node K train.py --fsdp ...")
+    if cfg.compile and cfg.fsdp:  # FSDP2's hooks inside a compiled decoding step: not tried here
+        problems.append("--compile and --fsdp together are not supported: drop one of them")
     if cfg.recite_weight and not cfg.knowledge:
         problems.append(f"--recite-weight {cfg.recite_weight} needs --knowledge: it scores the reasoning "
                         "against the injected class descriptions")

@@ -41,7 +41,7 @@ def sample_groups(policy, images, prompts, group_size, temperature=0.9, max_new_
     batch = policy.encode(images, prompts)
     was_training = policy.model.training
     policy.model.eval()  # no dropout while sampling (Qwen has none, but a fork might)
-    state, logits = policy.prefill(batch, group_size)
+    state, logits = policy.prefill(batch, group_size, max_new_tokens)
     stops = torch.as_tensor(policy.eos_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
@@ -52,7 +52,7 @@ def sample_groups(policy, images, prompts, group_size, temperature=0.9, max_new_
         tokens.append(token)
         logps.append(logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0))
         done |= torch.isin(token, stops)
-        if finished(done):
+        if len(tokens) == max_new_tokens or finished(done):
             break
         logits = policy.decode_step(state, token)
     policy.model.train(was_training)
@@ -91,48 +91,74 @@ def frac_equal_groups(rewards, group_size):
     return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=None, beta=0.04,
-              loss_type="grpo", max_new_tokens=None):
-    """Clipped surrogate + beta * k3 KL per token, aggregated by loss_type (METHOD.md 5.3-5.4)."""
+def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, beta=0.04):
+    """l_t, the loss of each token (METHOD.md 5.3): clipped surrogate + beta * k3 KL. All arguments
+    have logp's shape (advantages broadcast); old_logp None means pi_old = pi (the first update)."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp from a reference model")
     eps_high = eps if eps_high is None else eps_high
     # the gradient flows through logp alone: old policy, reference and advantages are constants
     old_logp = (logp if old_logp is None else old_logp).detach()
-    ref_logp = None if ref_logp is None else ref_logp.detach()
     ratio = torch.exp(logp - old_logp)  # 1 in value when mu = 1, but carries the gradient
-    A = advantages.detach()[:, None]
-    clipped = torch.clamp(ratio, 1 - eps, 1 + eps_high)
-    per_token = -torch.min(ratio * A, clipped * A)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    A = advantages.detach()
+    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps, 1 + eps_high) * A)
     if beta > 0:
-        per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, loss_type, max_new_tokens)
-    n_tokens = mask.sum().clamp(min=1)
-    was_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    stats = {"kl": ((kl * mask).sum() / n_tokens).item(),
-             "clip_frac": ((was_clipped.float() * mask).sum() / n_tokens).item(),
-             "ratio": ((ratio * mask).sum() / n_tokens).item()}
-    return loss, stats
+        per_token = per_token + beta * k3(logp, ref_logp.detach())
+    return per_token
 
 
-def aggregate(per_token, mask, loss_type, max_new_tokens=None):
-    """METHOD.md 5.4: grpo: mean of sequence means; bnpo: token mean; dr_grpo: sum / (N * T_max)."""
+def k3(logp, ref_logp):
+    """The k3 estimate of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+
+def token_weights(mask, loss_type, max_new_tokens=None):
+    """w_t with loss = sum_t w_t l_t (METHOD.md 5.4), 0 where mask is 0. grpo: the mean of sequence
+    means, 1 / (N |o_i|); bnpo: the token mean, 1 / sum(mask); dr_grpo: 1 / (N T_max). Computed on
+    the whole step's mask, they make micro-batches' and ranks' losses add up to the step's."""
     if loss_type == "grpo":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * mask.shape[0])
     if loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return mask / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         if not max_new_tokens:
             raise ValueError("loss_type 'dr_grpo' needs max_new_tokens")
-        return (per_token * mask).sum() / (per_token.shape[0] * max_new_tokens)
+        return mask / (mask.shape[0] * max_new_tokens)
     raise ValueError(f"unknown loss_type {loss_type!r}: expected 'grpo', 'bnpo' or 'dr_grpo'")
 
 
-def chunk_weight(loss_type, chunk_mask, full_mask):
-    """Weight of a micro-batch's loss so that the parts add up to the batch loss (METHOD.md 5.4)."""
-    if loss_type == "bnpo":
-        return (chunk_mask.sum() / full_mask.sum().clamp(min=1)).item()
-    return chunk_mask.shape[0] / full_mask.shape[0]  # grpo and dr_grpo average over sequences
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=None, beta=0.04,
+              loss_type="grpo", max_new_tokens=None):
+    """The GRPO loss of whole (N, T) log-probs, as METHOD.md 5.3-5.4 write it, and its statistics.
+    The training step computes the same sum chunk by chunk inside the output layer (`objective`)."""
+    per_token = token_loss(logp, old_logp, ref_logp, advantages[:, None], eps=eps, eps_high=eps_high, beta=beta)
+    loss = (per_token * token_weights(mask, loss_type, max_new_tokens)).sum()
+    return loss, loss_stats(logp.detach(), old_logp, ref_logp, advantages, mask, eps, eps_high)
+
+
+def objective(old_logp, ref_logp, advantages, weights, mask, **loss_args):
+    """The loss as a function of the scored tokens' log-probs, for the output layer to take its
+    gradient chunk by chunk (VLM.completion_loss): f(logp, start, stop) = w_t l_t of the tokens
+    start:stop among those where mask is 1, in row-major order. Arguments as in grpo_loss, with
+    `weights` from token_weights."""
+    m = mask.bool()
+    pick = lambda x: None if x is None else x[m]  # noqa: E731
+    old, ref, A, w = pick(old_logp), pick(ref_logp), advantages[:, None].expand(m.shape)[m], weights[m]
+
+    def f(logp, start, stop):
+        part = lambda x: None if x is None else x[start:stop]  # noqa: E731
+        return w[start:stop] * token_loss(logp, part(old), part(ref), A[start:stop], **loss_args)
+    return f
+
+
+def loss_stats(logp, old_logp, ref_logp, advantages, mask, eps=0.2, eps_high=None):
+    """Token means of the KL (k3), the clipped fraction and the ratio pi / pi_old."""
+    eps_high = eps if eps_high is None else eps_high
+    ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
+    kl = torch.zeros_like(logp) if ref_logp is None else k3(logp, ref_logp)
+    A = advantages[:, None]
+    was_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    n_tokens = mask.sum().clamp(min=1)
+    return {"kl": ((kl * mask).sum() / n_tokens).item(),
+            "clip_frac": ((was_clipped.float() * mask).sum() / n_tokens).item(),
+            "ratio": ((ratio * mask).sum() / n_tokens).item()}

@@ -17,7 +17,7 @@ from itertools import accumulate
 import torch
 from huggingface_hub import snapshot_download
 from torch.distributed.tensor import DTensor, Shard
-from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, StaticCache,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -44,6 +44,9 @@ TINY_WARM_START = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny
 # Logit elements per chunk when scoring tokens: 16 M floats (64 MB), about 110 positions of a
 # 151,936-token vocabulary, and the whole batch at once for the tiny one.
 LOGIT_CHUNK = 2 ** 24
+# The sampler's static KV cache is a multiple of this long: prompts of different lengths then share
+# a few shapes, and so a few compilations of the decoding step under --compile.
+CACHE_BLOCK = 128
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -146,6 +149,10 @@ class VLM:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
         # never sampled: a vision token in a completion breaks the next forward (METHOD.md 3)
         self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in VISION_TOKENS])
+        kinds = set(getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:  # the sampler's cache and the scoring mask are full attention
+            raise ValueError(f"layers of kind {sorted(kinds - {'full_attention'})} (sliding-window attention) "
+                             "are not supported: set use_sliding_window false in the model's config.json")
 
     @property
     def device(self):
@@ -201,8 +208,9 @@ class VLM:
 
     # ------------------------------------------------------------------ sampling primitives
     @torch.no_grad()
-    def prefill(self, batch, copies):
-        """Vision encoder and prompt once per prompt; the KV cache is then copied `copies` times.
+    def prefill(self, batch, copies, max_new_tokens):
+        """Vision encoder and prompt once per prompt; the KV cache is then copied `copies` times
+        into a static cache with room for `max_new_tokens` more tokens per row.
 
         Returns the decoding state and the next-token logits (B*copies, V), rows prompt after
         prompt. grpo.sample_groups decodes from here, one token at a time with `decode_step`."""
@@ -212,39 +220,84 @@ class VLM:
                                    position_ids=positions, pixel_values=batch["pixel_values"],
                                    image_grid_thw=batch["image_grid_thw"], use_cache=True)
             logits = self.model.lm_head(out.last_hidden_state[:, -1])
-        cache = out.cache
-        cache.batch_repeat_interleave(copies)  # the G rows of a group share one prompt prefill
-        state = {"cache": cache, "mask": batch["attention_mask"].repeat_interleave(copies, 0),
+        B, L = batch["input_ids"].shape
+        length = -(-(L + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+        mask = batch["attention_mask"].new_zeros(B * copies, length, dtype=torch.bool)  # columns not yet written: 0
+        mask[:, :L] = batch["attention_mask"].bool().repeat_interleave(copies, 0)
+        state = {"cache": self.static_cache(out.cache, copies, length), "mask": mask, "length": L,
                  "next": start.repeat_interleave(copies)}
         return state, logits.float().repeat_interleave(copies, 0)
 
+    def static_cache(self, prompt_cache, copies, length):
+        """The prompts' KV cache, each row copied `copies` times (the G rows of a group share one
+        prefill), in a cache preallocated to `length` positions: decoding then writes each token
+        into its column in place, and every step has the same shapes (what --compile needs)."""
+        text, first = self.model.config.text_config, prompt_cache.layers[0].keys
+        cache = StaticCache(config=text, max_cache_len=length)
+        cache.early_initialization(first.shape[0] * copies, first.shape[1], first.shape[3], first.dtype, first.device)
+        for static, prompt in zip(cache.layers, prompt_cache.layers):
+            L = prompt.keys.shape[2]
+            static.keys[:, :, :L] = prompt.keys.repeat_interleave(copies, 0)
+            static.values[:, :, :L] = prompt.values.repeat_interleave(copies, 0)
+            static.cumulative_length.fill_(L)
+        return cache
+
     @torch.no_grad()
     def decode_step(self, state, tokens):
-        """Feed one token per row (N,) and return the next-token logits (N, V)."""
+        """Feed one token per row (N,) and return the next-token logits (N, V). The token goes
+        into the cache's next free column, which the rows' attention mask opens."""
         n = tokens.shape[0]
-        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(n, 1)], 1)
+        state["mask"][:, state["length"]] = True
+        state["length"] += 1
         positions = state["next"].view(1, n, 1).expand(3, n, 1)
         state["next"] = state["next"] + 1
+        return self.next_logits(tokens, positions, state["mask"][:, None, None], state["cache"])
+
+    def next_logits(self, tokens, positions, mask, cache):
+        """The language model on one token per row: next-token logits (N, V), float32. With
+        --compile this is what torch.compile runs (`compile_decoding`)."""
         with self.context():
-            out = self.model.model(input_ids=tokens[:, None], attention_mask=state["mask"],
-                                   position_ids=positions, cache=state["cache"], use_cache=True)
-            logits = self.model.lm_head(out.last_hidden_state[:, -1])
-        return logits.float()
+            out = self.model.model.language_model(input_ids=tokens[:, None], position_ids=positions, cache=cache,
+                                                  attention_mask={"full_attention": mask}, use_cache=True)
+            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def compile_decoding(self):
+        """--compile: the decoding step through torch.compile (one graph: every step has the same
+        shapes). The first rollout pays for the compilation."""
+        self.next_logits = torch.compile(self.next_logits, dynamic=False)
 
     def decode(self, completion_ids):
         return self.processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
     def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
-        """log pi(token) of each completion token (N, T), float32, each prompt computed once.
+        """log pi(token) of each completion token (N, T), float32, each prompt computed once; 0
+        where `mask` is 0. A score, without gradient: the loss goes through `completion_loss`."""
+        hidden, targets, mask = self.completion_hidden(batch, completion_ids, mask)
+        logps = [self.chunk_logps(h, y, temperature, sampling)[0] for h, y in self.chunks(hidden, targets)]
+        return torch.zeros(mask.shape, device=hidden.device).masked_scatter(mask, torch.cat(logps))
+
+    def completion_loss(self, batch, completion_ids, objective, temperature=1.0, mask=None, sampling=True):
+        """sum_t objective(log pi(token_t)) over the completion tokens where `mask` is 1, and the
+        log-probs (N, T) of `completion_logps`. The output layer takes the loss's gradient as it
+        goes (`OutputLayer`): backward() on the loss runs the rest of the model's backward.
+        `objective(logp, start, stop)`: the loss of the scored tokens start:stop (grpo.objective)."""
+        hidden, targets, mask = self.completion_hidden(batch, completion_ids, mask)
+        loss, logps = OutputLayer.apply(hidden, self.model.lm_head.weight, targets, self, temperature, sampling,
+                                        objective)
+        return loss, torch.zeros(mask.shape, device=hidden.device).masked_scatter(mask, logps)
+
+    def completion_hidden(self, batch, completion_ids, mask=None):
+        """The final hidden state (M, H) that predicts each completion token where `mask` is 1
+        (row-major), those M tokens, and the mask as booleans (N, T).
 
         `batch` holds B prompts and `completion_ids` their N = B*G completions, group after group.
         One row per group: [prompt | completion 1 | ... | completion G] with an attention mask
         that lets every completion see the prompt and its own earlier tokens only, and the same
         rotary positions each completion would have alone. The vision encoder and the prompt
         tokens run once per group and their gradient is the sum over the G completions: the same
-        numbers as G separate forwards. Only positions where `mask` is 1 are scored (0 elsewhere);
-        `sampling` as in `policy_logprobs`."""
+        numbers as G separate forwards."""
         B, L = batch["input_ids"].shape
         N, T = completion_ids.shape
         G = N // B
@@ -264,9 +317,7 @@ class VLM:
         source = torch.where(t == 0, L - 1, L + (t - 1).clamp(min=0))  # (T,) column in group 0
         source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))  # (G, T)
         hidden = hidden[:, source.flatten()].reshape(N, T, -1)  # (B, G*T, H) -> (N, T, H), group after group
-        logps = torch.zeros(N, T, device=hidden.device)  # (N, T), 0 where mask is 0
-        return logps.masked_scatter(mask, self.token_logps(hidden[mask], completion_ids[mask], temperature,
-                                                           sampling))
+        return hidden[mask], completion_ids[mask], mask
 
     def group_mask(self, prompt_mask, copies, length):
         """4-D attention mask (B, 1, S, S) of a [prompt | copies x completion] row.
@@ -290,18 +341,8 @@ class VLM:
             raise ValueError(f"scoring with a shared prompt needs sdpa or eager attention, not {attention}")
         return allowed[:, None]
 
-    def token_logps(self, hidden, targets, temperature, sampling=True):
-        """log pi(target) for rows of final hidden states (M, H) -> (M,), in chunks of positions.
-
-        The logits of a chunk exist only inside it, so no (M, vocab) float32 tensor is ever held,
-        whatever the vocabulary: with gradients, `OutputLayer` recomputes a chunk in the backward.
-        The output layer runs in the model's compute dtype, as it does when sampling."""
-        if torch.is_grad_enabled():
-            return OutputLayer.apply(hidden, self.model.lm_head.weight, targets, self, temperature, sampling)
-        return torch.cat([self.chunk_logps(h, y, temperature, sampling)[0] for h, y in self.chunks(hidden, targets)]
-                         or [hidden.new_zeros(0, dtype=torch.float32)])
-
     def chunks(self, hidden, targets):
+        """Slices of LOGIT_CHUNK logits: the logits of a chunk exist only while it is scored."""
         rows = max(1, LOGIT_CHUNK // self.model.lm_head.out_features)
         return [(hidden[s:s + rows], targets[s:s + rows]) for s in range(0, hidden.shape[0], rows)]
 
@@ -365,43 +406,53 @@ class VLM:
 
 
 class OutputLayer(torch.autograd.Function):
-    """The output layer and log-softmax of `VLM.token_logps`, chunk by chunk, with a backward
-    that recomputes each chunk's log-probs and adds its weight gradient straight into
-    weight.grad: d log pi(y) / d logits = (onehot(y) - pi) / T, so for upstream gradients g
-    dX = (g (onehot - pi) / T) W and dW += (g (onehot - pi) / T)^T X, with no (vocab, hidden)
-    tensor per chunk beside the gradient itself (autograd would make one and then add it).
-    dW is computed in the weight's dtype (float32 masters under bf16-mixed)."""
+    """The output layer, log-softmax and a loss of the log-probs (`VLM.completion_loss`), chunk by
+    chunk of positions, with the loss's gradient taken in the forward: each chunk's logits exist
+    once, and never all of them at the same time (no (M, vocab) tensor, whatever the vocabulary).
+
+    A token's loss depends on its own log-prob alone (the GRPO ratio, clip and KL are per token), so
+    its gradient g = d loss / d log pi(y) is known as soon as the chunk is; with
+    d log pi(y) / d logits = (onehot(y) - pi) / T, the chunk then gives dX = (g (onehot - pi) / T) W,
+    kept for the backward, and dW += (g (onehot - pi) / T)^T X, added straight into weight.grad (in
+    the weight's dtype: float32 masters under bf16-mixed). The backward only hands dX to the rest of
+    the model. Because dW is already in place, the loss must be backpropagated as it is, unscaled."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, policy, temperature, sampling):
-        ctx.save_for_backward(hidden, targets)
-        ctx.policy, ctx.temperature, ctx.sampling = policy, temperature, sampling
-        chunks = policy.chunks(hidden.detach(), targets)  # no graph: backward below is the gradient
-        parts = [policy.chunk_logps(h, y, temperature, sampling)[0] for h, y in chunks]
-        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, targets = ctx.saved_tensors
-        hidden = hidden.detach()  # as in the forward (a view of a grad-requiring tensor confuses module hooks)
-        policy, temperature = ctx.policy, ctx.temperature
-        weight = policy.model.lm_head.weight
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+    def forward(ctx, hidden, weight, targets, policy, temperature, sampling, objective):
+        hidden = hidden.detach()  # a view of a grad-requiring tensor confuses module hooks
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         if weight.requires_grad and weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        start = 0
+        loss, logps, start = torch.zeros((), device=hidden.device), [], 0
         for h, y in policy.chunks(hidden, targets):
-            _, logp = policy.chunk_logps(h, y, temperature, ctx.sampling)
+            logp_y, logp = policy.chunk_logps(h, y, temperature, sampling)
+            with torch.enable_grad():  # the loss of each token, and its gradient g (n,)
+                leaf = logp_y.detach().requires_grad_()
+                value = objective(leaf, start, start + len(y)).sum()
+                g, = torch.autograd.grad(value, leaf)
             d_logits = logp.exp_().neg_()                                  # -pi, in place: (n, V) float32
             d_logits[torch.arange(len(y), device=y.device), y] += 1        # onehot(y) - pi
-            d_logits *= grad[start:start + len(y), None] / temperature    # x g / T
+            d_logits *= g[:, None] / temperature                           # x g / T
             if grad_hidden is not None:
                 with policy.context():
                     grad_hidden[start:start + len(y)] = d_logits.to(weight.dtype) @ weight
             if weight.requires_grad:
                 weight.grad.addmm_(d_logits.T.to(weight.dtype), h.to(weight.dtype))
+            loss += value.detach()
+            logps.append(logp_y)
             start += len(y)
-        return grad_hidden, None, None, None, None, None
+        ctx.save_for_backward(grad_hidden)
+        logps = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(logps)
+        return loss, logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        if grad_loss.item() != 1.0:  # dW went into weight.grad unscaled in the forward
+            raise RuntimeError(f"completion_loss: backpropagate the loss as it is (got a gradient of "
+                               f"{grad_loss.item()}; scale the objective instead)")
+        grad_hidden, = ctx.saved_tensors
+        return grad_hidden, None, None, None, None, None, None
 
 
 def check_chat_template(processor):

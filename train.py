@@ -69,33 +69,34 @@ def grpo_step(run, samples, phases):
 def policy_update(run, rollout, advantages, phases):
     """Reference log-probs, then mu clipped updates on one rollout (METHOD.md 5.3-5.5).
 
-    Each micro-batch's loss is weighted by its share of the whole step's (all ranks') sequences
-    or tokens, so the gradients summed over ranks are those of one process on all prompts."""
+    Token weights are those of the whole step's (all ranks') loss, so the gradients that
+    micro-batches and ranks add up are those of one process on all prompts at once."""
     cfg, policy = run.cfg, run.policy
-    parts = micro_batches(cfg, rollout, advantages)
+    rank_share = share(cfg, rollout.mask)
+    weights = grpo.token_weights(rollout.mask, cfg.loss_type, cfg.max_new_tokens) * rank_share
+    parts = micro_batches(cfg, rollout, advantages, weights)
     with timed(phases, "reference"), torch.no_grad():
         ref_logps = [None if run.ref is None else run.ref.completion_logps(rows, ids, cfg.temperature, mask)
-                     for rows, ids, mask, _ in parts]
+                     for rows, ids, mask, _, _ in parts]
     policy.model.train()
-    local = rollout.mask.sum().item() if cfg.loss_type == "bnpo" else rollout.mask.shape[0]
-    rank_share = local / dist.total(local)  # this rank's part of the global loss
-    old_logps = [None] * len(parts)
-    stats = {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
+    loss_args = dict(eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta)
+    old_logps, stats = [None] * len(parts), {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
     for _ in range(cfg.updates_per_rollout):
-        for k, (rows, ids, mask, adv) in enumerate(parts):
-            with timed(phases, "policy_forward"):
-                logp = policy.completion_logps(rows, ids, cfg.temperature, mask)  # (n, T)
-                if old_logps[k] is None:  # pi_old: the policy that sampled, scored by this same forward
-                    old_logps[k] = logp.detach()
-                loss, loss_stats = grpo.grpo_loss(logp, old_logps[k], ref_logps[k], adv, mask, eps=cfg.eps,
-                                         eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
-                                         max_new_tokens=cfg.max_new_tokens)
-                weight = grpo.chunk_weight(cfg.loss_type, mask, rollout.mask) * rank_share
+        logps = []
+        for k, (rows, ids, mask, adv, w) in enumerate(parts):
+            with timed(phases, "policy_forward"):  # the output layer takes the loss's gradient here
+                objective = grpo.objective(old_logps[k], ref_logps[k], adv, w, mask, **loss_args)
+                loss, logp = policy.completion_loss(rows, ids, objective, cfg.temperature, mask)  # (n, T)
             with timed(phases, "backward"):
-                (loss * weight).backward()
-            for key in ("kl", "clip_frac", "ratio"):  # averaged over the mu updates
-                stats[key] += loss_stats[key] * weight / cfg.updates_per_rollout
-            stats["loss"] += check_finite("the loss", loss.item()) * weight / cfg.updates_per_rollout
+                loss.backward()
+            stats["loss"] += check_finite("the loss", loss.item()) / cfg.updates_per_rollout
+            logps.append(logp)
+        if old_logps[0] is None:  # pi_old: the policy that sampled, scored by the first update's forward
+            old_logps = logps
+        update = grpo.loss_stats(torch.cat(logps), torch.cat(old_logps), None if run.ref is None else
+                                 torch.cat(ref_logps), advantages, rollout.mask, cfg.eps, cfg.eps_high)
+        for key in ("kl", "clip_frac", "ratio"):  # averaged over the mu updates, each rank by its share
+            stats[key] += update[key] * rank_share / cfg.updates_per_rollout
         with timed(phases, "optimizer"):
             stats["grad_norm"] = apply_update(run)
     for key in ("kl", "clip_frac", "ratio", "loss"):  # each rank's part is already weighted globally
@@ -106,23 +107,31 @@ def policy_update(run, rollout, advantages, phases):
     return stats
 
 
-def micro_batches(cfg, rollout, advantages):
-    """(prompt rows, completion ids, mask, advantages) per micro-batch of whole groups."""
+def share(cfg, mask):
+    """This rank's part of the whole step: its tokens (bnpo's token mean) or its sequences."""
+    local = mask.sum().item() if cfg.loss_type == "bnpo" else mask.shape[0]
+    return local / dist.total(local)
+
+
+def micro_batches(cfg, rollout, advantages, weights):
+    """(prompt rows, completion ids, mask, advantages, token weights) per micro-batch of whole groups."""
     G, n = cfg.group_size, rollout.completion_ids.shape[0]
     chunk = cfg.micro_batch or n
     return [(VLM.select_rows(rollout.batch, s // G, (s + chunk) // G), rollout.completion_ids[s:s + chunk],
-             rollout.mask[s:s + chunk], advantages[s:s + chunk]) for s in range(0, n, chunk)]
+             rollout.mask[s:s + chunk], advantages[s:s + chunk], weights[s:s + chunk]) for s in range(0, n, chunk)]
 
 
 def apply_update(run):
     """Clip the gradient and take one AdamW step; returns the gradient norm before clipping.
-    A non-finite gradient stops the run before the step, non-finite weights right after it."""
+
+    The norm that clipping needs is the finiteness check: a non-finite gradient stops the run
+    before the step. No second pass over the weights after it: from finite weights, moments and a
+    gradient clipped to a finite norm, AdamW's step (an average over a root of an average, times lr)
+    is finite, and checkpoints refuse non-finite weights anyway (rundir.save_checkpoint)."""
     dist.sum_gradients(run.params)  # every rank now holds the whole step's gradient (or its shard of it)
     grad_norm = check_finite("the gradient norm", dist.clip_gradients(run.params, run.cfg.grad_clip))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free until the next backward
-    if not dist.everywhere(rundir.all_finite(run.params)):
-        raise Diverged("the update made the weights non-finite")
     return grad_norm
 
 
@@ -136,9 +145,11 @@ def sft_loss(run, samples):
     T = max(map(len, ids))
     completion = torch.tensor([x + [policy.pad_id] * (T - len(x)) for x in ids], device=policy.device)
     mask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids], device=policy.device)
+    tokens = dist.total(mask.sum().item())  # token mean over every rank's batch
     # the usual cross-entropy: the model's plain softmax, not the sampling distribution
-    logp = policy.completion_logps(batch, completion, mask=mask, sampling=False)
-    return -(logp * mask).sum() / dist.total(mask.sum().item())  # token mean over every rank's batch
+    loss, _ = policy.completion_loss(batch, completion, lambda logp, start, stop: -logp / tokens, mask=mask,
+                                     sampling=False)
+    return loss
 
 
 @contextlib.contextmanager

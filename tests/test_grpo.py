@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from grpo import aggregate, chunk_weight, completion_mask, frac_equal_groups, group_advantages, grpo_loss
+from grpo import (completion_mask, frac_equal_groups, group_advantages, grpo_loss, objective, token_loss,
+                  token_weights)
 
 
 def test_advantages_hand_computed():
@@ -98,18 +99,40 @@ def test_beta_zero_needs_no_reference_and_beta_positive_does():
         grpo_loss(logp, None, None, torch.ones(2), torch.ones(2, 3), beta=0.04)
 
 
-def test_aggregation_errors_and_chunk_weights_add_up():
-    x = torch.arange(12.0).view(4, 3)
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1.0]])
+def test_token_weights_hand_computed_and_their_errors():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0.0]])
+    # grpo: 1 / (N |o_i|) = 1/9, 1/3, 1/6; bnpo: 1 / 6 tokens; dr_grpo: 1 / (N T_max) = 1 / 15
+    assert token_weights(mask, "grpo")[:, 0].tolist() == pytest.approx([1 / 9, 1 / 3, 1 / 6])
+    assert (token_weights(mask, "bnpo") == mask / 6).all()
+    assert token_weights(mask, "dr_grpo", 5).sum().item() == pytest.approx(6 / 15)
+    assert (token_weights(mask, "grpo")[mask == 0] == 0).all()
     with pytest.raises(ValueError, match="max_new_tokens"):
-        aggregate(x, mask, "dr_grpo")
+        token_weights(mask, "dr_grpo")
     with pytest.raises(ValueError, match="loss_type"):
-        aggregate(x, mask, "sum")
-    for lt in ("grpo", "bnpo", "dr_grpo"):
-        whole = aggregate(x, mask, lt, 3)
-        parts = sum(aggregate(x[s:s + 2], mask[s:s + 2], lt, 3) * chunk_weight(lt, mask[s:s + 2], mask)
-                    for s in (0, 2))
-        assert parts.item() == pytest.approx(whole.item())
+        token_weights(mask, "sum")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_objective_in_chunks_gives_the_loss_and_its_gradient(loss_type):
+    """The output layer's view of the loss (objective(logp, start, stop) on the scored tokens in
+    chunks) adds up to grpo_loss, value and gradient."""
+    g = torch.Generator().manual_seed(3)
+    N, T = 4, 5
+    logp = (-torch.rand(N, T, generator=g) * 3).requires_grad_()
+    old, ref = logp.detach() + 0.4 * torch.randn(N, T, generator=g), logp.detach() + 0.3 * torch.randn(N, T, generator=g)
+    adv, mask = torch.randn(N, generator=g), (torch.rand(N, T, generator=g) < 0.7).float()
+    args = dict(eps=0.2, eps_high=0.3, beta=0.04)
+    loss, _ = grpo_loss(logp, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=6, **args)
+    whole, = torch.autograd.grad(loss, logp)
+    f = objective(old, ref, adv, token_weights(mask, loss_type, 6), mask, **args)
+    scored = logp.detach()[mask.bool()].requires_grad_()
+    parts = sum(f(scored[s:s + 3], s, s + 3).sum() for s in range(0, len(scored), 3))
+    part_grad, = torch.autograd.grad(parts, scored)
+    assert parts.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.allclose(part_grad, whole[mask.bool()], atol=1e-7) and (whole[mask == 0] == 0).all()
+    # pi_old = pi (the first update): the ratio is 1 and its gradient that of ratio * A
+    on_policy = token_loss(logp, None, None, adv[:, None], beta=0.0)
+    assert torch.allclose(on_policy, -adv[:, None].expand(N, T))
 
 
 def test_draw_follows_the_distribution_and_never_picks_a_zero():

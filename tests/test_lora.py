@@ -43,7 +43,7 @@ def test_fresh_adapters_change_nothing_and_only_they_train(setup):
     assert torch.allclose(vlm.completion_logps(batch, ids, 0.9, mask), before, atol=1e-6)
     trainable = {n for n, p in vlm.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    vlm.completion_logps(batch, ids, 0.9, mask).sum().backward()
+    vlm.completion_loss(batch, ids, lambda logp, start, stop: logp, 0.9, mask)[0].backward()
     assert all(p.grad is None for n, p in vlm.model.named_parameters() if n not in trainable)
     assert all(p.grad is not None for n, p in vlm.model.named_parameters() if n in trainable)
 

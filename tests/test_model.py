@@ -8,7 +8,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from data import load_dataset
 from grpo import sample_groups
-from model import (PATCH, TINY_CHAT_TEMPLATE, VLM, build_tiny_tokenizer, load_vlm)
+from model import (PATCH, TINY_CHAT_TEMPLATE, TINY_WARM_START, VLM, build_tiny_tokenizer, load_vlm)
 from reward import from_image_frame, score_completions
 
 
@@ -61,9 +61,9 @@ def test_sampling_never_emits_vision_tokens_and_masks_up_to_the_first_stop(tiny)
     assert (r.logps[r.mask == 0] == 0).all() and (r.logps[r.mask == 1] < 0).all()
 
 
-def test_groups_are_contiguous_rows_of_their_prompt(warm):
+def test_groups_are_contiguous_rows_of_their_prompt():
     """Rows g*G .. g*G + G-1 are prompt g's: greedy, they all equal prompt g decoded alone."""
-    vlm = load_vlm(warm)  # a model whose answers differ from image to image
+    vlm = load_vlm(TINY_WARM_START)  # the shipped warm start: its answers differ from image to image
     alone = {}  # two images whose greedy answers differ, else the check below could not fail
     for s in load_dataset("synth:derm", "test", n=12):
         ids = sample_groups(vlm, [s.image()], [s.query], 1, max_new_tokens=24, greedy=True).completion_ids[0]

@@ -88,6 +88,13 @@ def test_unknown_choices_are_refused_by_the_parser(capsys):
     assert "invalid choice: 'ppo'" in capsys.readouterr().err
 
 
+def test_compile_with_fsdp_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun
+    with pytest.raises(SystemExit, match="--compile and --fsdp together are not supported") as e:
+        train.main(["--compile", "--fsdp", "--out", str(tmp_path / "run")])
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -141,3 +148,29 @@ def test_a_second_update_on_the_same_rollout_moves_the_ratio_and_logs_clipping(w
     assert all(0 <= r["clip_frac"] <= 1 for r in log) and any(r["clip_frac"] > 0 for r in log)
     assert all(r["sampler_logp_gap"] < 1e-4 for r in log)  # the sampler drew from what the loss scores
     assert all(r["seconds_rollout"] > 0 and r["seconds_backward"] > 0 for r in log)
+
+
+def test_the_fused_optimizer_steps_as_torch_adamw_and_resumes_a_one_group_state():
+    """start.optimizer_of (fused AdamW, the output layer in a group of its own) against torch's
+    plain AdamW on all parameters at once: the same weights after three steps; and an optimizer
+    state saved in one group (before the output layer had its own) resumes with each moment on
+    its own parameter."""
+    cfg = Config(lr=1e-2, weight_decay=0.1)
+    policies = [load_vlm("tiny"), load_vlm("tiny")]
+    fused, _ = start.optimizer_of(cfg, policies[0])
+    plain = torch.optim.AdamW(policies[1].model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert [len(g["params"]) for g in fused.param_groups] == [len(list(policies[0].model.parameters())) - 1, 1]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in policies[0].model.parameters()]
+        for vlm, opt in zip(policies, (fused, plain)):
+            for p, grad in zip(vlm.model.parameters(), grads):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b in zip(policies[0].model.parameters(), policies[1].model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    again, _ = start.optimizer_of(cfg, policies[1])
+    again.load_state_dict(start.regrouped(plain.state_dict(), again, list(policies[1].model.parameters())))
+    for p in policies[1].model.parameters():
+        assert torch.equal(again.state[p]["exp_avg"], plain.state[p]["exp_avg"])
+        assert torch.equal(again.state[p]["exp_avg_sq"], plain.state[p]["exp_avg_sq"])
