@@ -3,6 +3,8 @@
     python bench.py                         # tiny default, lean step only
     python bench.py --naive                 # + the straightforward step, interleaved, with ratios
     python bench.py --model proxy --naive   # random-init Qwen2.5-VL, 151,936 vocab, ~256 image tokens
+    python bench.py --model clone --naive   # the output layer dominates: hidden 256, 2 layers, 12 image tokens
+    python bench.py --compile               # + the step with a compiled decoding step, interleaved
     python bench.py --model 3b              # Qwen2.5-VL-3B dimensions (random init; for a GPU)
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
     python bench.py --head                  # the output layer's forward + backward, lean vs whole logits
@@ -37,7 +39,7 @@ import train
 from config import Config
 from data import load_dataset
 from model import (CACHE_BLOCK, LOGIT_CHUNK, PRECISIONS, VLM, OutputLayer, build_tiny_model, build_tiny_processor,
-                   build_tiny_tokenizer, load_vlm, weights_on_meta)
+                   build_tiny_tokenizer, load_vlm, reuse_freed_memory, weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
 
@@ -64,7 +66,7 @@ IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
-            "clone": dict(B=4, G=8, new=128, micro=8),
+            "clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),  # the synthetic images at Qwen's smallest size
             "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8)}
 UTILISATION_TARGETS = {"proxy": 0.5}  # the lean step's FLOP rate over the square-matmul rate (1 thread, CPU)
 # (model, path, against, phase, at most): the median of one path's phase over another's, interleaved
@@ -94,8 +96,9 @@ def shape_config(name, tok):
         tie_word_embeddings=TIED[name])
 
 
-def build(name, device, precision):
-    """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry."""
+def build(name, device, precision, image_tokens=IMAGE_TOKENS):
+    """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry
+    whose processor resizes every image to `image_tokens` merged tokens."""
     if name == "tiny":
         return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
     tok = build_tiny_tokenizer(vocab_size=151_936)
@@ -104,7 +107,7 @@ def build(name, device, precision):
     model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
     if device == "cuda":
         model.activation_checkpointing_enable()
-    pixels = IMAGE_TOKENS * 28 * 28
+    pixels = image_tokens * 28 * 28
     return VLM(model, build_tiny_processor(tok, pixels, pixels), template="r1", amp_dtype=amp)
 
 
@@ -197,10 +200,11 @@ def step_once(run, samples, counter):
 
 
 def run_bench(a):
+    reuse_freed_memory()  # as train.py runs
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     s = SETTINGS[a.model]
     B, G, new = a.batch_prompts or s["B"], a.group_size or s["G"], a.max_new_tokens or s["new"]
-    policy = build(a.model, device, a.precision)
+    policy = build(a.model, device, a.precision, a.image_tokens or s.get("image_tokens", IMAGE_TOKENS))
     # completions run to max_new_tokens: a suppressed token never gets sampled, so nothing stops
     policy.eos_ids = policy.suppress_ids[:1].tolist()
     ref = policy.frozen_copy()
@@ -668,6 +672,8 @@ def main(argv=None):
     p.add_argument("--batch-prompts", type=int, default=None, help="B (default: 4)")
     p.add_argument("--group-size", type=int, default=None, help="G (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 24 tiny, 128 proxy, 256 3b")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help=f"merged tokens per image, models other than tiny (default {IMAGE_TOKENS}; clone 12)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "bf16-mixed"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for comparable timings)")
@@ -687,6 +693,7 @@ def main(argv=None):
     p.add_argument("--measure-run", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1,
+              "image_tokens": 1,
               "fsdp": 0, "ranks": 1, "lora_rank": 0}
     for name, lo in lowest.items():  # a group of one has no advantage (its std is undefined)
         if getattr(a, name) is not None and getattr(a, name) < lo:

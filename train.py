@@ -34,7 +34,7 @@ import start
 from config import check, load_config, parse_args
 from data import DataError
 from eval import evaluate, write_json
-from model import VLM
+from model import VLM, reuse_freed_memory
 from rundir import RunError
 
 
@@ -350,6 +350,7 @@ def main(argv=None):
         check(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's process count
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        reuse_freed_memory()  # the scoring passes' logit chunks, reused instead of mapped afresh
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         device = dist.setup(device, cfg.fsdp)
         run_dir = cfg.resume or cfg.out or os.path.join(

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +204,19 @@ def test_the_sharded_loader_reads_a_weight_file_row_by_row_and_refuses_a_truncat
         f.write(data[:-4])
     with pytest.raises(ValueError, match=r"w.safetensors: truncated \(\d+ bytes; its header describes \d+\)"):
         next(model.read_safetensors(path))
+
+
+def test_freed_logit_chunks_are_reused_instead_of_mapped_afresh():
+    """model.reuse_freed_memory: a second 64 MB tensor (a logit chunk) reuses the first's pages;
+    without it every one of its 16,384 pages faults again. In fresh processes: the setting is the
+    process's."""
+    probe = ("import resource, sys, torch, model\n"
+             "if sys.argv[1] == 'reuse': model.reuse_freed_memory()\n"
+             "x = torch.ones(2 ** 24); del x\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "y = torch.ones(2 ** 24)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {how: int(subprocess.run([sys.executable, "-c", probe, how], cwd=root, capture_output=True, text=True,
+                                      check=True).stdout.split()[-1]) for how in ("default", "reuse")}
+    assert faults["default"] >= 2 ** 24 * 4 // 4096 * 0.9 and faults["reuse"] < 1000, faults
