@@ -8,6 +8,7 @@
     python bench.py --model 3b              # Qwen2.5-VL-3B dimensions (random init; for a GPU)
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
     python bench.py --head                  # the output layer's forward + backward, lean vs whole logits
+    python bench.py --optimizer             # the fused AdamW step vs torch's per-tensor one
     python bench.py --memory-plan --model 3b [--fsdp K] [--lora-rank r]   # expected peak per phase
     python bench.py --memory-plan --model proxy --check                    # ... against a run on this CPU
 
@@ -359,6 +360,28 @@ def time_head(steps=5):
           f"median of {steps}: lean {lean:.2f} s, whole logits {naive_s:.2f} s, lean / whole {lean / naive_s:.2f}")
 
 
+def time_optimizer(steps=5):
+    """Seconds of one AdamW step over the proxy's 123 M parameters: torch's fused kernel, as
+    start.optimizer_of builds it, against its per-tensor loop (the CPU default), interleaved;
+    medians of `steps` after one warm-up each. tests/test_train.py checks they step alike."""
+    policy = build("proxy", "cpu", "fp32")
+    params = list(policy.model.parameters())
+    for p in params:
+        p.grad = 1e-3 * torch.randn_like(p)
+    paths = {"fused": start.optimizer_of(Config(lr=1e-6), policy)[0],
+             "per-tensor": torch.optim.AdamW(params, lr=1e-6, foreach=False)}
+    times = {name: [] for name in paths}
+    for i in range(steps + 1):
+        for name, optimizer in paths.items():
+            t0 = time.perf_counter()
+            optimizer.step()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    fused, loop = statistics.median(times["fused"]), statistics.median(times["per-tensor"])
+    print(f"AdamW step over the proxy's parameters, {torch.get_num_threads()} thread(s), median of {steps}: "
+          f"fused {fused:.3f} s, per-tensor {loop:.3f} s, fused / per-tensor {fused / loop:.2f}")
+
+
 PROBES = ("lean-head", "naive-head", "lean-pass", "naive-pass")
 
 
@@ -681,6 +704,7 @@ def main(argv=None):
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     p.add_argument("--head", action="store_true",
                    help="time the output layer's forward + backward, lean chunks vs whole logits (proxy)")
+    p.add_argument("--optimizer", action="store_true", help="time the fused AdamW step against the per-tensor one (proxy)")
     p.add_argument("--memory-plan", action="store_true",
                    help="expected peak memory per process at set-up, sampling, scoring and update, from the shapes")
     p.add_argument("--fsdp", type=int, default=0, metavar="K", help="memory plan: split over K processes (--fsdp)")
@@ -707,6 +731,8 @@ def main(argv=None):
         return run_memory()
     if a.head:
         return time_head(a.steps)
+    if a.optimizer:
+        return time_optimizer(a.steps)
     if a.measure_run:
         print(json.dumps(measured_run(a.measure_run[0], json.loads(a.measure_run[1]))))
         return None
