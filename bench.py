@@ -48,16 +48,15 @@ PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optim
 # Shapes of the benchmark models. proxy: what a CPU can step in seconds with the real vocabulary
 # and image-token count; clone: Qwen-shaped with the body small next to the output layer (hidden
 # 256, 2 layers: the head is 6x the body per token); 3b: Qwen2.5-VL-3B-Instruct's config.json dimensions.
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[3])
 SHAPES = {
     "proxy": dict(hidden=512, layers=8, heads=4, kv_heads=2, mlp=1536, mrope=[16, 24, 24], theta=1e6,
-                  vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
-                              fullatt_block_indexes=[3])),
+                  vision=SMALL_VISION),
     "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, mlp=11008, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
     "clone": dict(hidden=256, layers=2, heads=2, kv_heads=2, mlp=1024, mrope=[16, 24, 24], theta=1e6,
-                  vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
-                              fullatt_block_indexes=[3])),
+                  vision=SMALL_VISION),  # the proxy's vision tower
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
