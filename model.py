@@ -60,7 +60,7 @@ TINY_CHAT_TEMPLATE = (
 
 
 def reuse_freed_memory():
-    """Let the C allocator keep freed blocks of up to 1 GiB for reuse (train.py, eval.py, bench.py).
+    """Let the C allocator keep freed blocks of up to 1 GiB for reuse (train.py and bench.py's timings).
     By default glibc maps each block over 32 MB afresh and unmaps it when freed, so every logit
     chunk (64 MB, several per chunk of positions) pays a page fault per 4 KB page: 30-40 % of a
     chunk's time on this CPU. The process then keeps up to 1 GiB of freed memory. Linux with glibc
@@ -293,7 +293,8 @@ class VLM:
         where `mask` is 0. A score, without gradient: the loss goes through `completion_loss`."""
         hidden, targets, mask = self.completion_hidden(batch, completion_ids, mask)
         logps = [self.chunk_logps(h, y, temperature, sampling)[0] for h, y in self.chunks(hidden, targets)]
-        return torch.zeros(mask.shape, device=hidden.device).masked_scatter(mask, torch.cat(logps))
+        return torch.zeros(mask.shape, device=hidden.device).masked_scatter(
+            mask, torch.cat(logps or [hidden.new_zeros(0, dtype=torch.float32)]))  # nothing scored: all 0
 
     def completion_loss(self, batch, completion_ids, objective, temperature=1.0, mask=None, sampling=True):
         """sum_t objective(log pi(token_t)) over the completion tokens where `mask` is 1, and the
