@@ -207,16 +207,19 @@ def test_the_sharded_loader_reads_a_weight_file_row_by_row_and_refuses_a_truncat
 
 
 def test_freed_logit_chunks_are_reused_instead_of_mapped_afresh():
-    """model.reuse_freed_memory: a second 64 MB tensor (a logit chunk) reuses the first's pages;
-    without it every one of its 16,384 pages faults again. In fresh processes: the setting is the
-    process's."""
+    """model.reuse_freed_memory: 64 MB tensors (logit chunks) made and freed in turn reuse freed
+    pages once the heap has settled; without it every one of their 16,384 pages faults each time.
+    Settling takes a few rounds: torch asks for 64-byte-aligned blocks, which a freed block of
+    exactly the same size cannot hold until it has merged with a neighbour (seen: 1 to 3 rounds).
+    In fresh processes: the setting is the process's."""
     probe = ("import resource, sys, torch, model\n"
              "if sys.argv[1] == 'reuse': model.reuse_freed_memory()\n"
-             "x = torch.ones(2 ** 24); del x\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "y = torch.ones(2 ** 24)\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+             "for _ in range(10):\n"
+             "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "    x = torch.ones(2 ** 24); del x\n"
+             "    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {how: int(subprocess.run([sys.executable, "-c", probe, how], cwd=root, capture_output=True, text=True,
-                                      check=True).stdout.split()[-1]) for how in ("default", "reuse")}
-    assert faults["default"] >= 2 ** 24 * 4 // 4096 * 0.9 and faults["reuse"] < 1000, faults
+    faults = {how: [int(n) for n in subprocess.run([sys.executable, "-c", probe, how], cwd=root, capture_output=True,
+                                                    text=True, check=True).stdout.split()[-5:]]
+              for how in ("default", "reuse")}
+    assert min(faults["default"]) >= 2 ** 24 * 4 // 4096 * 0.9 and sum(faults["reuse"]) < 1000, faults
