@@ -212,6 +212,10 @@ def check(cfg, processes=1):
                         "against the injected class descriptions")
     if cfg.task == "ground" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
         problems.append("--labels, --knowledge, --mfrs-weight and --recite-weight belong to --task classify")
+    for name in ("labels", "knowledge"):  # --knowledge alone is True: the descriptions of --labels
+        path = getattr(cfg, name)
+        if isinstance(path, str) and not os.path.isfile(path):
+            problems.append(f"{flag(name)} {path}: no such file (a labels file: the class names in order)")
     if cfg.lora_targets is not None:
         try:
             re.compile(cfg.lora_targets)
