@@ -496,10 +496,19 @@ def model_config(name):
         # trust_remote_code=False: a folder whose config names custom code is refused, never run
         # (left unset, transformers would ask on a terminal)
         return AutoConfig.from_pretrained(name, trust_remote_code=False)
-    except OSError as e:  # missing folder, bad hub id, no network
-        raise ValueError(f"{name}: not a model folder, and not loadable as a hub id ({str(e)[:200]})")
+    except OSError as e:  # missing folder, bad hub id, no network; a folder's unreadable config.json
+        hub = "" if os.path.isdir(name) else ", and not loadable as a hub id"
+        raise ValueError(f"{name}: not a model folder{hub} ({first_line(e)})")
     except ValueError as e:  # a config.json without a model_type, or broken JSON
-        raise ValueError(f"{name}: not a model folder ({str(e).splitlines()[0][:200]})")
+        raise ValueError(f"{name}: not a model folder ({first_line(e)})")
+
+
+def first_line(e):
+    return (str(e).splitlines() or [""])[0][:200]
+
+
+def unloadable(name, e):
+    return ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first_line(e)})")
 
 
 def prepare(model, gradient_checkpointing, freeze_vision):
@@ -675,7 +684,10 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
             check_chat_template(processor)
-            published = config.dtype  # read before from_pretrained's dtype= overrides it
+        except Exception as e:  # missing or broken tokenizer files, a template that fails or the sandbox stops
+            raise unloadable(name, e)
+        published = config.dtype  # read before from_pretrained's dtype= overrides it
+        try:
             if shard:
                 model = load_sharded(model_cls, config, name, dtype, amp_dtype, device, shard,
                                      gradient_checkpointing, freeze_vision)
@@ -683,9 +695,8 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
                 model = model_cls.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         except ValueError:  # load_sharded's own one-line messages
             raise
-        except Exception as e:  # broken files, weights_only refusing a pickled .bin, a sandboxed template
-            first = (str(e).splitlines() or [""])[0][:200]
-            raise ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first})")
+        except Exception as e:  # broken weight files, weights_only refusing a pickled .bin
+            raise unloadable(name, e)
         if min_pixels or max_pixels:  # transformers 5 keeps the pixel budget in `size`
             size = processor.image_processor.size
             processor.image_processor.size = {"shortest_edge": min_pixels or size.shortest_edge,

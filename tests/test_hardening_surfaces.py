@@ -267,6 +267,21 @@ def test_pickled_weights_and_a_hostile_chat_template_are_one_line(tmp_path):
     assert f"{folder}: cannot be loaded (SecurityError" in error_of(["--model", str(folder), "--out", str(tmp_path / "s")])
 
 
+
+def test_a_folder_without_its_tokenizer_or_with_broken_json_names_the_folder(tmp_path):
+    """transformers' own ValueErrors (a tokenizer it cannot build, a config that is not JSON) come
+    out as one line that says which folder, not as the bare library message."""
+    folder = tmp_path / "m"
+    tiny = load_vlm("tiny")
+    tiny.model.save_pretrained(folder)
+    tiny.processor.save_pretrained(folder)
+    (folder / "tokenizer.json").unlink()
+    assert error_of(["--model", str(folder), "--out", str(tmp_path / "r")]).startswith(
+        f"error: {folder}: cannot be loaded (ValueError: ")
+    (folder / "config.json").write_text("{broken")
+    text = error_of(["--model", str(folder), "--out", str(tmp_path / "s")])
+    assert text.startswith(f"error: {folder}: not a model folder (") and "hub id" not in text
+
 # ----------------------------------------------------------------------------- the run folder
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
     run = tmp_path / "run"
