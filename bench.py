@@ -523,8 +523,11 @@ def sampling_terms(s):
     to CACHE_BLOCK), the prefill's own cache of the B prompts that is copied into it, the next-token
     logits; with --fsdp, every unit's weights gathered in the compute dtype for the whole rollout."""
     text, rows = s.text, s.B * s.G
-    per_position = text.num_hidden_layers * 2 * text.num_key_value_heads * \
-        (text.hidden_size // text.num_attention_heads) * s.act
+    # values come out of a matmul in the compute dtype, keys out of the rotary embedding in the
+    # hidden states' dtype: the fp32 masters' under autocast, bf16 under FSDP2's mixed precision
+    keys = s.act if s.fsdp else s.weight_bytes
+    per_position = text.num_hidden_layers * text.num_key_value_heads * \
+        (text.hidden_size // text.num_attention_heads) * (keys + s.act)
     length = -(-(s.L + s.T) // CACHE_BLOCK) * CACHE_BLOCK
     terms = {"KV cache": per_position * rows * length, "prompts' KV cache": per_position * s.B * s.L,
              "next-token logits": 5 * rows * text.vocab_size * 4}

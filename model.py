@@ -249,13 +249,15 @@ class VLM:
         """The prompts' KV cache, each row copied `copies` times (the G rows of a group share one
         prefill), in a cache preallocated to `length` positions: decoding then writes each token
         into its column in place, and every step has the same shapes (what --compile needs)."""
-        text, first = self.model.config.text_config, prompt_cache.layers[0].keys
-        cache = StaticCache(config=text, max_cache_len=length)
-        cache.early_initialization(first.shape[0] * copies, first.shape[1], first.shape[3], first.dtype, first.device)
+        cache = StaticCache(config=self.model.config.text_config, max_cache_len=length)
         for static, prompt in zip(cache.layers, prompt_cache.layers):
-            L = prompt.keys.shape[2]
-            static.keys[:, :, :L] = prompt.keys.repeat_interleave(copies, 0)
-            static.values[:, :, :L] = prompt.values.repeat_interleave(copies, 0)
+            keys, values = prompt.keys.repeat_interleave(copies, 0), prompt.values.repeat_interleave(copies, 0)
+            # each in its own dtype: under bf16 autocast the keys come out of the rotary embedding
+            # in float32 and the values out of a bf16 matmul
+            static.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+            L = keys.shape[2]
+            static.keys[:, :, :L] = keys
+            static.values[:, :, :L] = values
             static.cumulative_length.fill_(L)
         return cache
 

@@ -2,6 +2,8 @@
 import pytest
 
 import bench
+from model import load_vlm
+from test_model import images
 
 
 @pytest.mark.parametrize("model, size", [("tiny", None), ("proxy", dict(B=2, G=4, new=48, micro=4))])
@@ -63,3 +65,16 @@ def test_the_flop_formulas_count_the_matmuls_torch_counts():
     counted["backward"] = count.get_total_flops()
     for phase, flops in counted.items():  # biases and the merger's norm are left out of the formulas
         assert flops == pytest.approx(expected[phase], rel=0.01), phase
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+def test_the_plans_kv_cache_is_the_cache_the_sampler_allocates(precision):
+    """sampling_terms' KV cache against the static cache VLM.prefill allocates: the length rounded
+    up to CACHE_BLOCK, and under bf16-mixed float32 keys beside bf16 values."""
+    vlm = load_vlm("tiny", precision=precision)
+    batch = vlm.encode(images((200, 300), (380, 170)), ["q", "a longer query"])
+    state, _ = vlm.prefill(batch, 3, 20)
+    held = sum(t.numel() * t.element_size() for layer in state["cache"].layers for t in (layer.keys, layer.values))
+    cfg = bench.Config(batch_prompts=2, group_size=3, max_new_tokens=20, precision=precision)
+    plan = bench.memory_plan(bench.plan_model("tiny"), cfg, batch["input_ids"].shape[1], 16, device="cpu")
+    assert plan["sampling"]["KV cache"] == held
