@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import BOX_FORMATS
+from data import BOX_FORMATS, regular_file
 from rundir import RunError, from_config_path
 
 def knob(default, help, choices=None):
@@ -213,9 +213,11 @@ def check(cfg, processes=1):
     if cfg.task == "ground" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
         problems.append("--labels, --knowledge, --mfrs-weight and --recite-weight belong to --task classify")
     for name in ("labels", "knowledge"):  # --knowledge alone is True: the descriptions of --labels
-        path = getattr(cfg, name)
-        if isinstance(path, str) and not os.path.isfile(path):
-            problems.append(f"{flag(name)} {path}: no such file (a labels file: the class names in order)")
+        if isinstance(getattr(cfg, name), str):
+            try:
+                regular_file(getattr(cfg, name), f"{flag(name)} (a labels file)")
+            except ValueError as e:
+                problems.append(str(e))
     if cfg.lora_targets is not None:
         try:
             re.compile(cfg.lora_targets)

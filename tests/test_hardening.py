@@ -178,9 +178,9 @@ BAD_FLAGS = [
     (["--schedule", "raw-iou", "--reward", "threshold"], "raw-iou has no tau"),
     (["--updates-per-rollout", "0"], "--updates-per-rollout 0: must be [1, 100]"),
     (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
-    (["--task", "classify", "--labels", "/no/labels.json"], "--labels /no/labels.json: no such file"),
+    (["--task", "classify", "--labels", "/no/labels.json"], "--labels (a labels file): file not found: /no/labels.json"),
     (["--task", "classify", "--dataset", "synth:grade", "--knowledge", "/no/k.json"],
-     "--knowledge /no/k.json: no such file"),
+     "--knowledge (a labels file): file not found: /no/k.json"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "CUDA is not available on this machine"))
