@@ -6,6 +6,7 @@ schedule, gathered in the one small object the training loop threads (`Run`).
     or: resume, which restores all of it from the newest intact checkpoint of the run folder.
 """
 import dataclasses
+import functools
 import os
 
 import torch
@@ -17,7 +18,7 @@ import tasks
 from config import PATH_KEYS, parse_stages
 from data import DataError, labels_from_json, load_class_dataset, load_dataset, with_knowledge
 from eval import write_json
-from model import TINY_WARM_START, load_vlm
+from model import TINY_WARM_START, load_vlm, model_config
 from rundir import RunError
 from scheduler import make_schedule
 
@@ -187,6 +188,37 @@ def reference(cfg, policy, name, device, same):
         return load_policy(cfg, name, device).freeze()
     # loaded: frozen as it is, no copy (on resume the policy is the checkpoint, not the start)
     return policy.frozen_copy() if same else load_policy(cfg, name, device).freeze()
+
+
+# what a reference must read as the policy does: the token ids, the vision tokens, the image patches
+READ_ALIKE = ("model_type", "text_config.vocab_size", "image_token_id", "video_token_id", "vision_start_token_id",
+              "vision_end_token_id", "vision_config.patch_size", "vision_config.spatial_merge_size",
+              "vision_config.temporal_patch_size")
+
+
+def check_reference(cfg):
+    """A --ref-model scores the policy's token ids and image patches, so the two must read them
+    alike: compared on their configs before anything loads (a reference with another vocabulary
+    would otherwise fail at its first forward, after the set-up and any warm start)."""
+    if cfg.ref_model in (None, "none"):
+        return
+    start = cfg.init or cfg.model
+    policy_config = config_of(start, "--init" if cfg.init else "--model")
+    ref_config = config_of(cfg.ref_model, "--ref-model")
+    for field in READ_ALIKE:
+        mine, theirs = (functools.reduce(lambda c, key: getattr(c, key, None), field.split("."), config)
+                        for config in (policy_config, ref_config))
+        if mine != theirs:
+            raise RunError(f"--ref-model {cfg.ref_model}: its {field} is {theirs!r}, the policy's ({start}) "
+                           f"{mine!r}; the reference scores the policy's tokens and image patches, so both must "
+                           "read them alike")
+
+
+def config_of(name, flag):
+    try:
+        return load_vlm("tiny").model.config if name == "tiny" else model_config(name)
+    except ValueError as e:
+        raise RunError(f"{flag} {e}")
 
 
 def add_adapters(cfg, policy, run_dir, folder=None):

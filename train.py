@@ -310,6 +310,7 @@ def report(policy, task, eval_set, max_new_tokens, path, title):
 # ----------------------------------------------------------------------------- a whole run
 def train(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
+    start.check_reference(cfg)
     train_set, eval_set, eval_spec, labels = start.load_data(cfg)
     if eval_set is None and dist.is_main():
         why = "--eval-dataset none" if cfg.eval_dataset == "none" else f"{cfg.dataset} has no built-in test split"

@@ -14,6 +14,7 @@ import model
 import rundir
 import start
 import train
+from config import Config
 
 TINY_SFT = ["--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "2", "--eval-dataset", "none",
             "--threads", "1"]
@@ -194,6 +195,27 @@ def test_every_flag_has_a_range_checked_before_anything_loads(argv, message, mon
     assert text.startswith("error: ") and message in text
     assert not (tmp_path / "run").exists()
 
+
+
+def test_a_reference_that_reads_tokens_otherwise_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """--ref-model scores the policy's token ids and image patches: another vocabulary (an
+    IndexError at its first forward, after the set-up) or other vision token ids are one line, from
+    the two config.json files alone."""
+    monkeypatch.setattr(start, "load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    policy, ref = tmp_path / "policy", tmp_path / "ref"
+    model.load_vlm("tiny").model.config.save_pretrained(policy)
+    config = json.loads((policy / "config.json").read_text())
+    for change, said in [(("text_config", "vocab_size", 151_936), "its text_config.vocab_size is 151936"),
+                         ((None, "image_token_id", 7), "its image_token_id is 7")]:
+        changed = json.loads(json.dumps(config))
+        section, key, value = change
+        (changed[section] if section else changed)[key] = value
+        ref.mkdir(exist_ok=True)
+        (ref / "config.json").write_text(json.dumps(changed))
+        text = error_of(["--model", str(policy), "--ref-model", str(ref), "--out", str(tmp_path / "r")])
+        assert text.startswith(f"error: --ref-model {ref}: {said}, the policy's ({policy}) "), text
+    (ref / "config.json").write_text(json.dumps(config))
+    start.check_reference(Config(model=str(policy), ref_model=str(ref)))  # the same model: accepted
 
 def test_every_problem_is_listed_in_one_message():
     text = error_of(["--lr", "-1", "--window", "1", "--steps", "0"])
