@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from dist import from_main, is_main, local
+from model import first_line
 
 
 class RunError(Exception):
@@ -190,7 +191,7 @@ def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs
 def why(error):
     if isinstance(error, OSError):
         return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
-    return str(error).splitlines()[0][:200]
+    return first_line(error)
 
 
 def save_model(policy, folder, weights=None, dtype=None):
