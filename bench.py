@@ -11,6 +11,7 @@
     python bench.py --optimizer             # the fused AdamW step vs torch's per-tensor one
     python bench.py --memory-plan --model 3b [--fsdp K] [--lora-rank r]   # expected peak per phase
     python bench.py --memory-plan --model proxy --check                    # ... against a run on this CPU
+    python bench.py --prepare 200 100000    # prepare.py: DICOM -> PNG images/s per worker, memory for 100k rows
 
 The lean step samples with the prompt prefilled once per group and scores each group in one row
 (grpo.sample_groups, VLM.completion_logps); `--naive` runs the same step (train.grpo_step) with a
@@ -586,6 +587,69 @@ def reset_peak():
         f.write("5")  # Linux: VmHWM starts again from VmRSS
 
 
+def prepare_run(argv):
+    """One prepare.py conversion in this process: seconds, resident memory before it (the imports),
+    this process's peak and its workers' largest peak, in bytes."""
+    import resource
+    import prepare
+    before = resident("VmRSS")
+    t = time.perf_counter()
+    prepare.main(argv)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "before": before, "peak": resident("VmHWM"),
+            "worker_peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+def time_prepare(n_images, n_rows, rounds=3):
+    """prepare.py on made-up RSNA-style sets (docs/data.md): 1024 x 1024 16-bit DICOMs -> PNG per
+    second with 1 and 2 workers (runs interleaved, medians), then the peak memory of converting
+    n_rows rows, each its own small PNG, against a tenth of them (flat memory: rows streamed)."""
+    import numpy as np
+    from PIL import Image
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from dicom_files import write_dicom
+    work = tempfile.mkdtemp(prefix="bench-prepare-")
+
+    pixels = np.random.default_rng(0).integers(0, 4096, (1024, 1024), dtype=np.uint16)
+    folder = os.path.join(work, "dicom")
+    with open(os.path.join(work, "dicom.csv"), "w") as f:  # RSNA's layout: 1024 x 1024 DICOMs
+        f.write("patientId,x,y,width,height,Target\n")
+        for i in range(n_images):
+            write_dicom(os.path.join(folder, f"p{i:06d}.dcm"), pixels, WindowCenter="2048", WindowWidth="4096")
+            f.write(f"p{i:06d},10,20,30,40,1\n")
+    dicoms = [os.path.join(work, "dicom.csv"), "--images", folder, "--quiet"]
+    times = {1: [], 2: []}
+    for r in range(rounds):
+        for w in times:
+            out = os.path.join(work, f"out-{w}-{r}")
+            got = measure_prepare(["rsna"] + dicoms + ["--workers", str(w), "--out", out])
+            times[w].append(got["seconds"])
+    for w, ts in times.items():
+        rate = n_images / statistics.median(ts)
+        print(f"1024x1024 16-bit DICOM -> PNG, {w} worker(s): {rate:.1f} images/s ({rate / w:.1f} per worker), "
+              f"runs {', '.join(f'{t:.1f}' for t in ts)} s")
+    for n in (n_rows // 10, n_rows):  # VinDr's layout, whose images may have any size
+        folder = os.path.join(work, f"rows{n}")
+        os.makedirs(folder)
+        with open(os.path.join(work, f"rows{n}.csv"), "w") as f:
+            f.write("image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n")
+            for i in range(n):
+                Image.new("L", (64, 64)).save(os.path.join(folder, f"i{i:06d}.png"))
+                f.write(f"i{i:06d},Nodule/Mass,8,R{i % 3},10,20,30,40\n")
+        small = [os.path.join(work, f"rows{n}.csv"), "--images", folder, "--quiet"]
+        got = measure_prepare(["vindr"] + small + ["--workers", "2", "--out", os.path.join(work, f"out-rows{n}")])
+        print(f"{n:,} rows: {got['seconds']:.0f} s, resident {got['before'] / 2**20:.0f} MiB after the imports, "
+              f"peak {got['peak'] / 2**20:.0f} MiB (main), {got['worker_peak'] / 2**20:.0f} MiB (largest worker)")
+    subprocess.run(["rm", "-rf", work])
+
+
+def measure_prepare(argv):
+    """prepare_run in a fresh process, so that each conversion's peak memory is its own."""
+    out = subprocess.run([sys.executable, __file__, "--measure-prepare", json.dumps(argv)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 MEASURED_PHASES = {"rollout": "sampling", "reference": "scoring", "policy_forward": "scoring",
                    "backward": "scoring", "optimizer": "update"}
 
@@ -717,6 +781,9 @@ def main(argv=None):
     p.add_argument("--check", action="store_true",
                    help="memory plan of tiny or proxy against a measured run on this CPU")
     p.add_argument("--measure-run", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", nargs=2, type=int, metavar=("IMAGES", "ROWS"),
+                   help="prepare.py: DICOM -> PNG images/s with 1 and 2 workers, and peak memory for ROWS rows")
+    p.add_argument("--measure-prepare", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1,
               "image_tokens": 1,
@@ -738,6 +805,11 @@ def main(argv=None):
     if a.measure_run:
         print(json.dumps(measured_run(a.measure_run[0], json.loads(a.measure_run[1]))))
         return None
+    if a.measure_prepare:
+        print(json.dumps(prepare_run(json.loads(a.measure_prepare))))
+        return None
+    if a.prepare:
+        return time_prepare(*a.prepare)
     if a.memory_plan:
         return show_plan(a, p)
     return run_bench(a)

@@ -1,6 +1,7 @@
 """Data: grounding JSONL records (METHOD.md section 9) and the classification sets of VRFT-Aug
 (section 10: labels files, JSONL records), read and validated; the built-in synthetic sets
-(synth.py makes their images); converters from masks and MedMNIST-style .npz files to JSONL.
+(synth.py makes their images). The field's annotation formats, DICOM, masks and MedMNIST .npz
+files become such JSONL through prepare.py.
 
 A dataset is a list of `Sample`s: an image (loaded on demand), a text query, the GT box in
 original-image pixels and where it came from (file:line). `load_dataset(spec)` takes a JSONL path
@@ -8,17 +9,12 @@ or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix; `load_class_dataset` t
 classification (`synth:grade|type`).
 
     python data.py synth --kind xray --n 200 --out DIR          # PNGs + DIR/data.jsonl
-    python data.py from-masks --images DIR --masks DIR --query "Locate the lesion." --out DIR
-    python data.py npz --npz retinamnist.npz --names "grade 0,grade 1,grade 2,grade 3,grade 4" --ordinal --out DIR
 """
 import argparse
-import errno
 import json
 import math
 import os
-import random
 import stat
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -27,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from reward import normalise, parse_box
-from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_sample, tight_box
+from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_sample
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -128,6 +124,10 @@ def _to_pixels(raw, box_format, W, H):
         raise ValueError(f"field 'solution': need x2 > x1 and y2 > y1, got {list(raw)}{hint}")
     if x1 < 0 or y1 < 0 or x2 > W or y2 > H:
         raise ValueError(f"field 'solution': box {list(raw)} ({box_format}) is outside the {W}x{H} image")
+    if x2 - x1 < 1 or y2 - y1 < 1:  # among pixel boxes, such a box is almost surely a normalised one
+        hint = "; it looks normalised (pass --box-format norm1 if the file holds 0..1 boxes)" if box_format in ("xyxy", "xywh") else ""
+        raise ValueError(f"field 'solution': box {list(raw)} ({box_format}) is {x2 - x1:.3g} x {y2 - y1:.3g} pixels, "
+                         f"under one pixel wide or high{hint}")
     return (x1, y1, x2, y2)
 
 
@@ -474,92 +474,6 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
     return (samples[:n] if n else samples), labels
 
 
-def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
-    """A MedMNIST-style .npz ({split}_images (N, H, W[, 3]) uint8, {split}_labels (N[, 1])) ->
-    PNGs + {split}.jsonl + labels.json (class names as given, in label-index order)."""
-    if len(names) < 2 or len({n.lower() for n in names}) < len(names) or not all(names):
-        raise DataError(f"--names {','.join(names)!r}: at least two distinct, non-empty class names")
-    keys = (f"{split}_images", f"{split}_labels")
-    images, labels = (read_npz_array(npz_path, k) for k in keys)
-    labels = check_npz_arrays(npz_path, split, images, labels, len(names))
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]  # (N, H, W, 1): grey
-    classes = {"classes": list(names), "ordinal": ordinal}
-    labels_path = os.path.join(out_dir, "labels.json")
-    if os.path.exists(labels_path):  # another split of the same set may join it; another set may not
-        try:
-            other = read_labels(labels_path)
-        except DataError:
-            other = None
-        if other is None or other.names != list(names) or other.ordinal != ordinal:
-            raise DataError(f"{out_dir}: holds a conversion with other classes ({labels_path}); "
-                            "convert into an empty folder")
-    try:
-        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-        records = []
-        for i, (img, y) in enumerate(zip(images, labels)):
-            rel = os.path.join("images", f"{split}_{i:06d}.png")
-            Image.fromarray(img).convert("RGB").save(os.path.join(out_dir, rel))
-            records.append({"image": rel, "label": int(y)})
-        write_json_file(classes, labels_path)
-        return write_jsonl(records, out_dir, f"{split}.jsonl")
-    except OSError as e:
-        raise DataError(f"{out_dir}: cannot write the converted set ({'disk full' if e.errno == errno.ENOSPC else e.strerror})")
-
-
-MAX_NPZ_ARRAY_BYTES = 8 * 2 ** 30  # MedMNIST's largest split is well under this; a bigger header is not one
-
-
-def read_npz_array(npz_path, key):
-    """One array of a .npz archive, after checking from its header that it is what the archive
-    really holds: a .npy file, a damaged archive or a header claiming more bytes than stored (or
-    than MAX_NPZ_ARRAY_BYTES) is a DataError, not a traceback or an allocation of tens of GB."""
-    try:
-        regular_file(npz_path, "--npz")
-        if not zipfile.is_zipfile(npz_path):
-            raise DataError(f"{npz_path}: not a .npz archive (a .npy file, or damaged); expected numpy.savez output")
-        with zipfile.ZipFile(npz_path) as z:
-            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-            if key not in names:
-                raise DataError(f"{npz_path}: no array {key} (it holds {', '.join(sorted(names)) or 'none'})")
-            info = z.getinfo(key + ".npy")
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = header(f)
-            claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if dtype.hasobject or claimed > min(info.file_size, MAX_NPZ_ARRAY_BYTES):
-                raise DataError(f"{npz_path}: array {key} claims {shape} {dtype} ({claimed:,} bytes) but the "
-                                f"archive stores {info.file_size:,}: damaged, or not a data array")
-            with z.open(info) as f:
-                return np.lib.format.read_array(f, allow_pickle=False)
-    except DataError:
-        raise
-    except ValueError as e:  # not a regular file, or a header numpy cannot parse
-        raise DataError(f"{npz_path}: {e}" if npz_path not in str(e) else str(e))
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{npz_path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})")
-
-
-def check_npz_arrays(npz_path, split, images, labels, n_names):
-    """The labels as a flat integer array, once the arrays are what MedMNIST ships: uint8 images
-    (N, H, W), (N, H, W, 1) or (N, H, W, 3), and one integer label per image in 0..n_names-1."""
-    where = f"{npz_path}: {split}_images {images.shape} {images.dtype}"
-    if images.dtype != np.uint8 or not (images.ndim == 3 or images.ndim == 4 and images.shape[-1] in (1, 3)):
-        raise DataError(f"{where}: expected uint8 pixels shaped (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
-    if labels.ndim > 2 or labels.ndim == 2 and labels.shape[1] != 1:
-        raise DataError(f"{npz_path}: {split}_labels {labels.shape}: one class per image expected, (N,) or (N, 1) "
-                        "(a multi-label set is not a classification set)")
-    labels = labels.reshape(-1)
-    if len(labels) != len(images) or not len(labels):
-        raise DataError(f"{where} and {split}_labels {labels.shape}: one label per image, at least one image")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{npz_path}: {split}_labels are {labels.dtype}: integer class indices expected")
-    if labels.min() < 0 or labels.max() >= n_names:
-        raise DataError(f"{npz_path}: labels run {labels.min()}..{labels.max()}, but {n_names} names were given")
-    return labels
-
-
 # ----------------------------------------------------------------------------- writing JSONL
 def write_json_file(obj, path):
     with open(path + ".tmp", "w") as f:
@@ -586,43 +500,6 @@ def write_synth(kind, n, out_dir, split="train", seed=0):
     return write_jsonl(records, out_dir)
 
 
-def mask_box(mask_path):
-    """Tight box [x1, y1, x2, y2] around the non-zero pixels of a mask image, or None if empty."""
-    with Image.open(mask_path) as m:
-        a = np.asarray(m)
-    a = a.max(-1) if a.ndim == 3 else a
-    return tight_box(a > 0) if (a > 0).any() else None
-
-
-def from_masks(images, masks, query, out_dir, split=0.8, seed=0):
-    """Segmentation set -> train.jsonl / test.jsonl with tight mask boxes, seeded split."""
-    for folder in (images, masks):
-        if not os.path.isdir(folder):
-            raise DataError(f"{folder}: no such folder")
-    mask_by_stem = {os.path.splitext(f)[0]: f for f in os.listdir(masks)}
-    records, problems = [], []
-    for name in sorted(os.listdir(images)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTS:
-            continue
-        match = mask_by_stem.get(stem) or next((mask_by_stem[k] for k in mask_by_stem
-                                                if k.startswith(stem + "_")), None)
-        box = mask_box(os.path.join(masks, match)) if match else None
-        if box is None:
-            why = "empty mask" if match else "no mask with this stem"
-            problems.append(f"{os.path.join(images, name)}: {why}")
-            continue
-        records.append({"image": os.path.abspath(os.path.join(images, name)), "problem": query,
-                        "solution": [int(v) for v in box]})
-    if not records:
-        raise DataError(f"{images}: no image has a non-empty mask in {masks}")
-    random.Random(seed).shuffle(records)
-    cut = int(round(len(records) * split))
-    os.makedirs(out_dir, exist_ok=True)
-    train = write_jsonl(records[:cut], out_dir, "train.jsonl")
-    return (train, write_jsonl(records[cut:], out_dir, "test.jsonl")), problems
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -632,37 +509,8 @@ def main(argv=None):
     s.add_argument("--split", default="train", choices=tuple(SPLITS))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
-    m = sub.add_parser("from-masks", help="segmentation masks -> JSONL with tight boxes")
-    m.add_argument("--images", required=True)
-    m.add_argument("--masks", required=True)
-    m.add_argument("--query", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--split", type=float, default=0.8, help="fraction of records in train.jsonl")
-    m.add_argument("--seed", type=int, default=0)
-    z = sub.add_parser("npz", help="MedMNIST-style .npz -> PNGs + JSONL + labels.json (classification)")
-    z.add_argument("--npz", required=True)
-    z.add_argument("--names", required=True, help="class names in label order, comma-separated")
-    z.add_argument("--split", default="train", help="which arrays: train, val or test")
-    z.add_argument("--ordinal", action="store_true", help="the labels are grades in order")
-    z.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    try:
-        run(a)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-
-
-def run(a):
-    if a.cmd == "synth":
-        print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
-        return
-    if a.cmd == "npz":
-        print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], a.split, a.ordinal))
-        return
-    (train, test), problems = from_masks(a.images, a.masks, a.query, a.out, a.split, a.seed)
-    for line in problems[:20]:
-        print(f"skipped {line}")
-    print(f"wrote {train} and {test} ({len(problems)} image(s) skipped)")
+    print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
 
 
 if __name__ == "__main__":

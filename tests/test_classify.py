@@ -9,7 +9,8 @@ import eval as ev
 import start
 import train
 from config import load_config, parse_args
-from data import DataError, SYNTH_LABELS, Labels, from_npz, load_class_dataset
+from data import DataError, SYNTH_LABELS, Labels, load_class_dataset
+from prepare import from_npz
 from tasks import SFT_REASONING, Classification, class_metrics, class_query
 from reward import mfrs, parse_class, recitation, score_classes
 

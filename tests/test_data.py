@@ -139,31 +139,3 @@ def test_synth_cli_writes_a_loadable_jsonl(tmp_path):
     s = load_jsonl(str(tmp_path / "data.jsonl"))
     ref = SynthSet("us", "train", 3)
     assert [x.box for x in s] == [tuple(float(round(v)) for v in r.box) for r in ref]
-
-
-def test_from_masks_tight_boxes_and_seeded_split(tmp_path):
-    images, masks = tmp_path / "img", tmp_path / "mask"
-    images.mkdir(), masks.mkdir()
-    for i in range(10):
-        write_png(images / f"case{i}.jpg", 50, 40)
-        m = np.zeros((40, 50), np.uint8)
-        m[5 + i:20, 10:30 + i] = 255
-        Image.fromarray(m).save(masks / f"case{i}_segmentation.png")
-    write_png(images / "nomask.png")
-    Image.fromarray(np.zeros((40, 50), np.uint8)).save(masks / "nomask.png")  # empty mask
-    out = tmp_path / "out"
-    data.main(["from-masks", "--images", str(images), "--masks", str(masks), "--query", "Locate the lesion.",
-               "--out", str(out), "--split", "0.8"])
-    train, test = load_jsonl(str(out / "train.jsonl")), load_jsonl(str(out / "test.jsonl"))
-    assert (len(train), len(test)) == (8, 2)
-    boxes = {s.box for s in train + test}
-    assert boxes == {(10.0, 5.0 + i, 30.0 + i, 20.0) for i in range(10)}
-    again = tmp_path / "again"
-    data.main(["from-masks", "--images", str(images), "--masks", str(masks), "--query", "q", "--out", str(again)])
-    assert [s.box for s in load_jsonl(str(again / "test.jsonl"))] == [s.box for s in test]
-
-
-def test_from_masks_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no such folder"):
-        data.main(["from-masks", "--images", str(tmp_path / "nope"), "--masks", str(tmp_path), "--query", "q",
-                   "--out", str(tmp_path / "o")])

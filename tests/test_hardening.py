@@ -141,12 +141,13 @@ def test_records_that_would_fail_mid_run_are_caught_up_front(images, record, mes
 
 def test_box_formats_and_normalised_boxes(images):
     norm = write(images / "n.jsonl", [{"image": "ok.png", "problem": "q", "solution": [0.1, 0.2, 0.5, 0.6]}] * 2)
-    assert "look normalised; pass --box-format norm1" in error_of(TINY_SFT + ["--dataset", norm, "--out",
-                                                                                str(images / "r1")])
-    from data import load_jsonl
+    assert "n.jsonl:1: field 'solution': box [0.1, 0.2, 0.5, 0.6] (xyxy) is 0.4 x 0.4 pixels, under one pixel wide " \
+           "or high; it looks normalised (pass --box-format norm1" in error_of(TINY_SFT + ["--dataset", norm, "--out",
+                                                                                      str(images / "r1")])
+    from data import DataError, load_jsonl
     assert load_jsonl(norm, box_format="norm1")[0].box == pytest.approx((8, 12, 40, 36))
-    assert load_jsonl(norm.replace("n.jsonl", "n.jsonl"), box_format="norm1000")[0].box == pytest.approx(
-        (0.008, 0.012, 0.04, 0.036))
+    with pytest.raises(DataError, match=r"\(norm1000\) is 0.032 x 0.024 pixels, under one pixel wide or high"):
+        load_jsonl(norm, box_format="norm1000")  # 0..1 boxes read as 0..1000: a box a tenth of a pixel wide
     xywh = write(images / "w.jsonl", [{"image": "ok.png", "problem": "q", "solution": [30, 20, 10, 5]}])
     assert "pass --box-format xywh" in error_of(TINY_SFT + ["--dataset", xywh, "--out", str(images / "r2")])
     assert load_jsonl(xywh, box_format="xywh")[0].box == (30, 20, 40, 25)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import prepare
 import eval as ev
 import lora
 import rundir
@@ -120,16 +120,16 @@ def test_resume_refuses_a_labels_file_whose_classes_moved(tmp_path):
 
 # ----------------------------------------------------------------------------- the .npz converter
 def npz_main(argv):
-    return error_of(argv, data.main)
+    return error_of(argv, prepare.main)
 
 
 def test_npz_inputs_that_are_not_medmnist_archives_are_one_line(tmp_path):
     names = ["--names", "a,b", "--out", str(tmp_path / "out")]
     np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), np.uint8))
-    assert "not a .npz archive" in npz_main(["npz", "--npz", str(tmp_path / "x.npy")] + names)
+    assert "not a .npz archive" in npz_main(["npz", str(tmp_path / "x.npy")] + names)
     np.savez(tmp_path / "ok.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 1]))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:300])
-    assert "not a .npz archive" in npz_main(["npz", "--npz", str(tmp_path / "cut.npz")] + names)
+    assert "not a .npz archive" in npz_main(["npz", str(tmp_path / "cut.npz")] + names)
     header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
     header["shape"] = (50_000, 50_000, 3)  # 60 GB claimed by a few bytes
     import io
@@ -139,20 +139,20 @@ def test_npz_inputs_that_are_not_medmnist_archives_are_one_line(tmp_path):
     with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
         z.writestr("train_images.npy", fake.getvalue())
         z.writestr("train_labels.npy", fake.getvalue())
-    assert "claims (50000, 50000, 3) float64" in npz_main(["npz", "--npz", str(tmp_path / "huge.npz")] + names)
+    assert "claims (50000, 50000, 3) float64" in npz_main(["npz", str(tmp_path / "huge.npz")] + names)
 
 
 def test_npz_outputs_that_cannot_be_written_or_hold_another_set_are_refused(tmp_path):
     np.savez(tmp_path / "ok.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 1]),
              test_images=np.zeros((1, 8, 8), np.uint8), test_labels=np.array([1]))
     (tmp_path / "file").write_text("x")
-    assert "cannot write the converted set" in npz_main(["npz", "--npz", str(tmp_path / "ok.npz"), "--names", "a,b",
+    assert "cannot write the converted set" in npz_main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b",
                                                          "--out", str(tmp_path / "file")])
     out = str(tmp_path / "out")
-    data.main(["npz", "--npz", str(tmp_path / "ok.npz"), "--names", "a,b", "--out", out])
-    data.main(["npz", "--npz", str(tmp_path / "ok.npz"), "--names", "a,b", "--split", "test", "--out", out])
+    prepare.main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b", "--out", out])
+    prepare.main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b", "--split", "test", "--out", out])
     before = (tmp_path / "out" / "labels.json").read_text()
-    assert "holds a conversion with other classes" in npz_main(["npz", "--npz", str(tmp_path / "ok.npz"), "--names",
+    assert "holds a conversion with other classes" in npz_main(["npz", str(tmp_path / "ok.npz"), "--names",
                                                                 "x,y", "--out", out])
     assert (tmp_path / "out" / "labels.json").read_text() == before  # the other set is untouched
 
