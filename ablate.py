@@ -3,6 +3,7 @@
     python ablate.py --study default   # `python train.py` on seeds 0-4: README's default-run table
     python ablate.py --study compare   # the paper's comparison where the curriculum can act
     python ablate.py --study rules     # MedLoc-R1's rule ablation, in the same regime
+    python ablate.py --study loose     # the comparison from a start whose boxes are found but loose
     python ablate.py --study vrft      # VRFT-Aug's augmentations on synth:grade and synth:type
     python ablate.py --study compare --quick   # 1 seed, a third of the steps: a smoke test
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUNDING = ("A@0.5", "A@0.8", "mAP", "mIoU")
 CLASSIFICATION = ("accuracy", "macro_f1", "qwk", "mae")
+RATIOS = ("mae", "box_area_ratio")  # reported as they are, not in %
 
 # ----------------------------------------------------------------------------- the rows
 # METHOD.md section 8: the paper's comparison
@@ -47,6 +49,11 @@ RULES = {
     **{f"without-{c}": ["--schedule", "medloc", NO[c]] for c in NO},
     **{f"only-{c}": ["--schedule", "medloc"] + [NO[o] for o in NO if o != c] for c in ("margin", "stability")},
 }
+# The comparison from a start whose boxes are found but loose (results/README.md, the loose-box protocol),
+# with the margin check's ablation beside it
+LOOSE = {**COMPARE, "without-margin": ["--schedule", "medloc", "--no-margin-check"]}
+LOOSE_SCALE, LOOSE_WARM_STEPS = "1.15,1.35", 1000  # chosen before the rows ran (results/README.md)
+TINY_WARM_START = os.path.join(HERE, "tiny-warmstart")
 # VRFT-Aug (METHOD.md section 10) on the built-in classification sets, every row with the r1 template (so there is reasoning to recite)
 VRFT_SETS = ("grade", "type")
 VRFT = {
@@ -113,16 +120,20 @@ def default_stages(args, root, cells):
     return [[(cell_dir(root, cell, "medloc"), ["--seed", str(cell[1]), "--threads", "1"]) for cell in cells]]
 
 
-def from_warm_start(rows):
+def from_warm_start(rows, loose=False):
     """Stages of a study whose rows all start from one model and run --steps steps with B prompts
     x G completions (the SFT row: B supervised answers per step, at the GRPO lr). The model is
     --init if given, else an SFT warm start of --warm-steps on synth:mix (seed 0), run first: one
-    starting model for every seed, as a pretrained VLM is for the paper's."""
+    starting model for every seed, as a pretrained VLM is for the paper's. `loose`: the shipped
+    warm start, then --loose-warm-steps of SFT on the true boxes loosened by --loose-scale (METHOD.md 8)."""
     def stages(args, root, cells):
         warm = os.path.join(root, "warmstart")
-        first = [] if args.init else [(warm, ["--algo", "sft", "--dataset", "synth:mix", "--steps", str(args.warm_steps),
-                                              "--batch-prompts", "16", "--lr", "1e-3", "--seed", "0", "--threads", "1",
-                                              "--eval-n", str(args.eval_n), "--save-every", "500"])]
+        steps, lr, loosen = (args.warm_steps, "1e-3", [])
+        if loose:  # the shipped warm start (SFT on the exact boxes), then SFT on loosened ones
+            steps, lr, loosen = args.loose_warm_steps, "3e-4", ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale]
+        first = [] if args.init else [(warm, ["--algo", "sft", "--dataset", "synth:mix", "--steps", str(steps),
+                                              "--batch-prompts", "16", "--lr", lr, "--seed", "0", "--threads", "1",
+                                              "--eval-n", str(args.eval_n), "--save-every", "500"] + loosen)]
         init = args.init or os.path.join(warm, "final")
         runs = []
         for cell in cells:
@@ -190,6 +201,9 @@ STUDIES = {
     "rules": Study(("derm",), RULES, from_warm_start(RULES), GROUNDING,
                    tuple(("medloc", o, f"the full rule instead of {o}") for o in RULES if o != "medloc"),
                    CURRICULUM),
+    "loose": Study(("derm", "us"), LOOSE, from_warm_start(LOOSE, loose=True), GROUNDING + ("box_area_ratio",),
+                   tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in LOOSE if o != "medloc"),
+                   CURRICULUM + (("box_area_ratio", "rollout box area / true box area", 10),)),
     "vrft": Study(VRFT_SETS, VRFT, vrft_stages, CLASSIFICATION,
                   (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
                    ("+PA_pi", "rft", "grounding SFT + RL first"), ("+ground-sft", "rft", "grounding SFT first"),
@@ -294,8 +308,8 @@ def paired_ci(a, b):
 
 def columns(study, records):
     """(key, label, scale) of the table's columns that some record holds."""
-    cols = [(k, k, 1 if k == "mae" else 100) for k in study.metrics]
-    cols += [(f"start_{k}", f"start {k}", 1 if k == "mae" else 100) for k in study.metrics]
+    cols = [(k, k, 1 if k in RATIOS else 100) for k in study.metrics]
+    cols += [(f"start_{k}", f"start {k}", 1 if k in RATIOS else 100) for k in study.metrics]
     cols += [("final_tau", "tau at the end", 1), ("raises", "tau raises", 1), ("first_raise", "first raise (step)", 1),
              ("early_frac_equal_groups", "all-equal groups, first quarter (%)", 100)]
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
@@ -311,7 +325,7 @@ def table(study, records):
             cells = []
             for key, _, scale in cols:
                 values = [r[key] for r in mine if r.get(key) is not None]
-                digits = 2 if key in ("final_tau", "mae") else 1
+                digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio") else 1
                 cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
             lines.append(f"| synth:{kind} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -324,7 +338,7 @@ def by_seed(records, kind, row, key):
 
 def contrast_table(study, records):
     """Each contrast a - b on each set, paired by seed, in points: mean ± half-width of the 95 % t interval."""
-    keys = [k for k in study.metrics if k not in ("A@0.5", "mIoU", "macro_f1", "mae")]
+    keys = [k for k in study.metrics if k not in ("A@0.5", "mIoU", "macro_f1") + RATIOS]
     lines = ["| set | difference | what it measures | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
     for kind in study.sets:
         for a, b, meaning in study.contrasts:
@@ -361,8 +375,9 @@ def plot(curves, study, seeds, key, ylabel, path, k=1):
             if not all(logs) or logs[0][0].get(key) is None:
                 continue
             n = min(len(log) for log in logs)
-            mean = smooth([statistics.mean(log[i][key] for log in logs) for i in range(n)], k)
-            sd = smooth([statistics.pstdev(log[i][key] for log in logs) for i in range(n)], k)
+            steps = [[log[i][key] for log in logs if log[i].get(key) is not None] for i in range(n)]  # None: nothing parsed
+            mean = smooth([statistics.mean(v) if v else math.nan for v in steps], k)
+            sd = smooth([statistics.pstdev(v) if v else math.nan for v in steps], k)
             ax.plot(range(1, n + 1), mean, label=row)
             ax.fill_between(range(1, n + 1), [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
                             alpha=0.2)
@@ -403,7 +418,7 @@ def report(study, name, root, cells, out, wall):
     seeds = sorted({seed for _, seed in cells})
     for key, ylabel, k in study.curves:
         plot(curves, study, seeds, key, ylabel, os.path.join(out, f"{name}_{key}.png"), k)
-    md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades), mean ± std over seeds", "",
+    md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades, box areas as ratios), mean ± std over seeds", "",
           f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
           "2-core machine (summed over invocations if it was resumed)", "", table(study, records)]
     if study.contrasts:
@@ -428,7 +443,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="compare / rules: the model every row starts from "
                                                    "(default: an SFT warm start of --warm-steps, run first)")
     p.add_argument("--warm-steps", type=int, default=2000, help="compare / rules: SFT steps of that warm start")
-    p.add_argument("--steps", type=int, default=250, help="compare / rules: steps of every row")
+    p.add_argument("--loose-scale", default=LOOSE_SCALE, help="loose: the warm start's --sft-box-scale")
+    p.add_argument("--loose-warm-steps", type=int, default=LOOSE_WARM_STEPS, help="loose: SFT steps of its warm start")
+    p.add_argument("--steps", type=int, default=250, help="compare / rules / loose: steps of every row")
     p.add_argument("--batch-prompts", type=int, default=4, help="B of GRPO, and the SFT rows' batch")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--save-every", type=int, default=50)
@@ -437,7 +454,7 @@ def parse_args(argv=None):
     p.add_argument("--vrft-grounding-warm", type=int, default=650,
                    help="vrft study, PA_pi: SFT steps before the grounding GRPO stage")
     args = p.parse_args(argv)
-    for name in ("seeds", "jobs", "steps", "warm_steps", "batch_prompts", "eval_n", "save_every", "vrft_steps",
+    for name in ("seeds", "jobs", "steps", "warm_steps", "loose_warm_steps", "batch_prompts", "eval_n", "save_every", "vrft_steps",
                  "vrft_warm_steps", "vrft_grounding_warm"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")

@@ -91,6 +91,9 @@ class Config:
                                 "the tiny model's grounding runs start from its shipped warm start, its "
                                 "classification runs from 1200 SFT steps)")
     sft_lr: float = knob(1e-3, "learning rate of the warm start")
+    sft_box_scale: str = knob(None, "SFT targets (--algo sft, the warm start): the GT box scaled about its centre "
+                                    "by a factor drawn per example from LO,HI (e.g. 1.15,1.35), clipped to the "
+                                    "image: a start whose boxes are found but loose (METHOD.md 8)")
     sft_batch: int = knob(16, "batch size of the warm start")
     out: str = knob(None, "run folder (default: runs/<schedule>-<time>)")
     resume: str = knob(None, "continue the run in this folder from its latest checkpoint")
@@ -201,6 +204,11 @@ def check(cfg, processes=1):
         parse_stages(cfg.stages)
     except ValueError as e:
         problems.append(f"--stages {cfg.stages!r}: {e}")
+    if cfg.sft_box_scale is not None:
+        try:
+            parse_box_scale(cfg.sft_box_scale)
+        except ValueError as e:
+            problems.append(f"--sft-box-scale {cfg.sft_box_scale!r}: {e}")
     problems += device_problems(cfg.device)
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         problems.append("--fsdp splits the model over torchrun's processes: launch with "
@@ -240,6 +248,19 @@ def device_problems(device):
             return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"]
         return []
     return [f"--device {device!r}: expected auto, cpu, cuda or cuda:N"]
+
+
+def parse_box_scale(text):
+    """'LO,HI' -> (lo, hi), 0 < lo <= hi <= 10; None stays None (the GT boxes themselves)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError("two factors LO,HI, e.g. 1.15,1.35")
+    if not (0 < lo <= hi <= 10):
+        raise ValueError("need 0 < LO <= HI <= 10")
+    return lo, hi
 
 
 def parse_stages(text):

@@ -81,6 +81,13 @@ def iou(a, b):
     return inter / union
 
 
+def area_ratio(box, gt):
+    """The predicted box's area over the GT box's (how loose a box is); None for no valid box."""
+    if not (_valid(box) and _valid(gt)):
+        return None
+    return (box[2] - box[0]) * (box[3] - box[1]) / ((gt[2] - gt[0]) * (gt[3] - gt[1]))
+
+
 def giou01(a, b):
     """Generalised IoU mapped from [-1, 1] to [0, 1]; invalid boxes -> 0 (METHOD.md section 4 option)."""
     if not (_valid(a) and _valid(b)):
@@ -111,15 +118,16 @@ def accuracy_reward(iou_value, giou_value, mode, tau):
 def score_completions(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="threshold",
                       template="short", w_fmt=1.0):
     """Per-completion IoU, accuracy, format, total reward r = r_acc + w_fmt*r_fmt (METHOD.md 4)."""
-    cols = {k: [] for k in ("iou", "acc", "fmt", "reward", "parse_fail")}
+    cols = {k: [] for k in ("iou", "acc", "fmt", "reward", "parse_fail", "area")}
     for text, gt, size, in_size in zip(texts, gt_boxes, image_sizes, input_sizes, strict=True):
         raw = parse_box(text)
         box = to_image_frame(raw, coord, size, in_size)
         overlap = iou(box, gt)
         acc = accuracy_reward(overlap, giou01(box, gt) if mode == "giou" else 0.0, mode, tau)
         fmt = format_reward(text, template)
-        for key, value in (("iou", overlap), ("acc", acc), ("fmt", fmt),
-                           ("reward", acc + w_fmt * fmt), ("parse_fail", float(raw is None))):
+        area = area_ratio(box, gt)
+        for key, value in (("iou", overlap), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
+                           ("parse_fail", float(raw is None)), ("area", float("nan") if area is None else area)):
             cols[key].append(value)
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
 

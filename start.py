@@ -15,7 +15,7 @@ import dist
 import lora
 import rundir
 import tasks
-from config import PATH_KEYS, parse_stages
+from config import PATH_KEYS, parse_box_scale, parse_stages
 from data import DataError, labels_from_json, load_class_dataset, load_dataset, with_knowledge
 from eval import write_json
 from model import TINY_WARM_START, load_vlm, model_config
@@ -97,7 +97,7 @@ def settle(cfg, vlm, labels):
         task = tasks.Classification(labels, cfg.knowledge, vlm.template, cfg.w_fmt, cfg.mfrs_weight,
                                     cfg.mfrs_decay, cfg.recite_weight)
     else:
-        task = tasks.Grounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt)
+        task = tasks.Grounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt, parse_box_scale(cfg.sft_box_scale))
     cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens(vlm.is_tiny)
     vlm.run_fields = {**task.fields(), "medloc_max_new_tokens": cfg.max_new_tokens}
     return task

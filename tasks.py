@@ -10,10 +10,11 @@ train.py and eval.py call these methods and never ask which task they run. `of_c
 saved model's task from its config.json (`fields` is what the task writes there).
 """
 import os
+import zlib
 
 from data import labels_from_json
 from model import model_config
-from reward import (from_image_frame, iou, parse_box, parse_class, score_classes, score_completions,
+from reward import (area_ratio, from_image_frame, iou, parse_box, parse_class, score_classes, score_completions,
                     to_image_frame)
 
 # METHOD.md section 3: the R1 template asks for reasoning, then the answer.
@@ -43,6 +44,15 @@ def answer_text(box, template):
         return (f'<think>The target region is visible in the image.</think>'
                 f'<answer>{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}</answer>')
     return f"<answer>[{x1},{y1},{x2},{y2}]</answer>"
+
+
+def loosened(sample, lo, hi):
+    """The GT box scaled about its centre by a factor in [lo, hi] drawn from the sample's source (so
+    each example keeps its factor from step to step), clipped to the image: a loose-box start."""
+    f = lo + (hi - lo) * zlib.crc32(sample.source.encode()) / 2 ** 32
+    (x1, y1, x2, y2), (W, H) = sample.box, sample.image_size
+    cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, f * (x2 - x1) / 2, f * (y2 - y1) / 2
+    return (max(0.0, cx - hw), max(0.0, cy - hh), min(float(W), cx + hw), min(float(H), cy + hh))
 
 
 def accuracy_at(ious, t):
@@ -75,9 +85,10 @@ class Grounding:
     has_tau = True                     # rewards depend on the curriculum's threshold
     progress = ("hit_rate", "hit")     # the step statistic the progress bar averages, and its label
 
-    def __init__(self, template, coord, reward="threshold", w_fmt=1.0):
+    def __init__(self, template, coord, reward="threshold", w_fmt=1.0, box_scale=None):
         check_template(template)
         self.template, self.coord, self.reward, self.w_fmt = template, coord, reward, w_fmt
+        self.box_scale = box_scale  # (lo, hi): SFT targets loosened (--sft-box-scale), else the GT box
 
     def max_new_tokens(self, tiny):
         return 24 if tiny else 256  # the tiny model's answers are short
@@ -90,8 +101,10 @@ class Grounding:
         return sample.query + (R1_SUFFIX if self.template == "r1" else "")
 
     def sft_answer(self, sample, i, input_size):
-        """The GT box as the model should write it (in the frame of its resized input)."""
-        return answer_text(from_image_frame(sample.box, self.coord, sample.image_size, input_size), self.template)
+        """The GT box as the model should write it (in the frame of its resized input); with
+        --sft-box-scale, that box scaled about its centre by the sample's own factor."""
+        box = loosened(sample, *self.box_scale) if self.box_scale else sample.box
+        return answer_text(from_image_frame(box, self.coord, sample.image_size, input_size), self.template)
 
     def rewards(self, texts, samples, input_sizes, tau):
         """Reward columns of the completions (one sample and input size per completion), METHOD.md 4."""
@@ -100,7 +113,9 @@ class Grounding:
 
     def step_stats(self, scores, tau):
         hit_tau = 0.5 if tau is None else tau  # Raw-IoU has no tau: report hits at 0.5
-        return {"hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item()}
+        area = scores["area"][~scores["area"].isnan()]  # the parsed boxes' area over the GT's
+        return {"hit_rate": (scores["iou"] >= hit_tau).float().mean().item(), "iou_mean": scores["iou"].mean().item(),
+                "box_area_ratio": area.mean().item() if len(area) else None}
 
     def predict(self, text, sample, input_size):
         """A greedy answer read back in original-image pixels (METHOD.md 2): box, IoU, parse failure."""
@@ -113,6 +128,8 @@ class Grounding:
     def metrics(self, samples, preds):
         """METHOD.md section 7, overall and by GT box size."""
         metrics = summarize([p["iou"] for p in preds], [p["parse_fail"] for p in preds])
+        areas = [a for a in (area_ratio(p["box"], s.box) for p, s in zip(preds, samples)) if a is not None]
+        metrics["box_area_ratio"] = sum(areas) / len(areas) if areas else None  # > 1: looser than the truth
         metrics["by_size"] = {}
         for name, _, _ in SIZE_BINS:
             idx = [i for i, s in enumerate(samples) if size_bin(s) == name]

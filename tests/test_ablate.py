@@ -162,3 +162,35 @@ def test_a_failed_run_ends_the_study_in_one_line_pointing_at_its_log(tmp_path):
     with pytest.raises(SystemExit, match=r"the run .* failed \(exit status 1\); its output is in"):
         ablate.run_train(["--steps", "0"], str(tmp_path / "r"), str(tmp_path / "log"))
     assert "--steps 0: must be >= 1" in (tmp_path / "log").read_text()
+
+
+def test_the_loose_study_starts_from_loosened_sft_and_reports_box_areas(tmp_path):
+    args = ablate.parse_args(["--study", "loose", "--out", str(tmp_path)])
+    cells = [("derm", 0), ("us", 0)]
+    (warm, flags), = ablate.STUDIES["loose"].stages(args, "R", cells)[0]
+    assert flags[flags.index("--sft-box-scale") + 1] == ablate.LOOSE_SCALE
+    assert flags[flags.index("--init") + 1] == ablate.TINY_WARM_START and os.path.isdir(ablate.TINY_WARM_START)
+    assert flags[flags.index("--steps") + 1] == str(ablate.LOOSE_WARM_STEPS) and flags[flags.index("--algo") + 1] == "sft"
+    rows = ablate.STUDIES["loose"].stages(args, "R", cells)[1]
+    assert len(rows) == 2 * len(ablate.LOOSE) and all("--sft-box-scale" not in f for _, f in rows)  # rows: the true boxes
+    margin = dict(rows)[os.path.join("R", "us-s0", "without-margin")]
+    assert margin[-3:] == ["--schedule", "medloc", "--no-margin-check"]
+    out = tmp_path / "results"
+    for seed in (0, 1):
+        for k, row in enumerate(ablate.LOOSE):
+            folder = out / "runs" / "loose-quick" / f"derm-s{seed}" / row
+            fake_run(folder, 0.6 + k / 100, taus=[0.3, 0.45])
+            for path, area in (("eval.json", 1.2 + k / 10), ("warmstart/eval.json", 1.6)):
+                m = json.loads((folder / path).read_text())
+                (folder / path).write_text(json.dumps({**m, "box_area_ratio": area}))
+            with open(folder / "metrics.jsonl", "a") as f:  # a step where nothing parsed: no area
+                f.write(json.dumps({"step": 3, "tau": 0.45, "box_area_ratio": None}) + "\n")
+    records = ablate.report(ablate.STUDIES["loose"], "loose-quick", str(out / "runs" / "loose-quick"),
+                            [("derm", 0), ("derm", 1)], str(out), 60.0)  # synth:us's cells: none yet
+    medloc = next(r for r in records if r["row"] == "medloc")
+    assert medloc["box_area_ratio"] == pytest.approx(1.6) and medloc["start_box_area_ratio"] == 1.6
+    table = (out / "loose-quick.md").read_text()
+    assert "| synth:derm | medloc | 64.0 ± 0.0 | 32.0 ± 0.0 | 21.3 ± 0.0 | 16.0 ± 0.0 | 1.60 ± 0.00 | 40.0 ± 0.0 |" in table
+    assert "| 10.0 ± 0.0 | 1.60 ± 0.00 | 0.45 ± 0.00 |" in table  # the start's area ratio, as a ratio
+    assert "| synth:us | medloc | - |" in table
+    assert (out / "loose-quick_box_area_ratio.png").stat().st_size > 1000

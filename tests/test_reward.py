@@ -115,3 +115,33 @@ def test_score_rescales_model_frame_before_iou():
                           [(280, 168)], "abs", 0.5)
     assert s["iou"].item() == pytest.approx(1.0)
     assert not math.isnan(s["reward"].item())
+
+
+def test_area_ratio_and_the_area_column_by_hand():
+    from reward import area_ratio
+    assert area_ratio((0, 0, 20, 10), (5, 5, 15, 10)) == pytest.approx(4.0)  # 200 / 50
+    assert area_ratio(None, (0, 0, 1, 1)) is None and area_ratio((3, 3, 1, 1), (0, 0, 1, 1)) is None
+    cols = score_completions(["<answer>[0,0,20,10]</answer>", "no box"], [(5, 5, 15, 10)] * 2, [(100, 100)] * 2,
+                             [(100, 100)] * 2, "abs", 0.5)
+    assert cols["area"][0].item() == pytest.approx(4.0) and math.isnan(cols["area"][1].item())
+
+
+def test_loose_sft_targets_scale_the_true_box_about_its_centre_clipped_to_the_image():
+    from data import Sample
+    from tasks import Grounding, loosened
+    s = Sample(None, "q", (10.0, 10.0, 30.0, 20.0), (100, 100), "a.jsonl:1")
+    assert loosened(s, 1.5, 1.5) == pytest.approx((5.0, 7.5, 35.0, 22.5))  # centre (20, 15), 30 x 15
+    edge = Sample(None, "q", (0.0, 90.0, 20.0, 100.0), (100, 100), "a.jsonl:2")
+    assert loosened(edge, 2.0, 2.0) == pytest.approx((0.0, 85.0, 30.0, 100.0))  # clipped at the image's edges
+    factors = set()
+    for i in range(50):  # one factor per example, in [lo, hi], the same every time it is drawn
+        b = loosened(Sample(None, "q", (40.0, 40.0, 60.0, 60.0), (100, 100), f"a.jsonl:{i}"), 1.2, 1.4)
+        f = (b[2] - b[0]) / 20
+        assert 1.2 <= f <= 1.4 and b == loosened(Sample(None, "q", (40.0, 40.0, 60.0, 60.0), (100, 100), f"a.jsonl:{i}"), 1.2, 1.4)
+        factors.add(round(f, 6))
+    assert len(factors) == 50
+    plain, loose = Grounding("short", "abs"), Grounding("short", "abs", box_scale=(1.5, 1.5))
+    assert plain.sft_answer(s, 0, (100, 100)) == "<answer>[10,10,30,20]</answer>"
+    assert loose.sft_answer(s, 0, (100, 100)) == "<answer>[5,8,35,22]</answer>"  # 7.5 and 22.5 rounded to even
+    preds = [loose.predict(t, s, (100, 100)) for t in ("<answer>[5,8,35,22]</answer>", "<answer>[10,10,30,20]</answer>", "x")]
+    assert loose.metrics([s] * 3, preds)["box_area_ratio"] == pytest.approx((30 * 14 / 200 + 1) / 2)  # parsed ones only
