@@ -1050,6 +1050,9 @@ def main(argv=None):
         os.makedirs(a.out, exist_ok=True)
         report = convert(a.format, a.annotations, a)
         print("\n".join(summary_lines(report)))
+        if not sum(report["records"].values()):  # the report is written: it says why
+            reasons = ", ".join(f"{v['count']:,} {k}" for k, v in report["left_out"].items()) or "no rows"
+            raise PrepareError(f"{a.annotations[0]}: no row became a record ({reasons}); {a.out}/report.json lists them")
         return report
     except DataError as e:
         raise SystemExit(f"error: {e}")

@@ -414,6 +414,10 @@ def test_rows_that_cannot_be_records_are_counted_by_reason_with_file_and_line(tm
     assert report["rows_read"] == 7 and sum(report["records"].values()) == 1 and accounted(report)
     message = error_of("nih", path, "--images", images, "--out", tmp_path / "s", "--strict")
     assert message.startswith(f"error: {path}:3: {prepare.NOT_NUMERIC} (--strict")
+    os.makedirs(tmp_path / "elsewhere")
+    message = error_of("nih", path, "--images", tmp_path / "elsewhere", "--out", tmp_path / "none")  # the wrong folder
+    assert message == (f"error: {path}: no row became a record (5 image missing, 1 box not numeric, 1 zero-size or "
+                       f"inverted box); {tmp_path / 'none'}/report.json lists them")
 
 
 def test_flags_are_checked_before_anything_is_read(tmp_path, nih_images):
