@@ -118,6 +118,11 @@ class Config:
                                    "attention and MLP projections)")
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     threads: int = knob(0, "torch CPU threads (0: torch's default)")
+    report_to: str = knob("none", "where the metrics also go: none, tensorboard, wandb, or both comma-separated "
+                                  "(trackers.py; rank 0 only)")
+    log_samples_every: int = knob(0, "with --report-to: every N steps, a few sampled completions with their boxes, "
+                                     "rewards and IoU (0: never)")
+    run_group: str = knob(None, "the W&B group of this run (ablate.py gives its study's rows one)")
 
 
 def parse_args(argv=None):
@@ -165,6 +170,7 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
     "lora_rank": _between(0, 4096), "mfrs_weight": _between(0, 10), "mfrs_decay": _between(0, 1),
     "recite_weight": _between(-10, 10), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
+    "log_samples_every": _at_least(0),
 }
 
 
@@ -204,6 +210,7 @@ def check(cfg, processes=1):
         parse_stages(cfg.stages)
     except ValueError as e:
         problems.append(f"--stages {cfg.stages!r}: {e}")
+    problems += tracker_problems(cfg.report_to)
     if cfg.sft_box_scale is not None:
         try:
             parse_box_scale(cfg.sft_box_scale)
@@ -250,6 +257,18 @@ def device_problems(device):
     return [f"--device {device!r}: expected auto, cpu, cuda or cuda:N"]
 
 
+def tracker_problems(report_to):
+    """--report-to names known trackers whose packages are installed (found, not imported)."""
+    import importlib.util
+    from trackers import PACKAGES, parse_report_to
+    try:
+        names = parse_report_to(report_to)
+    except ValueError as e:
+        return [f"--report-to {e}"]
+    return [f"--report-to {n} needs the {PACKAGES[n]} package: pip install {PACKAGES[n]}" for n in names
+            if importlib.util.find_spec(PACKAGES[n]) is None]
+
+
 def parse_box_scale(text):
     """'LO,HI' -> (lo, hi), 0 < lo <= hi <= 10; None stays None (the GT boxes themselves)."""
     if text is None:
@@ -280,7 +299,8 @@ def parse_stages(text):
 
 
 # ----------------------------------------------------------------------------- new or resumed
-MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "final_dtype")
+MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "final_dtype", "report_to", "log_samples_every",
+                        "run_group")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
 

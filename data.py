@@ -11,6 +11,7 @@ classification (`synth:grade|type`).
     python data.py synth --kind xray --n 200 --out DIR          # PNGs + DIR/data.jsonl
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -242,6 +243,21 @@ def load_jsonl(path, image_root=None, skip_invalid=False, box_format="xyxy"):
         raw_boxes.append(box)
     check_not_normalised(path, samples, raw_boxes, box_format)
     return samples
+
+
+# ----------------------------------------------------------------------------- data order
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def prompt_indices(step, batch, n, seed):
+    """Dataset rows of `step`: a fresh seeded permutation per epoch, so a resumed run sees the same."""
+    rows = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, k = divmod(pos, n)
+        rows.append(int(epoch_order(seed, epoch, n)[k]))  # one permutation per epoch, not per row
+    return rows
 
 
 # ----------------------------------------------------------------------------- synthetic data

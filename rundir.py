@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -331,3 +332,32 @@ def plot_curves(run_dir, margin=None):
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+# ----------------------------------------------------------------------------- what stops a run, what its phases cost
+@contextlib.contextmanager
+def timed(phases, name):
+    """Add the wall time of the block to phases[name] (CUDA work is waited for, so it counts)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+class Diverged(Exception):
+    """The loss, the gradient or the weights stopped being finite."""
+
+
+def check_finite(what, value):
+    if not math.isfinite(value):
+        raise Diverged(f"{what} is {value}")
+    return value
+
+
+class Stopped(Exception):
+    """Ctrl-C; carries the last finished step."""
+
+    def __init__(self, step):
+        self.step = step

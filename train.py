@@ -10,10 +10,7 @@ rewards under the schedule's tau -> group advantages -> log-probs -> clipped sur
 AdamW -> schedule update. The task (tasks.py) says what a prompt, an answer and a reward are;
 start.py sets the run up; under torchrun every rank runs the same step on its own groups (dist.py).
 """
-import contextlib
 import dataclasses
-import functools
-import math
 import os
 import random
 import shutil
@@ -31,11 +28,12 @@ import grpo
 import lora
 import rundir
 import start
+import trackers
 from config import check, load_config, parse_args
-from data import DataError
+from data import DataError, prompt_indices
 from eval import evaluate, write_json
 from model import VLM, reuse_freed_memory
-from rundir import RunError
+from rundir import Diverged, RunError, Stopped, check_finite, timed
 
 
 # ----------------------------------------------------------------------------- one GRPO step
@@ -152,49 +150,7 @@ def sft_loss(run, samples):
     return loss
 
 
-@contextlib.contextmanager
-def timed(phases, name):
-    """Add the wall time of the block to phases[name] (CUDA work is waited for, so it counts)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    yield
-    sync()
-    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-
-
-class Diverged(Exception):
-    """The loss, the gradient or the weights stopped being finite."""
-
-
-def check_finite(what, value):
-    if not math.isfinite(value):
-        raise Diverged(f"{what} is {value}")
-    return value
-
-
 # ----------------------------------------------------------------------------- the loop
-class Stopped(Exception):
-    """Ctrl-C; carries the last finished step."""
-
-    def __init__(self, step):
-        self.step = step
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed, epoch, n):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def prompt_indices(step, batch, n, seed):
-    """Dataset rows of `step`: a fresh seeded permutation per epoch, so a resumed run sees the same."""
-    rows = []
-    for pos in range(step * batch, (step + 1) * batch):
-        epoch, k = divmod(pos, n)
-        rows.append(int(epoch_order(seed, epoch, n)[k]))  # one permutation per epoch, not per row
-    return rows
-
-
 def train_step(run, train_set, step):
     """One optimizer step of SFT, or one GRPO step (mu updates and the schedule update); the log record."""
     t0, cfg = time.time(), run.cfg
@@ -215,8 +171,8 @@ def train_step(run, train_set, step):
     return record
 
 
-def train_loop(run, train_set, eval_set, run_dir, start_step=0):
-    """Run steps start_step+1 .. cfg.steps, logging and checkpointing as it goes."""
+def train_loop(run, train_set, eval_set, run_dir, start_step=0, tracker=None):
+    """Run steps start_step+1 .. cfg.steps, logging (metrics.jsonl, the trackers) and checkpointing as it goes."""
     cfg, policy = run.cfg, run.policy
     log_path = os.path.join(run_dir, "metrics.jsonl")
     if start_step == 0 and dist.is_main() and os.path.exists(log_path):
@@ -241,6 +197,8 @@ def train_loop(run, train_set, eval_set, run_dir, start_step=0):
                                                                   "macro_f1", "qwk") if k in metrics})
             if dist.is_main():
                 rundir.log_line(log_path, record)
+            if tracker and cfg.report_to != "none":  # every rank: sampling may need them all
+                tracker_step(run, tracker, record, eval_set or train_set)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(run, run_dir, step)
             if dist.is_main() and ("eval_mIoU" in record or "eval_accuracy" in record or step % cfg.save_every == 0
@@ -252,6 +210,30 @@ def train_loop(run, train_set, eval_set, run_dir, start_step=0):
         last = rundir.checkpoints(run_dir)
         raise RunError(f"step {step}: {e} (lr {cfg.lr}); stopped before saving anything of this step; "
                        f"last checkpoint: {os.path.basename(last[-1]) if last else 'none'}")
+
+
+def tracker_step(run, tracker, record, shown):
+    """The step's record to the trackers (rank 0's); every --log-samples-every steps, two completions
+    of each of the first two samples, drawn by every rank (a sharded model samples together)."""
+    every = run.cfg.log_samples_every
+    if every and record["step"] % every == 0:
+        items = sampled_completions(run, shown[:2])
+        tracker.log_samples(record["step"], items)
+    tracker.log(record)
+
+
+def sampled_completions(run, samples, k=2):
+    """k completions per sample from the policy as it is, with their reward and prediction (box, IoU);
+    the random state is put back after, so a run reports what it would have done unwatched."""
+    policy, task, cfg = run.policy, run.task, run.cfg
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []), \
+            torch.no_grad(), dist.gathered(policy.model):
+        out = grpo.sample_groups(policy, [s.image() for s in samples], [task.prompt(s) for s in samples], k,
+                                 cfg.temperature, cfg.max_new_tokens, finished=dist.all_done)
+    rows, sizes = [s for s in samples for _ in range(k)], [z for z in policy.input_sizes(out.batch) for _ in range(k)]
+    rewards = task.rewards(out.texts, rows, sizes, run.schedule.tau if task.has_tau else None)["reward"]
+    return [{"sample": s, "reward": r.item(), **task.predict(text, s, z)}
+            for s, text, z, r in zip(rows, out.texts, sizes, rewards)]
 
 
 def save_checkpoint(run, run_dir, step):
@@ -305,6 +287,7 @@ def report(policy, task, eval_set, max_new_tokens, path, title):
         task.save_plots(metrics, os.path.splitext(path)[0])
         print(f"\n{title}: {len(eval_set)} test samples")
         print(task.table(metrics))
+    return metrics
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -329,7 +312,9 @@ def train(cfg, run_dir, device):
         elif cfg.init and eval_set and not os.path.exists(os.path.join(run_dir, "warmstart", "eval.json")):
             score_start(cfg, task, policy, eval_set, run_dir)
         run, step = start.begin(cfg, run_dir, device, policy, task), 0
-    train_loop(run, train_set, eval_set, run_dir, step)
+    names = trackers.parse_report_to(cfg.report_to) if dist.is_main() else []
+    tracker = trackers.Trackers(names, run_dir, step, dataclasses.asdict(cfg), cfg.run_group)
+    train_loop(run, train_set, eval_set, run_dir, step, tracker)
     policy = run.policy
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
     weights = dist.full_state(policy.model)
@@ -338,8 +323,10 @@ def train(cfg, run_dir, device):
         rundir.save_model(policy, os.path.join(run_dir, "final"), weights, dtype)
     if eval_set and evaluates_here(policy):
         method = "SFT" if cfg.algo == "sft" else f"GRPO, {cfg.schedule} schedule" if run.task.has_tau else "GRPO"
-        report(policy, run.task, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
-               f"{method}: {run_dir}/final on {eval_spec}")
+        metrics = report(policy, run.task, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),
+                         f"{method}: {run_dir}/final on {eval_spec}")
+        tracker.log_eval(metrics, cfg.steps)
+    tracker.close()
     dist.barrier()
 
 
