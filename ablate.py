@@ -17,9 +17,12 @@ PNG plots: mean ± std over seeds, and differences paired by seed with 95 % t in
 The protocols, and what the studies showed, are in results/README.md.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
+import queue
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -111,8 +114,8 @@ def cell_dir(root, cell, row):
 
 
 def common(args, kind, seed):
-    return ["--dataset", f"synth:{kind}", "--seed", str(seed), "--threads", "1", "--eval-n", str(args.eval_n),
-            "--save-every", str(args.save_every)]
+    data = ["--dataset", args.dataset, "--eval-dataset", args.eval_dataset] if args.dataset else ["--dataset", f"synth:{kind}"]
+    return data + ["--seed", str(seed), "--threads", "1", "--eval-n", str(args.eval_n), "--save-every", str(args.save_every)]
 
 
 def default_stages(args, root, cells):
@@ -128,12 +131,15 @@ def from_warm_start(rows, loose=False):
     warm start, then --loose-warm-steps of SFT on the true boxes loosened by --loose-scale (METHOD.md 8)."""
     def stages(args, root, cells):
         warm = os.path.join(root, "warmstart")
-        steps, lr, loosen = (args.warm_steps, "1e-3", [])
+        steps, lr, start = args.warm_steps, ["--lr", "1e-3"], []
         if loose:  # the shipped warm start (SFT on the exact boxes), then SFT on loosened ones
-            steps, lr, loosen = args.loose_warm_steps, "3e-4", ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale]
-        first = [] if args.init else [(warm, ["--algo", "sft", "--dataset", "synth:mix", "--steps", str(steps),
-                                              "--batch-prompts", "16", "--lr", lr, "--seed", "0", "--threads", "1",
-                                              "--eval-n", str(args.eval_n), "--save-every", "500"] + loosen)]
+            steps, lr, start = args.loose_warm_steps, ["--lr", "3e-4"], ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale]
+        if args.model:  # a pretrained model: its own learning rate (train.py's default), its own start
+            lr, start = [], ["--model", args.model] + start[2:]
+        data = ["--dataset", args.dataset, "--eval-dataset", args.eval_dataset] if args.dataset else ["--dataset", "synth:mix"]
+        first = [] if args.init else [(warm, ["--algo", "sft"] + data + ["--steps", str(steps), "--batch-prompts", "16"]
+                                       + lr + ["--seed", "0", "--threads", "1", "--eval-n", str(args.eval_n),
+                                               "--save-every", "500"] + start)]
         init = args.init or os.path.join(warm, "final")
         runs = []
         for cell in cells:
@@ -216,32 +222,85 @@ STUDIES = {
 
 
 # ----------------------------------------------------------------------------- the runner
-def run_train(flags, run_dir, log):
-    """One train.py run; resumes a stopped one, skips a finished one. Returns wall seconds."""
-    if os.path.exists(os.path.join(run_dir, "eval.json")):
-        return 0.0
+def command(flags, run_dir, gpus_per_row=1):
+    """The train.py command of a run: resumed if it has a checkpoint, else new; under torchrun for
+    a row of several GPUs."""
     resumable = any(n.startswith("checkpoint-") and not n.endswith(".tmp") for n in
                     (os.listdir(run_dir) if os.path.isdir(run_dir) else []))
-    if os.path.isdir(run_dir) and not resumable:
+    launcher = [sys.executable] if gpus_per_row == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                             "--standalone", "--nproc_per_node", str(gpus_per_row)]
+    return launcher + [os.path.join(HERE, "train.py")] + (["--resume", run_dir] if resumable else flags + ["--out", run_dir])
+
+
+def log_of(run_dir):
+    """Each run's own output, next to its folder (a run's folder is train.py's to create)."""
+    return run_dir.rstrip(os.sep) + ".log"
+
+
+def run_train(flags, run_dir, env=None, gpus_per_row=1):
+    """One train.py run; resumes a stopped one, skips a finished one. Returns None, or why it failed:
+    its exit status and the last lines of its log."""
+    if os.path.exists(os.path.join(run_dir, "eval.json")):
+        return None
+    if os.path.isdir(run_dir) and not any(n.startswith("checkpoint-") for n in os.listdir(run_dir)):
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: start again
-    cmd = [sys.executable, os.path.join(HERE, "train.py")]
-    cmd += ["--resume", run_dir] if resumable else flags + ["--out", run_dir]
-    t0 = time.time()
-    with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
-    if done.returncode:
-        raise SystemExit(f"error: the run {run_dir} failed (exit status {done.returncode}); its output is in {log}")
-    return time.time() - t0
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    with open(log_of(run_dir), "a") as f:
+        done = subprocess.run(command(flags, run_dir, gpus_per_row), stdout=f, stderr=subprocess.STDOUT, cwd=HERE,
+                              env={**os.environ, **(env or {})})
+    if not done.returncode:
+        return None
+    with open(log_of(run_dir), errors="replace") as f:
+        tail = [line.rstrip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-5:]
+    return f"exit status {done.returncode}; {log_of(run_dir)} ends: " + " | ".join(tail)
 
 
-def run_stages(stages, jobs, log):
-    """Each stage's runs in parallel (`jobs` at a time), a stage only after the one before."""
-    t0 = time.time()
-    with ThreadPoolExecutor(jobs) as pool:
+def slots_of(args):
+    """Where runs go: --jobs CPU slots, or the --gpus list cut into groups of --gpus-per-row, each
+    slot the environment its processes see (only their own GPUs)."""
+    if not args.gpus:
+        return [{}] * args.jobs
+    k = args.gpus_per_row
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(args.gpus[i:i + k])} for i in range(0, len(args.gpus) - k + 1, k)]
+
+
+def run_stages(stages, args):
+    """Each stage's runs through a queue of slots (a slot takes the next run when it frees), a stage
+    only after the one before; a run whose starting model failed is not tried. Returns (seconds,
+    {run folder: why it failed or was not run})."""
+    t0, failed, slots = time.time(), {}, queue.Queue()
+    for slot in slots_of(args):
+        slots.put(slot)
+
+    def one(run):
+        run_dir, flags = run
+        init = flags[flags.index("--init") + 1] if "--init" in flags else ""
+        broken = next((d for d in failed if init.startswith(d + os.sep)), None)
+        if broken:
+            return run_dir, f"not run: its start {broken} failed"
+        slot = slots.get()
+        try:
+            return run_dir, run_train(flags, run_dir, slot, args.gpus_per_row if args.gpus else 1)
+        finally:
+            slots.put(slot)
+    with ThreadPoolExecutor(slots.qsize()) as pool:
         for k, stage in enumerate(stages, 1):
-            list(pool.map(lambda run: run_train(run[1], run[0], log), stage))
-            print(f"stage {k}/{len(stages)}: {len(stage)} runs done ({time.time() - t0:.0f} s)", flush=True)
-    return time.time() - t0
+            for run_dir, why in pool.map(one, stage):
+                if why:
+                    failed[run_dir] = why
+                    print(f"failed: {run_dir}: {why}", flush=True)
+            print(f"stage {k}/{len(stages)}: {len(stage)} runs ({time.time() - t0:.0f} s)", flush=True)
+    return time.time() - t0, failed
+
+
+def print_commands(stages, args, path):
+    """One shell line per run, in the order they may start (each stage after the one before)."""
+    lines = [" ".join(shlex.quote(c) for c in ["cd", HERE]) + " && " +
+             " ".join(shlex.quote(c) for c in command(flags, run_dir, args.gpus_per_row))
+             for stage in stages for run_dir, flags in stage]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} commands to {path} (stages: {', '.join(str(len(s)) for s in stages)} runs)")
 
 
 def wall_so_far(root, spent):
@@ -274,8 +333,11 @@ def record(study, root, cell, row):
     curriculum and of reward sparsity."""
     folder = cell_dir(root, cell, row)
     metrics, log = read_run(folder)
-    with open(os.path.join(folder, "warmstart", "eval.json")) as f:
-        start_metrics = json.load(f)
+    start_path = os.path.join(folder, "warmstart", "eval.json")  # absent when the run had no evaluation set
+    start_metrics = {}
+    if os.path.exists(start_path):
+        with open(start_path) as f:
+            start_metrics = json.load(f)
     raised = {r["step"]: r["tau"] for r in log if r.get("tau_changed")}
     taus = [r["tau"] for r in log if r.get("tau") is not None]
     equal = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r]
@@ -315,6 +377,14 @@ def columns(study, records):
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
 
 
+def label(kind):
+    """A set's name in the tables: a built-in one, or the --dataset given (the cells' kind "data")."""
+    return DATASET_LABEL.get(kind, f"synth:{kind}")
+
+
+DATASET_LABEL = {}  # "data" -> the --dataset path, set by main
+
+
 def table(study, records):
     """A line per (set, row), a column per metric: mean ± std over seeds ('-' where a row has none)."""
     cols = columns(study, records)
@@ -327,7 +397,7 @@ def table(study, records):
                 values = [r[key] for r in mine if r.get(key) is not None]
                 digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio") else 1
                 cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
-            lines.append(f"| synth:{kind} | {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(kind)} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -348,7 +418,7 @@ def contrast_table(study, records):
             for k in keys:
                 x, y = by_seed(records, kind, a, k), by_seed(records, kind, b, k)
                 cells.append(("{:+.1f} ± {:.1f}".format(*paired_ci(x, y))) if x and len(x) == len(y) else "-")
-            lines.append(f"| synth:{kind} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(kind)} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -381,7 +451,7 @@ def plot(curves, study, seeds, key, ylabel, path, k=1):
             ax.plot(range(1, n + 1), mean, label=row)
             ax.fill_between(range(1, n + 1), [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
                             alpha=0.2)
-        ax.set_title(f"synth:{kind}")
+        ax.set_title(label(kind))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -403,14 +473,18 @@ def write_curves(curves, keys, path):
     os.replace(path + ".tmp", path)
 
 
-def report(study, name, root, cells, out, wall):
-    """results/<name>.md (the table, the contrasts, the plots' names), .json (every run's record),
-    _curves.csv (every run's steps) and one PNG per curve."""
-    records, curves = [], {}
+def report(study, name, root, cells, out, wall, header=(), failed=None):
+    """results/<name>.md (the table, the contrasts, the plots' names, the cells still missing),
+    .json (every finished run's record), _curves.csv (every run's steps) and one PNG per curve."""
+    records, curves, missing = [], {}, []
     for cell in cells:
         for row in study.rows_for(cell[0]):
+            folder = cell_dir(root, cell, row)
+            if not os.path.exists(os.path.join(folder, "eval.json")):
+                missing.append(f"{folder}: {(failed or {}).get(folder, 'not finished')}")
+                continue
             records.append(record(study, root, cell, row))
-            curves[(cell[0], row, cell[1])] = read_run(cell_dir(root, cell, row))[1]
+            curves[(cell[0], row, cell[1])] = read_run(folder)[1]
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(records, f, indent=1)
     keys = [k for k, _, _ in study.curves] + ["reward_mean", "iou_mean", "kl", "loss"]
@@ -420,11 +494,14 @@ def report(study, name, root, cells, out, wall):
         plot(curves, study, seeds, key, ylabel, os.path.join(out, f"{name}_{key}.png"), k)
     md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades, box areas as ratios), mean ± std over seeds", "",
           f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
-          "2-core machine (summed over invocations if it was resumed)", "", table(study, records)]
+          "2-core machine (summed over invocations if it was resumed)", *header, "", table(study, records)]
     if study.contrasts:
         md += ["", "Differences paired by seed, in points, mean ± half-width of the 95 % t interval:", "",
                contrast_table(study, records)]
     md += ["", "Plots: " + ", ".join(f"{name}_{key}.png" for key, _, _ in study.curves)]
+    if missing:  # the table's '-' cells: runs that failed or have not run (here, or on another machine)
+        md += ["", f"Missing ({len(missing)} runs; rerun the same command to run them, or --report once they are done):", ""]
+        md += [f"- {m}" for m in missing]
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
@@ -432,9 +509,24 @@ def report(study, name, root, cells, out, wall):
 
 
 # ----------------------------------------------------------------------------- the command line
+ON_ANY_DATA = ("compare", "rules", "loose")  # the studies whose rows start from one model
+
+
 def parse_args(argv=None):
-    """The study's flags, each size checked to be at least 1 (a one-line error otherwise)."""
+    """The study's flags, each size checked to be at least 1 (a one-line error otherwise); what
+    follows `--` is passed to every run's train.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", help="compare / rules / loose: a training JSONL instead of the built-in sets")
+    p.add_argument("--eval-dataset", help="with --dataset: the JSONL every row is scored on")
+    p.add_argument("--model", help="the model the warm start trains from (hub id or folder; default: the tiny one)")
+    p.add_argument("--rows", help="only these rows, comma-separated (default: all of the study's)")
+    p.add_argument("--gpus", help="GPU ids, comma-separated: one row per GPU (or per --gpus-per-row), queued")
+    p.add_argument("--gpus-per-row", type=int, default=1, help="with --gpus: K GPUs per row, under torchrun")
+    p.add_argument("--print-commands", metavar="FILE", help="write one shell line per run, in order, and run nothing")
+    p.add_argument("--report", action="store_true", help="rebuild the table from the run folders there are; run nothing")
     p.add_argument("--study", default="compare", choices=tuple(STUDIES))
     p.add_argument("--quick", action="store_true", help="1 seed and a third of the steps")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
@@ -454,6 +546,20 @@ def parse_args(argv=None):
     p.add_argument("--vrft-grounding-warm", type=int, default=650,
                    help="vrft study, PA_pi: SFT steps before the grounding GRPO stage")
     args = p.parse_args(argv)
+    args.extra = extra
+    args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    if args.dataset and args.study not in ON_ANY_DATA:
+        p.error(f"--dataset: the {args.study} study runs on its built-in sets; {', '.join(ON_ANY_DATA)} take any data")
+    if bool(args.dataset) != bool(args.eval_dataset):
+        p.error("--dataset and --eval-dataset go together: the rows train on one and are scored on the other")
+    for flag, path in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or folder")
+    unknown = [r for r in (args.rows or "").split(",") if r and r not in STUDIES[args.study].rows]
+    if unknown:
+        p.error(f"--rows {args.rows}: {', '.join(unknown)} not in the {args.study} study ({', '.join(STUDIES[args.study].rows)})")
+    if args.gpus and (args.gpus_per_row < 1 or args.gpus_per_row > len(args.gpus)):
+        p.error(f"--gpus-per-row {args.gpus_per_row}: between 1 and the {len(args.gpus)} GPU(s) of --gpus")
     for name in ("seeds", "jobs", "steps", "warm_steps", "loose_warm_steps", "batch_prompts", "eval_n", "save_every", "vrft_steps",
                  "vrft_warm_steps", "vrft_grounding_warm"):
         if getattr(args, name) < 1:
@@ -465,15 +571,43 @@ def parse_args(argv=None):
     return args
 
 
+def study_of(args):
+    """The study as asked: its rows (--rows), its sets (one, "data", with --dataset)."""
+    study = STUDIES[args.study]
+    if args.rows:
+        study = dataclasses.replace(study, rows={r: f for r, f in study.rows.items() if r in args.rows.split(",")})
+    if args.dataset:
+        DATASET_LABEL["data"] = args.dataset
+        study = dataclasses.replace(study, sets=("data",))
+    return study
+
+
+def planned(study, args, root, cells):
+    """The study's stages with only its rows (and their warm starts), each run given the extra flags."""
+    dropped = set(STUDIES[args.study].rows) - set(study.rows)  # the rows --rows leaves out; warm starts stay
+    return [[(d, f + args.extra) for d, f in stage if os.path.basename(d) not in dropped]
+            for stage in study.stages(args, root, cells)]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    study = STUDIES[args.study]
+    study = study_of(args)
     name = args.study + ("-quick" if args.quick else "")
     root = os.path.join(args.out, "runs", name)
     os.makedirs(root, exist_ok=True)
     cells = [(kind, seed) for kind in study.sets for seed in range(args.seeds)]
-    spent = run_stages(study.stages(args, root, cells), args.jobs, os.path.join(root, "train.log"))
-    return report(study, name, root, cells, args.out, wall_so_far(root, spent))
+    stages = planned(study, args, root, cells)
+    if args.print_commands:
+        return print_commands(stages, args, args.print_commands)
+    spent, failed = (0.0, {}) if args.report else run_stages(stages, args)
+    header = [f"Data {args.dataset} (scored on {args.eval_dataset})" if args.dataset else "",
+              f"Warm start from {args.model}" if args.model else "", f"Start: {args.init}" if args.init else "",
+              f"Extra train.py flags of every run: `{' '.join(args.extra)}`" if args.extra else ""]
+    records = report(study, name, root, cells, args.out, wall_so_far(root, spent), [h for h in header if h], failed)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed or could not start; the others finished and "
+                         f"{args.out}/{name}.md shows the table without them: " + "; ".join(f"{d}: {w}" for d, w in failed.items()))
+    return records
 
 
 if __name__ == "__main__":

@@ -158,10 +158,9 @@ def test_a_study_size_below_one_or_a_file_as_out_is_refused_in_one_line(capsys, 
     assert "a file, not a folder" in capsys.readouterr().err
 
 
-def test_a_failed_run_ends_the_study_in_one_line_pointing_at_its_log(tmp_path):
-    with pytest.raises(SystemExit, match=r"the run .* failed \(exit status 1\); its output is in"):
-        ablate.run_train(["--steps", "0"], str(tmp_path / "r"), str(tmp_path / "log"))
-    assert "--steps 0: must be >= 1" in (tmp_path / "log").read_text()
+def test_a_failed_run_says_why_with_the_last_lines_of_its_own_log(tmp_path):
+    why = ablate.run_train(["--steps", "0"], str(tmp_path / "r"))
+    assert why.startswith(f"exit status 1; {tmp_path / 'r'}.log ends: ") and "--steps 0: must be >= 1" in why
 
 
 def test_the_loose_study_starts_from_loosened_sft_and_reports_box_areas(tmp_path):
@@ -194,3 +193,99 @@ def test_the_loose_study_starts_from_loosened_sft_and_reports_box_areas(tmp_path
     assert "| 10.0 ± 0.0 | 1.60 ± 0.00 | 0.45 ± 0.00 |" in table  # the start's area ratio, as a ratio
     assert "| synth:us | medloc | - |" in table
     assert (out / "loose-quick_box_area_ratio.png").stat().st_size > 1000
+
+
+class FakeTrain:
+    """subprocess.run for ablate's runs: records each command, its GPUs and its overlap with the
+    others, and leaves a finished run folder (eval.json, its start's, a log) where the run would."""
+
+    def __init__(self, fail=()):
+        import threading
+        self.calls, self.lock, self.running, self.most, self.fail = [], threading.Lock(), 0, 0, fail
+
+    def __call__(self, cmd, **kw):
+        import subprocess
+        import time
+        out = cmd[cmd.index("--out") + 1]
+        with self.lock:
+            self.calls.append((cmd, kw["env"].get("CUDA_VISIBLE_DEVICES")))
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        if not any(f in out for f in self.fail):
+            fake_run(out, 0.5, taus=[0.3, 0.45])
+        kw["stdout"].write("training\nTraceback: boom\n" if any(f in out for f in self.fail) else "ok\n")
+        with self.lock:
+            self.running -= 1
+        return subprocess.CompletedProcess(cmd, 1 if any(f in out for f in self.fail) else 0)
+
+
+def test_rows_queue_over_the_gpus_each_seeing_only_its_own(tmp_path, monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    ablate.main(["--study", "compare", "--quick", "--seeds", "2", "--gpus", "0,1,2", "--out", str(tmp_path)])
+    warm, *rows = fake.calls
+    assert warm[0][warm[0].index("--out") + 1].endswith("warmstart")  # the warm start before the rows that need it
+    assert len(rows) == 2 * len(ablate.COMPARE) and {gpu for _, gpu in rows} == {"0", "1", "2"}  # --quick: one seed
+    assert fake.most == 3  # a GPU takes the next row when it frees: three at a time, never more
+    fake = FakeTrain()
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    ablate.main(["--study", "compare", "--quick", "--seeds", "1", "--rows", "medloc,fixed", "--gpus", "0,1,2,3",
+                 "--gpus-per-row", "2", "--out", str(tmp_path / "k2"), "--", "--fsdp"])
+    for cmd, gpus in fake.calls:
+        assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        assert gpus in ("0,1", "2,3") and cmd[-3:-2] == ["--fsdp"]  # the extra flags, on every run
+    assert sorted(os.path.basename(c[c.index("--out") + 1]) for c, _ in fake.calls) == \
+        ["fixed", "fixed", "medloc", "medloc", "warmstart"]
+    assert "Extra train.py flags of every run: `--fsdp`" in (tmp_path / "k2" / "compare-quick.md").read_text()
+
+
+def test_printed_commands_are_the_runs_the_study_starts_and_report_rebuilds_its_table(tmp_path, monkeypatch):
+    argv = ["--study", "compare", "--quick", "--seeds", "2", "--jobs", "1", "--out", str(tmp_path)]
+    ablate.main(argv + ["--print-commands", str(tmp_path / "runs.sh")])
+    assert not (tmp_path / "runs" / "compare-quick" / "warmstart").exists()  # nothing ran
+    fake = FakeTrain()
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    ablate.main(argv)
+    import shlex
+    printed = [shlex.split(line.split(" && ", 1)[1]) for line in (tmp_path / "runs.sh").read_text().splitlines()]
+    assert printed == [cmd for cmd, _ in fake.calls]  # the same flags, in the same order
+    table = (tmp_path / "compare-quick.md").read_text()
+    monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("--report ran something"))
+    ablate.main(argv + ["--report"])
+    strip = lambda text: [line for line in text.splitlines() if "wall time" not in line]
+    assert strip((tmp_path / "compare-quick.md").read_text()) == strip(table)
+
+
+def test_a_failed_row_is_reported_the_others_finish_and_its_cells_are_missing(tmp_path, monkeypatch):
+    fake = FakeTrain(fail=[os.path.join("us-s0", "fixed")])
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed .*us-s0/fixed: exit status 1; .*fixed.log ends: training \| Traceback: boom"):
+        ablate.main(["--study", "compare", "--quick", "--seeds", "2", "--out", str(tmp_path)])
+    assert len(fake.calls) == 1 + 2 * len(ablate.COMPARE)  # every other run went on (--quick: one seed)
+    table = (tmp_path / "compare-quick.md").read_text()
+    assert "Missing (1 runs" in table and "us-s0/fixed: exit status 1" in table
+    assert "| synth:us | fixed | - |" in table and "| synth:derm | medloc | 50.0 ± 0.0 |" in table
+    fake = FakeTrain()  # the same command again: only the missing run
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    ablate.main(["--study", "compare", "--quick", "--seeds", "2", "--out", str(tmp_path)])
+    assert [c[c.index("--out") + 1] for c, _ in fake.calls] == [str(tmp_path / "runs" / "compare-quick" / "us-s0" / "fixed")]
+
+
+def test_a_failed_warm_start_leaves_its_rows_unrun(tmp_path, monkeypatch):
+    fake = FakeTrain(fail=["warmstart"])
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    with pytest.raises(SystemExit, match="not run: its start .*warmstart failed"):
+        ablate.main(["--study", "compare", "--quick", "--seeds", "1", "--out", str(tmp_path)])
+    assert len(fake.calls) == 1
+
+
+def test_study_flags_for_any_data_are_checked_in_one_line(tmp_path, capsys):
+    for argv, message in ((["--dataset", "x.jsonl"], "--dataset and --eval-dataset go together"),
+                          (["--study", "vrft", "--dataset", "a", "--eval-dataset", "b"], "runs on its built-in sets"),
+                          (["--dataset", str(tmp_path / "no.jsonl"), "--eval-dataset", "b"], "no such file"),
+                          (["--rows", "medloc,ppo"], "ppo not in the compare study"),
+                          (["--gpus", "0,1", "--gpus-per-row", "3"], "between 1 and the 2 GPU(s)")):
+        with pytest.raises(SystemExit):
+            ablate.main(argv + ["--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
