@@ -245,7 +245,10 @@ def test_multi_frame_needs_frame_and_a_missing_decoder_names_its_package(tmp_pat
     coco = {"images": [{"id": 1, "file_name": "x.dcm"}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
             "categories": [{"id": 1, "name": "thing"}]}
     (tmp_path / "c.json").write_text(json.dumps(coco))
-    report, _ = run("coco", tmp_path / "c.json", "--images", images, "--out", tmp_path / "o1", "--quiet")
+    message = error_of("coco", tmp_path / "c.json", "--images", images, "--out", tmp_path / "o1", "--quiet")
+    assert "no row became a record (1 multi-frame DICOM (choose a frame with --frame))" in message
+    with open(tmp_path / "o1" / "report.json") as f:  # written before the error: it says why
+        report = json.load(f)
     assert report["left_out"] == {prepare.MULTI_FRAME: {"count": 1, "examples": [f"{tmp_path / 'c.json'}:annotations[0]"]}}
     report, splits = run("coco", tmp_path / "c.json", "--images", images, "--out", tmp_path / "o2", "--frame", "1",
                          "--split", "1,0,0", "--quiet")
