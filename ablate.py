@@ -1,4 +1,4 @@
-"""The studies on the built-in benchmark, one command each (METHOD.md sections 6, 8 and 10).
+"""The studies, one command each (METHOD.md sections 6, 8 and 10), on the built-in benchmark or yours.
 
     python ablate.py --study default   # `python train.py` on seeds 0-4: README's default-run table
     python ablate.py --study compare   # the paper's comparison where the curriculum can act
@@ -6,6 +6,8 @@
     python ablate.py --study loose     # the comparison from a start whose boxes are found but loose
     python ablate.py --study vrft      # VRFT-Aug's augmentations on synth:grade and synth:type
     python ablate.py --study compare --quick   # 1 seed, a third of the steps: a smoke test
+    python ablate.py --study compare --dataset TRAIN --eval-dataset TEST --model M --gpus 0,1 -- --lora-rank 64
+                                               # on your data and model, rows queued over your GPUs
 
 A study is one entry of STUDIES: its data sets, its rows (train.py flags on top of the shared
 ones), the stages of runs it needs (warm starts before the rows that start from them), the run
@@ -14,7 +16,9 @@ runs each stage's `train.py` subprocesses in parallel (results/runs/<study>/...)
 eval.json is finished and is not redone, one that stopped part-way is resumed from its checkpoint.
 One writer (`report`) turns the finished runs into results/<study>.md, .json, _curves.csv and
 PNG plots: mean ± std over seeds, and differences paired by seed with 95 % t intervals.
-The protocols, and what the studies showed, are in results/README.md.
+The protocols, and what the studies showed, are in results/README.md. --gpus queues the runs over
+GPUs, --print-commands hands them to another scheduler and --report brings their folders back into
+the table; --report-to sends every run to TensorBoard / W&B in the study's group (docs/usage.md).
 """
 import argparse
 import dataclasses
@@ -30,6 +34,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from config import MAY_CHANGE_ON_RESUME
+from trackers import parse_report_to
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GROUNDING = ("A@0.5", "A@0.8", "mAP", "mIoU")
@@ -222,6 +229,18 @@ STUDIES = {
 
 
 # ----------------------------------------------------------------------------- the runner
+def launch_flags(flags):
+    """The flags of `flags` that a resumed run takes again: how it runs and reports (--fsdp,
+    --report-to, ...), not what it computes, which its config.json keeps."""
+    keep, out = False, []
+    for f in flags:
+        if f.startswith("--"):
+            keep = f[2:].replace("-", "_") in MAY_CHANGE_ON_RESUME
+        if keep:
+            out.append(f)
+    return out
+
+
 def command(flags, run_dir, gpus_per_row=1):
     """The train.py command of a run: resumed if it has a checkpoint, else new; under torchrun for
     a row of several GPUs."""
@@ -229,7 +248,8 @@ def command(flags, run_dir, gpus_per_row=1):
                     (os.listdir(run_dir) if os.path.isdir(run_dir) else []))
     launcher = [sys.executable] if gpus_per_row == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                              "--standalone", "--nproc_per_node", str(gpus_per_row)]
-    return launcher + [os.path.join(HERE, "train.py")] + (["--resume", run_dir] if resumable else flags + ["--out", run_dir])
+    how = ["--resume", run_dir] + launch_flags(flags) if resumable else flags + ["--out", run_dir]
+    return launcher + [os.path.join(HERE, "train.py")] + how
 
 
 def log_of(run_dir):
@@ -527,6 +547,7 @@ def parse_args(argv=None):
     p.add_argument("--gpus-per-row", type=int, default=1, help="with --gpus: K GPUs per row, under torchrun")
     p.add_argument("--print-commands", metavar="FILE", help="write one shell line per run, in order, and run nothing")
     p.add_argument("--report", action="store_true", help="rebuild the table from the run folders there are; run nothing")
+    p.add_argument("--report-to", default="none", help="every run's --report-to (tensorboard, wandb), grouped by study")
     p.add_argument("--study", default="compare", choices=tuple(STUDIES))
     p.add_argument("--quick", action="store_true", help="1 seed and a third of the steps")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
@@ -564,6 +585,10 @@ def parse_args(argv=None):
                  "vrft_warm_steps", "vrft_grounding_warm"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    try:
+        parse_report_to(args.report_to)
+    except ValueError as e:
+        p.error(f"--report-to {e}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: a file, not a folder")
     if args.quick:
@@ -582,10 +607,13 @@ def study_of(args):
     return study
 
 
-def planned(study, args, root, cells):
-    """The study's stages with only its rows (and their warm starts), each run given the extra flags."""
+def planned(study, args, root, name, cells):
+    """The study's stages with only its rows (and their warm starts), each run given the extra flags
+    and, with --report-to, the trackers and the study's name as their group (W&B's group; the
+    TensorBoard folders lie side by side under the study's run folder)."""
     dropped = set(STUDIES[args.study].rows) - set(study.rows)  # the rows --rows leaves out; warm starts stay
-    return [[(d, f + args.extra) for d, f in stage if os.path.basename(d) not in dropped]
+    report = ["--report-to", args.report_to, "--run-group", name] if args.report_to != "none" else []
+    return [[(d, f + report + args.extra) for d, f in stage if os.path.basename(d) not in dropped]
             for stage in study.stages(args, root, cells)]
 
 
@@ -596,7 +624,7 @@ def main(argv=None):
     root = os.path.join(args.out, "runs", name)
     os.makedirs(root, exist_ok=True)
     cells = [(kind, seed) for kind in study.sets for seed in range(args.seeds)]
-    stages = planned(study, args, root, cells)
+    stages = planned(study, args, root, name, cells)
     if args.print_commands:
         return print_commands(stages, args, args.print_commands)
     spent, failed = (0.0, {}) if args.report else run_stages(stages, args)

@@ -12,6 +12,7 @@
     python bench.py --memory-plan --model 3b [--fsdp K] [--lora-rank r]   # expected peak per phase
     python bench.py --memory-plan --model proxy --check                    # ... against a run on this CPU
     python bench.py --prepare 200 100000    # prepare.py: DICOM -> PNG images/s per worker, memory for 100k rows
+    python bench.py --trackers --steps 20   # what --report-to tensorboard --log-samples-every 50 adds to a step
 
 The lean step samples with the prompt prefilled once per group and scores each group in one row
 (grpo.sample_groups, VLM.completion_logps); `--naive` runs the same step (train.grpo_step) with a
@@ -37,6 +38,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import lora
 import start
+import trackers
 import train
 from config import Config
 from data import load_dataset
@@ -186,7 +188,7 @@ class Counter:
 
 
 def step_once(run, samples, counter):
-    """One GRPO step; returns seconds per phase, completion tokens and the counters."""
+    """One GRPO step; returns seconds per phase, completion tokens and the counters, and the step's record."""
     cfg = run.cfg
     prompt_len = run.policy.encode([samples[0].image()], [run.task.prompt(samples[0])])["input_ids"].shape[1]
     counter.reset(prompt_len)
@@ -197,7 +199,27 @@ def step_once(run, samples, counter):
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     return {**{p: phases.get(p, 0.0) for p in PHASES}, "total": sum(phases.values()),
             "completions": cfg.batch_prompts * cfg.group_size, "tokens": logs["completion_tokens"], "images": counter.images, "prompt_tokens": counter.prompt_tokens,
-            "peak_gib": peak}
+            "peak_gib": peak}, logs
+
+
+def tracker_seconds(run, samples, tracker, step, logs):
+    """What train.py's tracker_step costs: the step's record logged (every step), and apart, two
+    completions of each of two samples drawn and logged (every --log-samples-every steps)."""
+    t0 = time.perf_counter()
+    tracker.log({"step": step, **logs})
+    t1 = time.perf_counter()
+    tracker.log_samples(step, train.sampled_completions(run, samples[:2]))
+    return {"tracker_log": t1 - t0, "tracker_samples": time.perf_counter() - t1}
+
+
+def tracker_overhead(results, every):
+    """The trackers' share of the step: the record per step plus the samples once every `every` steps."""
+    med = {k: statistics.median(r[k] for r in results) for k in ("total", "tracker_log", "tracker_samples")}
+    added = med["tracker_log"] + med["tracker_samples"] / every
+    return (f"--report-to tensorboard --log-samples-every {every}: {med['tracker_log'] * 1e3:.1f} ms per step for the "
+            f"record, {med['tracker_samples'] * 1e3:.0f} ms per sampled-completion log; {added * 1e3:.1f} ms per step "
+            f"on a {med['total']:.3f} s step: {added / med['total']:.2%} (target under 2 %: "
+            f"{'met' if added / med['total'] < 0.02 else 'NOT met'})")
 
 
 def run_bench(a):
@@ -221,11 +243,14 @@ def run_bench(a):
         compiled = copy.copy(policy)
         compiled.compile_decoding()
         runs["compiled"] = start.Run(cfg, task, compiled, ref, optimizer, params, tau)
+    tracker = trackers.Trackers(["tensorboard"], tempfile.mkdtemp(), 0, {}) if a.trackers else None
     results, first = {v: [] for v in runs}, {}
     for i in range(a.warmup + a.steps):  # interleaved, so outside load hits both paths alike
         samples = [data[(i * B + k) % len(data)] for k in range(B)]
         for v, run in runs.items():
-            r = step_once(run, samples, counter)
+            r, logs = step_once(run, samples, counter)
+            if tracker and v == "lean":
+                r.update(tracker_seconds(run, samples, tracker, i + 1, logs))
             first.setdefault(v, r["rollout"])
             if i >= a.warmup:
                 results[v].append(r)
@@ -236,6 +261,8 @@ def run_bench(a):
         print(f"compilation: {first['compiled'] - statistics.median(r['rollout'] for r in results['compiled']):.1f} s "
               "(the first rollout's time beyond the median)")
     print(targets(a.model, results))
+    if tracker:
+        print(tracker_overhead(results["lean"], a.trackers))
     print(utilisation(policy, samples, task, results["lean"], device, B, G, new, a.model))
     return results
 
@@ -784,10 +811,12 @@ def main(argv=None):
     p.add_argument("--prepare", nargs=2, type=int, metavar=("IMAGES", "ROWS"),
                    help="prepare.py: DICOM -> PNG images/s with 1 and 2 workers, and peak memory for ROWS rows")
     p.add_argument("--measure-prepare", help=argparse.SUPPRESS)
+    p.add_argument("--trackers", type=int, nargs="?", const=50, default=0, metavar="EVERY",
+                   help="also time --report-to tensorboard's work per step, samples every EVERY steps (default 50)")
     a = p.parse_args(argv)
     lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1,
               "image_tokens": 1,
-              "fsdp": 0, "ranks": 1, "lora_rank": 0}
+              "fsdp": 0, "ranks": 1, "lora_rank": 0, "trackers": 0}
     for name, lo in lowest.items():  # a group of one has no advantage (its std is undefined)
         if getattr(a, name) is not None and getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least {lo}")

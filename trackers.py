@@ -85,6 +85,12 @@ class TensorBoard:
         self.writer.close()
 
 
+def run_name(run_dir, group):
+    """The run's folder name; in a group (an ablate.py study: .../derm-s0/medloc), with its cell's."""
+    parts = os.path.abspath(run_dir).split(os.sep)
+    return "/".join(parts[-2:] if group else parts[-1:])
+
+
 class WandB:
     def __init__(self, run_dir, start_step, config, group):
         try:
@@ -100,7 +106,7 @@ class WandB:
             with open(id_path, "w") as f:
                 f.write(run_id)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "medloc-r1"), id=run_id, resume="allow",
-                              dir=run_dir, config=config, group=group, name=os.path.basename(os.path.abspath(run_dir)))
+                              dir=run_dir, config=config, group=group, name=run_name(run_dir, group))
 
     def scalars(self, step, values):
         self.run.log(values, step=step)

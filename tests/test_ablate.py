@@ -272,6 +272,22 @@ def test_a_failed_row_is_reported_the_others_finish_and_its_cells_are_missing(tm
     assert [c[c.index("--out") + 1] for c, _ in fake.calls] == [str(tmp_path / "runs" / "compare-quick" / "us-s0" / "fixed")]
 
 
+def test_report_to_reaches_every_run_in_the_study_s_group_and_a_resumed_run_keeps_how_it_launches(tmp_path, monkeypatch):
+    fake = FakeTrain()
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    ablate.main(["--study", "compare", "--quick", "--seeds", "1", "--rows", "medloc", "--report-to", "tensorboard,wandb",
+                 "--out", str(tmp_path)])
+    assert len(fake.calls) == 3  # the warm start, medloc on derm and on us
+    for cmd, _ in fake.calls:
+        assert cmd[cmd.index("--report-to") + 1] == "tensorboard,wandb" and cmd[cmd.index("--run-group") + 1] == "compare-quick"
+    run_dir = tmp_path / "stopped"
+    os.makedirs(run_dir / "checkpoint-000002")  # a resumed run: its config.json holds what it computes
+    flags = ["--dataset", "synth:us", "--steps", "9", "--report-to", "wandb", "--lr", "1e-3", "--run-group", "g", "--fsdp",
+             "--stages", "0:0.5,0.5:0.8"]
+    assert ablate.command(flags, str(run_dir))[2:] == ["--resume", str(run_dir), "--steps", "9", "--report-to", "wandb",
+                                                       "--run-group", "g", "--fsdp"]
+
+
 def test_a_failed_warm_start_leaves_its_rows_unrun(tmp_path, monkeypatch):
     fake = FakeTrain(fail=["warmstart"])
     monkeypatch.setattr(ablate.subprocess, "run", fake)
@@ -285,7 +301,62 @@ def test_study_flags_for_any_data_are_checked_in_one_line(tmp_path, capsys):
                           (["--study", "vrft", "--dataset", "a", "--eval-dataset", "b"], "runs on its built-in sets"),
                           (["--dataset", str(tmp_path / "no.jsonl"), "--eval-dataset", "b"], "no such file"),
                           (["--rows", "medloc,ppo"], "ppo not in the compare study"),
-                          (["--gpus", "0,1", "--gpus-per-row", "3"], "between 1 and the 2 GPU(s)")):
+                          (["--gpus", "0,1", "--gpus-per-row", "3"], "between 1 and the 2 GPU(s)"),
+                          (["--report-to", "mlflow"], "--report-to 'mlflow': none, or one or more of tensorboard, wandb")):
         with pytest.raises(SystemExit):
             ablate.main(argv + ["--out", str(tmp_path)])
         assert message in capsys.readouterr().err
+
+
+def prepared_images(tmp_path, n=16):
+    """synth:derm images as a COCO file would hold them, through prepare.py: the JSONL a user would have."""
+    import prepare
+    from synth import synth_sample
+    os.makedirs(tmp_path / "coco")
+    images, annotations = [], []
+    for i in range(n):
+        image, _, (x1, y1, x2, y2) = synth_sample("derm", "test", i)
+        image.save(tmp_path / "coco" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        annotations.append({"image_id": i, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    with open(tmp_path / "coco.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "skin lesion"}]}, f)
+    prepare.main(["coco", str(tmp_path / "coco.json"), "--images", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+                  "--split", "0.5,0,0.5", "--quiet"])
+    return str(tmp_path / "data" / "train.jsonl"), str(tmp_path / "data" / "test.jsonl")
+
+
+def test_a_study_on_prepared_data_resumes_a_killed_row_exactly_and_tables_every_row(tmp_path):
+    import shlex
+    import signal
+    import subprocess
+    import time
+    train, test = prepared_images(tmp_path)
+    out = tmp_path / "study"
+    argv = ["--study", "compare", "--rows", "medloc,fixed", "--seeds", "2", "--steps", "6", "--save-every", "2",
+            "--eval-n", "8", "--init", ablate.TINY_WARM_START, "--dataset", train, "--eval-dataset", test,
+            "--out", str(out)]
+    ablate.main(argv + ["--print-commands", str(tmp_path / "runs.sh")])
+    line = next(c for c in (tmp_path / "runs.sh").read_text().splitlines() if "data-s1/fixed" in c)
+    killed = out / "runs" / "compare" / "data-s1" / "fixed"
+    proc = subprocess.Popen(line, shell=True, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / "checkpoint-000002").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, after its first checkpoint
+    proc.wait()
+    assert (killed / "checkpoint-000002").exists() and not (killed / "eval.json").exists()
+    cmd = shlex.split(line.split(" && ", 1)[1])
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "uninterrupted")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ablate.HERE)
+    records = ablate.main(argv)  # three rows from the start, the killed one from its checkpoint
+    assert f"resumed {killed} at step 2" in (out / "runs" / "compare" / "data-s1" / "fixed.log").read_text()
+    for name in ("final/model.safetensors", "metrics.jsonl"):
+        resumed, straight = (killed / name).read_bytes(), (tmp_path / "uninterrupted" / name).read_bytes()
+        if name == "metrics.jsonl":  # the wall-clock fields differ; every other number is the same
+            strip = lambda b: [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in b.splitlines()]
+            resumed, straight = strip(resumed), strip(straight)
+        assert resumed == straight
+    assert sorted((r["row"], r["seed"]) for r in records) == [("fixed", 0), ("fixed", 1), ("medloc", 0), ("medloc", 1)]
+    table = (out / "compare.md").read_text()
+    assert f"Data {train} (scored on {test})" in table and "Missing" not in table
+    assert any(line.startswith("| ") and "medloc − fixed" in line and "±" in line for line in table.splitlines())
