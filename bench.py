@@ -43,7 +43,7 @@ import train
 from config import Config
 from data import load_dataset
 from model import (CACHE_BLOCK, LOGIT_CHUNK, PRECISIONS, VLM, OutputLayer, build_tiny_model, build_tiny_processor,
-                   build_tiny_tokenizer, load_vlm, reuse_freed_memory, weights_on_meta)
+                   build_tiny_tokenizer, checkpoint_activations, load_vlm, reuse_freed_memory, weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
 
@@ -99,19 +99,48 @@ def shape_config(name, tok):
         tie_word_embeddings=TIED[name])
 
 
-def build(name, device, precision, image_tokens=IMAGE_TOKENS):
+def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
     """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry
-    whose processor resizes every image to `image_tokens` merged tokens."""
+    whose processor resizes every image to `image_tokens` merged tokens. `meta`: built on the meta
+    device and materialised on `device` in the run's dtype (a 3B never passes through CPU memory
+    in float32, nor through torch's slow default initialisation)."""
     if name == "tiny":
         return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
     tok = build_tiny_tokenizer(vocab_size=151_936)
     torch.manual_seed(0)
     dtype, amp = train_precision(device, precision)
-    model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
+    if meta:
+        with weights_on_meta():
+            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok))
+        model = materialised(model, device, dtype)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
     if device == "cuda":
-        model.activation_checkpointing_enable()
+        checkpoint_activations(model)
     pixels = image_tokens * 28 * 28
     return VLM(model, build_tiny_processor(tok, pixels, pixels), template="r1", amp_dtype=amp)
+
+
+def materialised(model, device, dtype, std=0.02):
+    """A model whose parameters are on the meta device, given random weights on `device` in `dtype`
+    one tensor at a time: norms' scales 1, biases 0, the rest normal(0, std); tied tensors (the
+    output layer and the input embeddings) stay one tensor. Buffers (rotary frequencies) move as they are."""
+    aliases = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), (p, []))[1].append(key)
+    for p, keys in aliases.values():
+        value = torch.empty(p.shape, device=device, dtype=dtype)
+        if keys[0].endswith("bias"):
+            value.zero_()
+        elif "norm" in keys[0] and p.dim() == 1:
+            value.fill_(1.0)
+        else:
+            value.normal_(0.0, std)
+        new = torch.nn.Parameter(value, requires_grad=p.requires_grad)
+        for key in keys:
+            module, _, leaf = key.rpartition(".")
+            model.get_submodule(module).register_parameter(leaf, new)
+    return model.to(device)
 
 
 def train_precision(device, precision):
@@ -222,38 +251,64 @@ def tracker_overhead(results, every):
             f"{'met' if added / med['total'] < 0.02 else 'NOT met'})")
 
 
-def run_bench(a):
-    reuse_freed_memory()  # as train.py runs
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    s = SETTINGS[a.model]
-    B, G, new = a.batch_prompts or s["B"], a.group_size or s["G"], a.max_new_tokens or s["new"]
-    policy = build(a.model, device, a.precision, a.image_tokens or s.get("image_tokens", IMAGE_TOKENS))
+def step_runs(model, device, precision, B, G, new, image_tokens, paths=(), lora_rank=0, meta=False):
+    """The policy built for timing and the runs of one step each path takes: lean, and among
+    `paths` naive (Naive) and compiled (the same model, its decoding step compiled). With
+    `lora_rank`, adapters on the attention and MLP layers, the reference their off switch."""
+    policy = build(model, device, precision, image_tokens, meta)
     # completions run to max_new_tokens: a suppressed token never gets sampled, so nothing stops
     policy.eos_ids = policy.suppress_ids[:1].tolist()
+    if lora_rank:
+        lora.inject(policy.model, lora_rank, 2 * lora_rank)
+        policy.model.to(device)
     ref = policy.frozen_copy()
     counter = Counter(policy, ref)
-    data = load_dataset("synth:mix")
-    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=s["micro"], lr=1e-6)
+    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=SETTINGS[model]["micro"], lr=1e-6,
+                 lora_rank=lora_rank)
     optimizer, params = start.optimizer_of(cfg, policy)
     task, tau = Grounding(policy.template, policy.coord), make_schedule("fixed", tau=0.5)
     runs = {"lean": start.Run(cfg, task, policy, ref, optimizer, params, tau)}
-    if a.naive:
+    if "naive" in paths:
         runs["naive"] = start.Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
-    if a.compile:  # the same model, its decoding step compiled (VLM.compile_decoding)
+    if "compiled" in paths:
         compiled = copy.copy(policy)
         compiled.compile_decoding()
         runs["compiled"] = start.Run(cfg, task, compiled, ref, optimizer, params, tau)
-    tracker = trackers.Trackers(["tensorboard"], tempfile.mkdtemp(), 0, {}) if a.trackers else None
+    return policy, task, runs, counter
+
+
+def time_runs(runs, counter, B, steps, warmup, tracker=None):
+    """Every path's step on the same prompts, interleaved (outside load hits all paths alike):
+    {path: [step_once's numbers of each timed step]}, each path's first rollout (its compilation
+    included), and the last step's prompts."""
+    data = load_dataset("synth:mix")
     results, first = {v: [] for v in runs}, {}
-    for i in range(a.warmup + a.steps):  # interleaved, so outside load hits both paths alike
+    for i in range(warmup + steps):
         samples = [data[(i * B + k) % len(data)] for k in range(B)]
         for v, run in runs.items():
             r, logs = step_once(run, samples, counter)
             if tracker and v == "lean":
                 r.update(tracker_seconds(run, samples, tracker, i + 1, logs))
             first.setdefault(v, r["rollout"])
-            if i >= a.warmup:
+            if i >= warmup:
                 results[v].append(r)
+    return results, first, samples
+
+
+def run_bench(a):
+    reuse_freed_memory()  # as train.py runs
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    s = SETTINGS[a.model]
+    B, G, new = a.batch_prompts or s["B"], a.group_size or s["G"], a.max_new_tokens or s["new"]
+    image_tokens = a.image_tokens or s.get("image_tokens", IMAGE_TOKENS)
+    paths = [p for p in ("naive", "compiled") if getattr(a, "compile" if p == "compiled" else p)]
+    problem = cannot_fit(a.model, step_plan(a.model, device, a.precision, B, G, new, image_tokens), device)
+    if problem:  # said before anything is built: an allocator's traceback says none of this
+        raise SystemExit(f"bench.py --model {a.model}: {problem}; `--memory-plan` shows its terms")
+    policy, task, runs, counter = step_runs(a.model, device, a.precision, B, G, new, image_tokens, paths,
+                                            meta=device == "cuda")
+    tracker = trackers.Trackers(["tensorboard"], tempfile.mkdtemp(), 0, {}) if a.trackers else None
+    results, first, samples = time_runs(runs, counter, B, a.steps, a.warmup, tracker)
     print(f"{a.model} on {device}, {torch.get_num_threads()} thread(s): B={B}, G={G}, {new} new tokens, "
           f"micro-batch {s['micro'] or B * G}, median of {a.steps} steps after {a.warmup} warm-up")
     print(table(results))
@@ -279,21 +334,31 @@ def targets(name, results):
     return "\n".join(lines)
 
 
-def utilisation(policy, samples, task, results, device, B, G, new, name):
-    """The lean step's FLOPs per phase (step_flops, images of the last step's size) over its median
-    time, as a share of this device's square-matmul rate in the weights' dtype (or bf16 under autocast)."""
+def phase_utilisation(policy, samples, task, results, B, G, new, rate):
+    """The step's FLOPs per phase (step_flops, images of the last step's size) over their median
+    seconds in `results`, and the share of `rate` (the device's square-matmul FLOP/s) that makes:
+    {phase or "step": {"gflop", "gflop_per_s", "utilisation"}}."""
     batch = policy.encode([samples[0].image()], [task.prompt(samples[0])])
     image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
     flops = step_flops(policy.model.config, B, G, new, batch["input_ids"].shape[1], image_tokens)
-    rate = matmul_rate(device, policy.amp_dtype or next(policy.model.parameters()).dtype)
-    lines = [f"matmul rate {rate / 1e9:.1f} GFLOP/s; the lean step's FLOPs (bench.step_flops) per median second:",
-             "| phase | GFLOP | GFLOP/s | utilisation |", "|---|---|---|---|"]
+    out = {}
     for phase in list(flops) + ["step"]:
         work = sum(flops.values()) if phase == "step" else flops[phase]
         seconds = statistics.median(r["total" if phase == "step" else phase] for r in results)
-        lines.append(f"| {phase} | {work / 1e9:.2f} | {work / seconds / 1e9:.1f} | {work / seconds / rate:.0%} |")
+        out[phase] = {"gflop": work / 1e9, "gflop_per_s": work / seconds / 1e9, "utilisation": work / seconds / rate}
+    return out
+
+
+def utilisation(policy, samples, task, results, device, B, G, new, name):
+    """The lean step's FLOPs per phase over its median time, as a share of this device's
+    square-matmul rate in the weights' dtype (or bf16 under autocast)."""
+    rate = matmul_rate(device, policy.amp_dtype or next(policy.model.parameters()).dtype)
+    rows = phase_utilisation(policy, samples, task, results, B, G, new, rate)
+    lines = [f"matmul rate {rate / 1e9:.1f} GFLOP/s; the lean step's FLOPs (bench.step_flops) per median second:",
+             "| phase | GFLOP | GFLOP/s | utilisation |", "|---|---|---|---|"]
+    lines += [f"| {phase} | {r['gflop']:.2f} | {r['gflop_per_s']:.1f} | {r['utilisation']:.0%} |" for phase, r in rows.items()]
     if name in UTILISATION_TARGETS:
-        target, share = UTILISATION_TARGETS[name], work / seconds / rate
+        target, share = UTILISATION_TARGETS[name], rows["step"]["utilisation"]
         verdict = "met" if share >= target else "NOT met"
         lines.append(f"target: the step at >= {target:.0%} of the matmul rate: {verdict}")
     return "\n".join(lines)
@@ -594,6 +659,32 @@ def scoring_terms(s, cfg):
     return terms
 
 
+def step_plan(model, device, precision, B, G, new, image_tokens, lora_rank=0):
+    """The memory plan of the step bench.py times (step_runs): gradient checkpointing on CUDA."""
+    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=SETTINGS[model]["micro"],
+                 lora_rank=lora_rank, precision=precision, gradient_checkpointing=device == "cuda")
+    tokens = 16 if model == "tiny" else image_tokens  # the tiny processor's 112 x 112 images
+    return memory_plan(plan_model(model, lora_rank), cfg, tokens + PROMPT_TEXT_TOKENS, tokens, device=device)
+
+
+def free_bytes(device):
+    """What `device` has free now: CUDA's free memory, or the kernel's MemAvailable for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def cannot_fit(model, plan, device):
+    """None if the plan's peak fits what `device` has free, else one line saying what does not."""
+    phase, peak = max(((ph, sum(terms.values())) for ph, terms in plan.items()), key=lambda kv: kv[1])
+    free = free_bytes(device)
+    if peak <= free:
+        return None
+    return (f"{model} cannot fit on {device}: the memory plan's peak is {peak / GiB:.1f} GiB ({phase}), "
+            f"{free / GiB:.1f} GiB is free")
+
+
 def print_plan(plan, title):
     print(title)
     print("| phase | peak GiB | largest terms (GiB) |\n|---|---|---|")
@@ -681,6 +772,28 @@ MEASURED_PHASES = {"rollout": "sampling", "reference": "scoring", "policy_forwar
                    "backward": "scoring", "optimizer": "update"}
 
 
+@contextlib.contextmanager
+def phase_peaks(peaks, reset, peak):
+    """Inside the block, each phase that train.py times (train.timed) starts with reset() and
+    leaves peak() in peaks[its memory plan phase] (the largest over its calls): a measurement
+    hook around the step, which itself stays as it is."""
+    timed = train.timed
+
+    @contextlib.contextmanager
+    def watched(phases, name):
+        reset()
+        with timed(phases, name):
+            yield
+        if name in MEASURED_PHASES:
+            phase = MEASURED_PHASES[name]
+            peaks[phase] = max(peaks.get(phase, 0), peak())
+    train.timed = watched
+    try:
+        yield peaks
+    finally:
+        train.timed = timed
+
+
 def measured_run(model, size):
     """A real run's set-up and two GRPO steps on the CPU (train.train_step, as train.py runs
     them): the peak resident memory each phase adds to the process before the model was loaded,
@@ -698,21 +811,11 @@ def measured_run(model, size):
     policy, task = start.new_policy(cfg, "cpu", labels)
     run = start.begin(cfg, tempfile.mkdtemp(), "cpu", policy, task)
     peaks = {"set-up": resident("VmHWM") - base}
-    timed = train.timed
-
-    @contextlib.contextmanager
-    def watched(phases, name):
-        reset_peak()
-        with timed(phases, name):
-            yield
-        if name in MEASURED_PHASES:
-            phase = MEASURED_PHASES[name]
-            peaks[phase] = max(peaks.get(phase, 0), resident("VmHWM") - base)
-    train.timed = watched
-    for step in (1, 2):
-        for phase in MEASURED_PHASES.values():
-            peaks.pop(phase, None)
-        train.train_step(run, train_set, step)
+    with phase_peaks(peaks, reset_peak, lambda: resident("VmHWM") - base):
+        for step in (1, 2):
+            for phase in MEASURED_PHASES.values():
+                peaks.pop(phase, None)
+            train.train_step(run, train_set, step)
     sample = train_set[0]
     prompt = policy.encode([sample.image()], [task.prompt(sample)])
     return {"peaks": peaks, "base": base, "prompt_tokens": prompt["input_ids"].shape[1],
@@ -811,6 +914,10 @@ def main(argv=None):
     p.add_argument("--prepare", nargs=2, type=int, metavar=("IMAGES", "ROWS"),
                    help="prepare.py: DICOM -> PNG images/s with 1 and 2 workers, and peak memory for ROWS rows")
     p.add_argument("--measure-prepare", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the GPU check (gpu_check.py): writes --out/gpu_check.json and .md; --quick: small shapes")
+    p.add_argument("--out", default="gpu-check", help="--gpu-check: the folder it writes")
+    p.add_argument("--quick", action="store_true", help="--gpu-check: small shapes and few steps (the suite runs it on CPU)")
     p.add_argument("--trackers", type=int, nargs="?", const=50, default=0, metavar="EVERY",
                    help="also time --report-to tensorboard's work per step, samples every EVERY steps (default 50)")
     a = p.parse_args(argv)
@@ -822,6 +929,9 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least {lo}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if a.gpu_check:
+        import gpu_check
+        return gpu_check.run_check(a.out, a.device, a.quick)
     torch.set_num_threads(a.threads)
     if a.probe:
         return memory_probe(a)

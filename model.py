@@ -10,6 +10,7 @@ import contextlib
 import copy
 import ctypes
 import glob
+import inspect
 import json
 import os
 import string
@@ -153,6 +154,7 @@ class VLM:
         self.run_fields = {}        # what the run writes into config.json: the task's (tasks.of_config reads
                                     # them back) and the completion length eval.py decodes to
         self.coord = COORD_FRAMES[model_type]
+        self.cache_arg = cache_arg(model.model.language_model)
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
         tok = processor.tokenizer
@@ -236,12 +238,13 @@ class VLM:
             out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    position_ids=positions, pixel_values=batch["pixel_values"],
                                    image_grid_thw=batch["image_grid_thw"], use_cache=True)
+            prompt_cache = getattr(out, self.cache_arg)
             logits = self.model.lm_head(out.last_hidden_state[:, -1])
         B, L = batch["input_ids"].shape
         length = -(-(L + max_new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
         mask = batch["attention_mask"].new_zeros(B * copies, length, dtype=torch.bool)  # columns not yet written: 0
         mask[:, :L] = batch["attention_mask"].bool().repeat_interleave(copies, 0)
-        state = {"cache": self.static_cache(out.cache, copies, length), "mask": mask, "length": L,
+        state = {"cache": self.static_cache(prompt_cache, copies, length), "mask": mask, "length": L,
                  "next": start.repeat_interleave(copies)}
         return state, logits.float().repeat_interleave(copies, 0)
 
@@ -253,8 +256,14 @@ class VLM:
         for static, prompt in zip(cache.layers, prompt_cache.layers):
             keys, values = prompt.keys.repeat_interleave(copies, 0), prompt.values.repeat_interleave(copies, 0)
             # each in its own dtype: under bf16 autocast the keys come out of the rotary embedding
-            # in float32 and the values out of a bf16 matmul
+            # in float32 and the values out of a bf16 matmul. Transformers before 5.2x keep both of
+            # the prompt's in the keys' dtype (its values exact bf16 numbers) and size a static
+            # layer's values by the keys too: the values are put back in the dtype decoding writes.
+            values = values.to(self.amp_dtype or values.dtype)
             static.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+            if static.values.dtype != values.dtype:
+                static.values = torch.zeros_like(static.values, dtype=values.dtype)
+                torch._dynamo.mark_static_address(static.values)  # as lazy_initialization marks its own
             L = keys.shape[2]
             static.keys[:, :, :L] = keys
             static.values[:, :, :L] = values
@@ -276,8 +285,9 @@ class VLM:
         """The language model on one token per row: next-token logits (N, V), float32. With
         --compile this is what torch.compile runs (`compile_decoding`)."""
         with self.context():
-            out = self.model.model.language_model(input_ids=tokens[:, None], position_ids=positions, cache=cache,
-                                                  attention_mask={"full_attention": mask}, use_cache=True)
+            out = self.model.model.language_model(input_ids=tokens[:, None], position_ids=positions,
+                                                  attention_mask={"full_attention": mask}, use_cache=True,
+                                                  **{self.cache_arg: cache})
             return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def compile_decoding(self):
@@ -513,9 +523,23 @@ def unloadable(name, e):
     return ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first_line(e)})")
 
 
+def cache_arg(module):
+    """The name under which a transformers model takes its KV cache and returns it in its output:
+    `cache` from transformers 5.2x on, `past_key_values` in the 5.x releases before (5.17 on the
+    GPU nodes seen)."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
+def checkpoint_activations(model):
+    """Activation checkpointing: `activation_checkpointing_enable` where transformers has it (5.2x;
+    `gradient_checkpointing_enable` is now its deprecated alias), else the older name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # training forwards pass use_cache=False themselves
+
+
 def prepare(model, gradient_checkpointing, freeze_vision):
     if gradient_checkpointing:
-        model.activation_checkpointing_enable()  # training forwards pass use_cache=False themselves
+        checkpoint_activations(model)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
 

@@ -9,6 +9,7 @@ import torch
 import rundir
 import start
 import train
+from conftest import ON_CUDA
 from config import Config
 from model import load_vlm
 
@@ -150,19 +151,20 @@ def test_a_second_update_on_the_same_rollout_moves_the_ratio_and_logs_clipping(w
     assert all(r["seconds_rollout"] > 0 and r["seconds_backward"] > 0 for r in log)
 
 
-def test_the_fused_optimizer_steps_as_torch_adamw_and_resumes_a_one_group_state():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def test_the_fused_optimizer_steps_as_torch_adamw_and_resumes_a_one_group_state(device):
     """start.optimizer_of (fused AdamW, the output layer in a group of its own) against torch's
     plain AdamW on all parameters at once: the same weights after three steps; and an optimizer
     state saved in one group (before the output layer had its own) resumes with each moment on
     its own parameter."""
     cfg = Config(lr=1e-2, weight_decay=0.1)
-    policies = [load_vlm("tiny"), load_vlm("tiny")]
+    policies = [load_vlm("tiny", device), load_vlm("tiny", device)]
     fused, _ = start.optimizer_of(cfg, policies[0])
     plain = torch.optim.AdamW(policies[1].model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
     assert [len(g["params"]) for g in fused.param_groups] == [len(list(policies[0].model.parameters())) - 1, 1]
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        grads = [torch.randn(p.shape, generator=g) for p in policies[0].model.parameters()]
+        grads = [torch.randn(p.shape, generator=g).to(device) for p in policies[0].model.parameters()]
         for vlm, opt in zip(policies, (fused, plain)):
             for p, grad in zip(vlm.model.parameters(), grads):
                 p.grad = grad.clone()
