@@ -391,13 +391,14 @@ def dicom_pixels(path, opts):
     the VOI window, MONOCHROME1 inverted; one frame of a multi-frame file only when --frame says which."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut
-    try:
+    try:  # pydicom parses an element when it is read: a malformed one (a frame count of '1A') fails here
         ds = pydicom.dcmread(path, force=True)  # some writers leave out the preamble
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     except Exception as e:
         raise LeftOut(UNREADABLE) from e
     if "PixelData" not in ds:
         raise LeftOut(UNREADABLE)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1 and (opts.frame is None or opts.frame >= frames):
         raise LeftOut(MULTI_FRAME)
     try:
@@ -410,13 +411,15 @@ def dicom_pixels(path, opts):
                                f"pip install {package}")
         raise LeftOut(UNREADABLE) from e
     a = a[opts.frame] if frames > 1 else a
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric == "PALETTE COLOR":
-        a = apply_color_lut(a, ds)
-    if a.ndim == 3:  # colour: pydicom hands RGB (YBR converted); scale wider samples to 8 bits
-        top = float(a.max()) if a.dtype != np.uint8 else 255.0
-        return a if a.dtype == np.uint8 else window_range(a, 0, max(top, 1.0))
-    grey = dicom_voi(ds, apply_modality_lut(a, ds), opts.window)
+    try:  # the LUTs' and windows' elements, parsed as they are read
+        if photometric == "PALETTE COLOR":
+            a = apply_color_lut(a, ds)
+        if a.ndim == 3:  # colour: pydicom hands RGB (YBR converted); scale wider samples to 8 bits
+            top = float(a.max()) if a.dtype != np.uint8 else 255.0
+            return a if a.dtype == np.uint8 else window_range(a, 0, max(top, 1.0))
+        grey = dicom_voi(ds, apply_modality_lut(a, ds), opts.window)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise LeftOut(UNREADABLE) from e
     return 255 - grey if photometric == "MONOCHROME1" else grey
 
 

@@ -264,6 +264,21 @@ def test_multi_frame_needs_frame_and_a_missing_decoder_names_its_package(tmp_pat
     assert message.endswith("pip install pylibjpeg pylibjpeg-libjpeg")
 
 
+def test_a_dicom_with_a_malformed_element_is_left_out_as_unreadable_not_a_traceback(tmp_path):
+    images = tmp_path / "d"
+    os.makedirs(images)
+    shutil.copy(get_testdata_file("badVR.dcm"), images / "bad.dcm")  # pydicom's: a frame count of '1A'
+    shutil.copy(get_testdata_file("CT_small.dcm"), images / "good.dcm")
+    coco = {"images": [{"id": 1, "file_name": "bad.dcm"}, {"id": 2, "file_name": "good.dcm"}],
+            "annotations": [{"image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in (1, 2)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    report, splits = run("coco", tmp_path / "c.json", "--images", images, "--out", tmp_path / "o", "--split", "1,0,0",
+                         "--quiet")
+    assert report["left_out"] == {prepare.UNREADABLE: {"count": 1, "examples": [f"{tmp_path / 'c.json'}:annotations[0]"]}}
+    assert len(splits["train"]) == 1 and accounted(report)
+
+
 # ----------------------------------------------------------------------------- hand-made files, every format
 def test_deeplesion_16_bit_slices_windowed_and_its_official_split(tmp_path):
     images = tmp_path / "Images_png"
