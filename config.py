@@ -123,6 +123,8 @@ class Config:
     log_samples_every: int = knob(0, "with --report-to: every N steps, a few sampled completions with their boxes, "
                                      "rewards and IoU (0: never)")
     run_group: str = knob(None, "the W&B group of this run (ablate.py gives its study's rows one)")
+    dist_timeout: int = knob(600, "under torchrun: seconds a collective waits for the other ranks; past it the "
+                                  "run stops, naming the rank that stopped or froze (resumable)")
 
 
 def parse_args(argv=None):
@@ -170,7 +172,7 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
     "lora_rank": _between(0, 4096), "mfrs_weight": _between(0, 10), "mfrs_decay": _between(0, 1),
     "recite_weight": _between(-10, 10), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
-    "log_samples_every": _at_least(0),
+    "log_samples_every": _at_least(0), "dist_timeout": _between(10, 7 * 24 * 3600),
 }
 
 
@@ -204,6 +206,8 @@ def check(cfg, processes=1):
         problems.append(f"--min-pixels {cfg.min_pixels} is above --max-pixels {cfg.max_pixels}")
     if cfg.beta > 0 and cfg.ref_model == "none":
         problems.append(f"--beta {cfg.beta} needs a reference model; use --beta 0 with --ref-model none")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not (cfg.out or cfg.resume):
+        problems.append("torchrun --max-restarts needs --out RUN: a restarted worker resumes the run in that folder")
     if cfg.reward == "threshold" and cfg.schedule == "raw-iou":
         problems.append("--schedule raw-iou has no tau: use --reward iou or giou")
     try:
@@ -300,13 +304,22 @@ def parse_stages(text):
 
 # ----------------------------------------------------------------------------- new or resumed
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "final_dtype", "report_to", "log_samples_every",
-                        "run_group")  # how a launch runs or reports, not what it computes
+                        "run_group", "dist_timeout")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
+
+
+def restarted(out):
+    """True in a worker that torchrun restarted (an elastic restart) for a run that had begun in
+    `out`: it goes on from the run's last checkpoint, as --resume would, with no flag to add."""
+    return bool(out) and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and \
+        os.path.exists(os.path.join(out, "config.json"))
 
 
 def load_config(given):
     """A new run's Config from the flags; a resumed run's from its config.json, refusing any flag
     that would change the run (anything but --steps, --device, --threads and --fsdp)."""
+    if "resume" not in given and restarted(given.get("out")):  # torchrun --max-restarts started this worker again
+        given = {**given, "resume": given["out"]}
     if "resume" not in given:
         return Config(**given)
     run_dir = given["resume"]

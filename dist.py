@@ -16,7 +16,10 @@ import contextlib
 import gc
 import math
 import os
+import signal
+import time
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,12 +27,30 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def setup(device, fsdp=False):
-    """Join the process group when launched by torchrun (even alone, to shard); returns this rank's device."""
+_store = None  # this attempt's view of the launcher's key-value store (who_stopped reads it)
+
+
+def attempt():
+    """How many times torchrun has restarted this job's workers (--max-restarts): 0 at first."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def setup(device, fsdp=False, timeout=600):
+    """Join the process group when launched by torchrun (even alone, to shard); returns this rank's
+    device. Every collective gives up after `timeout` seconds (--dist-timeout) instead of waiting
+    for a rank that stopped or froze; NCCL's async error handling makes that so on CUDA. The
+    group's keys in the launcher's store are this attempt's own: after an elastic restart the
+    store still holds the dead workers' addresses under the first attempt's keys, and gloo would
+    try to connect to them ("connectFullMesh ... Connection refused")."""
+    global _store
     if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
         return device
     cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # before the group: a timed-out collective ends the process
+    limit = timedelta(seconds=timeout)
+    store, rank_, size = next(dist.rendezvous("env://", timeout=limit))
+    _store = dist.PrefixStore(f"medloc/attempt-{attempt()}/", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=_store, rank=rank_, world_size=size, timeout=limit)
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -240,12 +261,48 @@ def from_main(obj):
 
 
 def lost_peer(error):
-    """True when `error` is a collective failing because another process of the job is gone
-    (gloo: a RuntimeError "Connection closed by peer"; NCCL and the store: DistError)."""
+    """True when `error` is a collective failing because another process of the job is gone or
+    frozen (gloo: a RuntimeError "Connection closed by peer", or its wait past --dist-timeout;
+    NCCL and the store: DistError)."""
     if not dist.is_initialized():
         return False
     text = str(error)
-    return isinstance(error, dist.DistError) or "closed by peer" in text or "Connection reset" in text
+    return isinstance(error, dist.DistError) or any(k in text for k in ("closed by peer", "Connection reset", "Timed out"))
+
+
+def who_stopped(wait=5.0):
+    """The ranks that stopped: each survivor marks itself alive in the launcher's store (torchrun's
+    agent holds it, so it outlives the workers), and the ranks not marked within `wait` seconds
+    are the ones gone or frozen. None when the store cannot be reached."""
+    try:
+        _store.set(f"alive/{rank()}", "1")
+        deadline, missing = time.time() + wait, []
+        while time.time() < deadline:
+            missing = [r for r in range(world()) if not _store.check([f"alive/{r}"])]
+            if not missing:
+                break
+            time.sleep(0.2)
+        return missing
+    except Exception:  # noqa: BLE001 - the store went with its process: the message says so
+        return None
+
+
+def lost_peer_message(error, run_dir, last):
+    """The one line a survivor ends with: the rank(s) that stopped, the last checkpoint, how to resume."""
+    gone = who_stopped()
+    who = (f"rank {', '.join(map(str, gone))} of this job stopped" if gone else
+           "another process of this job stopped (which one: the launcher's store is gone too)")
+    return (f"error: rank {rank()}: {who} ({str(error).splitlines()[0][:120]}); last checkpoint: "
+            f"{os.path.basename(last[-1]) if last else 'none'}; resume with: torchrun ... train.py --resume {run_dir}")
+
+
+def kill_point(step):
+    """Tests of restarts and lost ranks: MEDLOC_TEST_KILL=STEP:RANK kills that rank (SIGKILL, as a
+    node dies) right after checkpoint STEP, in the first attempt only; STEP:RANK:STOP freezes it
+    (SIGSTOP, as a hung node)."""
+    at = os.environ.get("MEDLOC_TEST_KILL", "").split(":")
+    if attempt() == 0 and at[:2] == [str(step), str(rank())]:
+        os.kill(os.getpid(), signal.SIGSTOP if at[2:] == ["STOP"] else signal.SIGKILL)
 
 
 def barrier():

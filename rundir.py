@@ -16,14 +16,16 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
+import socket
 import time
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from dist import from_main, is_main, local
+from dist import barrier, from_main, gather_objects, is_main, local, world
 from model import first_line
 
 
@@ -104,7 +106,7 @@ def claim(run_dir, resume):
             remove_leftovers(run_dir)
         except RunError as e:
             problem = str(e)
-    problem = from_main(problem)
+    problem = from_main(problem) or blind_ranks(run_dir)
     try:
         if problem:
             raise RunError(problem)
@@ -112,6 +114,28 @@ def claim(run_dir, resume):
     finally:
         if lock:
             lock.__exit__()
+
+
+def blind_ranks(run_dir, wait=10.0):
+    """None when every rank sees the run folder that rank 0 holds, else the line saying which
+    ranks do not: rank 0 alone writes it, and every rank reads its checkpoints, so it must be on
+    storage every node sees. A file rank 0 writes there is looked for on every rank (for up to
+    `wait` seconds: a network file system may show a new file late)."""
+    if world() == 1:
+        return None
+    marker = os.path.join(run_dir, f".seen-{from_main(secrets.token_hex(8))}")
+    if is_main():
+        open(marker, "w").close()
+    barrier()
+    deadline = time.time() + wait
+    while not os.path.exists(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    seen = gather_objects((os.path.exists(marker), socket.gethostname()))
+    if is_main():
+        os.remove(marker)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    return (f"{', '.join(blind)} cannot see the run folder {run_dir} (a file rank 0 wrote there is not there): "
+            "the run folder must be on storage every node sees (a shared file system), not a node's own disk") if blind else None
 
 
 # ----------------------------------------------------------------------------- paths in config.json

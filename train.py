@@ -243,6 +243,7 @@ def save_checkpoint(run, run_dir, step):
         rundir.save_checkpoint(run_dir, step, run.policy, optimizer_state, run.schedule, run.cfg.keep_checkpoints,
                                rngs, weights)
     dist.barrier()
+    dist.kill_point(step)  # a test's lost node (MEDLOC_TEST_KILL); nothing otherwise
 
 
 def warm_start(cfg, task, policy, train_set, eval_set, run_dir):
@@ -340,7 +341,7 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         reuse_freed_memory()  # the scoring passes' logit chunks, reused instead of mapped afresh
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        device = dist.setup(device, cfg.fsdp)
+        device = dist.setup(device, cfg.fsdp, cfg.dist_timeout)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
         with rundir.claim(run_dir, cfg.resume):
@@ -365,11 +366,9 @@ def main(argv=None):
         if not dist.lost_peer(e):
             raise
         last = rundir.checkpoints(run_dir) if run_dir else []  # another process died: this one cannot go on alone
+        message = dist.lost_peer_message(e, run_dir, last)
         dist.teardown(together=False)
-        raise SystemExit(f"error: rank {dist.rank()}: another torchrun process of this job stopped "
-                         f"({str(e).splitlines()[0][:120]}); last checkpoint: "
-                         f"{os.path.basename(last[-1]) if last else 'none'}; resume with: "
-                         f"torchrun --nproc_per_node K train.py --resume {run_dir}")
+        raise SystemExit(message)
     return run_dir
 
 

@@ -1,0 +1,141 @@
+"""Many nodes, simulated on one machine: two torchrun launchers (`--nnodes 2`, one process each,
+loopback, gloo) are two nodes. They end where one node of two processes ends; a node whose run
+folder is its own disk stops every rank in one line; a rank killed after a checkpoint is named by
+the survivor, a frozen one too (after --dist-timeout), and the run resumes; under
+`--max-restarts 1` a killed worker restarts the job, which resumes from its last checkpoint by
+itself and ends bit-identical to an uninterrupted run. Each launch runs once; the uninterrupted
+run is shared."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FLAGS = ["--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4", "--eval-dataset", "none",
+         "--threads", "1", "--steps", "6", "--save-every", "2", "--device", "cpu"]
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cwd, out, nodes=1, node=0, procs=2, port=None, extra=(), env=None, restarts=0):
+    """One torchrun launcher (a node) running train.py, started, not waited for."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank", str(node),
+           "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
+           "--max-restarts", str(restarts), TRAIN, *FLAGS, *extra, "--out", str(out)]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def two_nodes(tmp_path, out0, out1, extra=(), env=None):
+    """Two launchers as two nodes, each in its own working directory; their processes."""
+    port = free_port()
+    return [launch(tmp_path / f"node{k}", out, nodes=2, node=k, procs=1, port=port, extra=extra, env=env)
+            for k, out in enumerate((out0, out1))]
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def processes_of(run):
+    """The pids whose command line names `run` (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(run).encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def log(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in f]
+
+
+def weights(run):
+    with open(os.path.join(run, "final", "model.safetensors"), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One node, two processes, never stopped: where every other launch must end."""
+    out = tmp_path_factory.mktemp("one-node") / "run"
+    rc, text = finish(launch(ROOT, out))
+    assert rc == 0, text[-2000:]
+    return out
+
+
+@pytest.fixture()
+def nodes(tmp_path):
+    for k in (0, 1):
+        (tmp_path / f"node{k}").mkdir()
+    return tmp_path
+
+
+def test_two_nodes_end_where_one_node_of_two_processes_ends(nodes, uninterrupted):
+    shared = nodes / "shared"
+    results = [finish(p) for p in two_nodes(nodes, shared, shared)]
+    assert all(rc == 0 for rc, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
+    assert log(shared) == log(uninterrupted) and weights(shared) == weights(uninterrupted)
+
+
+def test_a_node_that_cannot_see_the_run_folder_stops_every_rank_in_one_line(nodes):
+    results = [finish(p) for p in two_nodes(nodes, "run", "run")]  # relative: each node's own folder
+    for rc, text in results:
+        assert rc != 0
+        assert "error: rank 1 on " in text and "cannot see the run folder run" in text
+        assert "must be on storage every node sees" in text
+    assert not os.path.exists(nodes / "node0" / "run" / "config.json")  # stopped before the run began
+
+
+def test_a_killed_rank_is_named_by_the_survivor_and_the_run_resumes(nodes, uninterrupted):
+    shared = nodes / "shared"
+    node0, node1 = two_nodes(nodes, shared, shared, env={"MEDLOC_TEST_KILL": "2:1"})
+    rc, text = finish(node0)
+    finish(node1)
+    assert rc == 1 and "error: rank 0: rank 1 of this job stopped" in text and "last checkpoint: checkpoint-000002" in text
+    rc, text = finish(launch(ROOT, shared, extra=["--resume", str(shared)]))  # both ranks on one node now
+    assert rc == 0, text[-2000:]
+    assert log(shared) == log(uninterrupted) and weights(shared) == weights(uninterrupted)
+
+
+def test_a_frozen_rank_is_named_once_the_dist_timeout_has_passed(nodes):
+    shared = nodes / "shared"
+    node0, node1 = two_nodes(nodes, shared, shared, extra=["--dist-timeout", "10"], env={"MEDLOC_TEST_KILL": "2:1:STOP"})
+    try:
+        t0 = time.time()
+        while not (shared / "checkpoint-000002").exists() and time.time() - t0 < 120:
+            time.sleep(0.2)
+        rc, text = finish(node0, timeout=120)  # not past 90 s as before: the timeout, then the line
+        waited = time.time() - t0
+    finally:  # the frozen worker runs in a session of its own (torchrun's): found by its run folder
+        os.killpg(node1.pid, signal.SIGKILL)
+        for pid in processes_of(shared):
+            os.kill(pid, signal.SIGKILL)
+        finish(node1)
+    assert rc == 1 and "error: rank 0: rank 1 of this job stopped" in text and "Timed out" in text
+    assert waited < 10 + 30, waited
+
+
+def test_an_elastic_restart_resumes_by_itself_and_ends_as_if_never_stopped(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    rc, text = finish(launch(ROOT, out, restarts=1, env={"MEDLOC_TEST_KILL": "4:1"}))
+    assert rc == 0, text[-2000:]
+    assert f"resumed {out} at step 4" in text  # the restarted workers, with no flag added
+    assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
