@@ -110,8 +110,12 @@ class Config:
     compile: bool = knob(False, "torch.compile the sampler's decoding step (its first rollouts pay for the "
                                 "compilation; README says when it pays off)")
     freeze_vision: bool = knob(False, "train the language model only")
-    fsdp: bool = knob(False, "under torchrun: split the weights, gradients and optimizer state over the "
-                             "processes (FSDP2) instead of a whole copy on each")
+    fsdp: bool | str = knob(False, "under torchrun: split the weights, gradients and optimizer state over the "
+                                   "processes (FSDP2) instead of a whole copy on each; --fsdp hybrid: split within "
+                                   "groups of --shard-size processes (a node's), replicated across them",
+                            ("hybrid",))
+    shard_size: int = knob(0, "--fsdp hybrid: processes each copy of the model is split over (0: torchrun's "
+                              "--nproc-per-node, one node)")
     lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
     lora_alpha: float = knob(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
     lora_targets: str = knob(None, "regex of the linear layers to adapt (default: the language model's "
@@ -134,8 +138,9 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type == bool | str:  # a switch that may name a file
-            p.add_argument(flag, nargs="?", const=True, default=None, metavar="FILE", help=f.metadata["help"])
+        elif f.type == bool | str:  # a switch that may name a file, or one of its choices
+            p.add_argument(flag, nargs="?", const=True, default=None, help=f.metadata["help"],
+                           metavar="|".join(f.metadata["choices"] or ["FILE"]))
         else:
             p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"],
                            help=f.metadata["help"] + f" (default: {f.default})")
@@ -172,7 +177,7 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "keep_checkpoints": _at_least(1), "seed": _at_least(0), "threads": _between(0, 1024),
     "lora_rank": _between(0, 4096), "mfrs_weight": _between(0, 10), "mfrs_decay": _between(0, 1),
     "recite_weight": _between(-10, 10), "lora_alpha": _positive(), "lora_dropout": _between(0, 1, hi_open=True),
-    "log_samples_every": _at_least(0), "dist_timeout": _between(10, 7 * 24 * 3600),
+    "log_samples_every": _at_least(0), "shard_size": _at_least(0), "dist_timeout": _between(10, 7 * 24 * 3600),
 }
 
 
@@ -224,6 +229,10 @@ def check(cfg, processes=1):
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         problems.append("--fsdp splits the model over torchrun's processes: launch with "
                         "torchrun --nproc_per_node K train.py --fsdp ...")
+    if cfg.fsdp not in (False, True, "hybrid"):
+        problems.append(f"--fsdp {cfg.fsdp}: --fsdp alone (split over every process) or --fsdp hybrid")
+    if cfg.shard_size and (cfg.fsdp != "hybrid" or processes % cfg.shard_size):
+        problems.append(f"--shard-size {cfg.shard_size}: with --fsdp hybrid, a divisor of the {processes} processes")
     if cfg.compile and cfg.fsdp:  # FSDP2's hooks inside a compiled decoding step: not tried here
         problems.append("--compile and --fsdp together are not supported: drop one of them")
     if cfg.recite_weight and not cfg.knowledge:
@@ -303,7 +312,7 @@ def parse_stages(text):
 
 
 # ----------------------------------------------------------------------------- new or resumed
-MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "final_dtype", "report_to", "log_samples_every",
+MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "shard_size", "final_dtype", "report_to", "log_samples_every",
                         "run_group", "dist_timeout")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
@@ -341,6 +350,7 @@ def load_config(given):
                        f"To change them, start a new run with --init {run_dir}/final or a checkpoint's model/")
     saved.update({k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME})
     saved["fsdp"] = given.get("fsdp", False)  # how this launch splits the work, not the run's maths
+    saved["shard_size"] = given.get("shard_size", 0)
     for key in PATH_KEYS:
         saved[key] = from_config_path(saved.get(key), run_dir)
     return Config(**saved)

@@ -13,6 +13,7 @@ layer (tied to the input embeddings in Qwen2.5-VL-3B) stays whole on every rank:
 it outside the model body, chunk by chunk, and its gradient is summed like any replicated one.
 """
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -23,6 +24,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -134,7 +136,21 @@ def all_done(done):
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def shard(model, compute_dtype=None):
+def sharder(fsdp, shard_size=0):
+    """How --fsdp splits a model as it loads: None without it; `shard` over every process; with
+    "hybrid", over groups of `shard_size` processes (default: a node's, torchrun's
+    LOCAL_WORLD_SIZE), each group one whole copy (a 2-D mesh: replicate x shard). The weights'
+    gathers then stay within a node, and only the gradients' all-reduce crosses nodes."""
+    if not fsdp:
+        return None
+    if fsdp != "hybrid":
+        return shard
+    size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world()))
+    mesh = init_device_mesh(_wire().type, (world() // size, size), mesh_dim_names=("replicate", "shard"))
+    return functools.partial(shard, mesh=mesh)
+
+
+def shard(model, compute_dtype=None, mesh=None):
     """Split a Qwen2(.5)-VL model over the ranks with FSDP2 (fully_shard), in place.
 
     Units: each decoder layer, each vision block, then the body (`model.model`: embeddings, norms,
@@ -142,10 +158,12 @@ def shard(model, compute_dtype=None):
     (see the module docstring). Gradients are reduced as sums, not FSDP's default mean, since the
     loss weights are global already. `compute_dtype` (bf16 under bf16-mixed): the units gather
     their weights in it and reduce gradients in fp32, so the traffic is halved and the fp32
-    masters stay exact."""
+    masters stay exact. `mesh`: a 2-D (replicate, shard) mesh (`sharder`), else every rank shards."""
     body = model.model
     mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     policy = {"mp_policy": mixed} if mixed else {}
+    if mesh is not None:
+        policy["mesh"] = mesh
     for block in list(body.language_model.layers) + list(body.visual.blocks):
         fully_shard(block, **policy)
     fully_shard(body, ignored_params={model.lm_head.weight}, **policy)
@@ -195,7 +213,8 @@ def local(t):
 def clip_gradients(params, max_norm):
     """Scale the gradient to norm <= max_norm; returns the norm before, the same on every rank.
     torch's clip_grad_norm_ when nothing is sharded; else the squares of the local shards summed
-    over ranks, plus those of the replicated gradients once."""
+    over ranks (each shard as many times as there are copies of it, under --fsdp hybrid), plus
+    those of the replicated gradients once."""
     grads = [p.grad for p in params if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -203,7 +222,9 @@ def clip_gradients(params, max_norm):
     def square(gs):  # one sync per call
         gs = list(gs)
         return torch.stack([g.double().pow(2).sum() for g in gs]).sum().item() if gs else 0.0
-    norm = math.sqrt(total(square(local(g) for g in grads if isinstance(g, DTensor))) +
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    copies = sharded[0].device_mesh.size(0) if sharded[0].device_mesh.ndim == 2 else 1
+    norm = math.sqrt(total(square(local(g) for g in sharded)) / copies +
                      square(g for g in grads if not isinstance(g, DTensor)))
     scale = min(1.0, max_norm / (norm + 1e-6))
     for g in grads:

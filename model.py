@@ -18,7 +18,7 @@ from itertools import accumulate
 
 import torch
 from huggingface_hub import snapshot_download
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, StaticCache,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
@@ -618,11 +618,13 @@ def read_safetensors(path):
 
 def rows_of_rank(n, param):
     """The dim-0 rows [start, stop) of an n-row tensor that this rank keeps of `param`, a DTensor
-    split as FSDP2 splits every parameter: torch.chunk over the ranks, the last chunks short or empty."""
-    if tuple(param.placements) != (Shard(0),):
+    split as FSDP2 splits every parameter: torch.chunk over the ranks of the mesh's last dimension
+    (all ranks, or under --fsdp hybrid those of one copy), the last chunks short or empty."""
+    if tuple(param.placements) not in ((Shard(0),), (Replicate(), Shard(0))):
         raise ValueError(f"a parameter split as {param.placements}: expected FSDP2's Shard(0)")
-    per = -(-n // param.device_mesh.size())
-    start = min(param.device_mesh.get_local_rank() * per, n)
+    mesh, dim = param.device_mesh, param.device_mesh.ndim - 1
+    per = -(-n // mesh.size(dim))
+    start = min(mesh.get_local_rank(dim) * per, n)
     return start, min(start + per, n)
 
 

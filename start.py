@@ -74,7 +74,7 @@ def load_policy(cfg, name, device):
     try:
         vlm = load_vlm(name, device, cfg.precision, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                        gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision,
-                       template=cfg.template, seed=cfg.seed, shard=dist.shard if cfg.fsdp else None)
+                       template=cfg.template, seed=cfg.seed, shard=dist.sharder(cfg.fsdp, cfg.shard_size))
     except ValueError as e:
         raise RunError(str(e))
     if cfg.compile:  # compiled at the first rollout (a reference never decodes)

@@ -169,3 +169,19 @@ def test_fsdp_outside_torchrun_or_with_lora_is_refused_in_one_line(tmp_path, mon
     message = str(e.value.code)
     assert "--fsdp splits the model over torchrun's processes" in message and "--fsdp with --lora-rank" in message
     assert not (tmp_path / "r").exists()  # before anything is made
+
+
+def test_a_sharding_or_a_restart_that_cannot_work_is_refused_in_one_line(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    for argv, words in ((["--fsdp", "banana"], "--fsdp banana: --fsdp alone (split over every process) or --fsdp hybrid"),
+                        (["--fsdp", "hybrid", "--shard-size", "3"], "--shard-size 3: with --fsdp hybrid, a divisor of the 4"),
+                        (["--shard-size", "2"], "--shard-size 2: with --fsdp hybrid"),
+                        (["--dist-timeout", "5"], "--dist-timeout 5: must be [10, 604800]"),
+                        ([], "torchrun --max-restarts needs --out RUN")):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + (["--out", str(tmp_path / "r")] if argv else []))
+        assert words in str(e.value.code)
+    assert not (tmp_path / "r").exists()

@@ -1,7 +1,8 @@
 """Many nodes, simulated on one machine: two torchrun launchers (`--nnodes 2`, one process each,
 loopback, gloo) are two nodes. They end where one node of two processes ends; a node whose run
 folder is its own disk stops every rank in one line; a rank killed after a checkpoint is named by
-the survivor, a frozen one too (after --dist-timeout), and the run resumes; under
+the survivor, a frozen one too (after --dist-timeout), and the run resumes; `--fsdp hybrid` over
+the two nodes ends where `--fsdp` over four processes ends; under
 `--max-restarts 1` a killed worker restarts the job, which resumes from its last checkpoint by
 itself and ends bit-identical to an uninterrupted run. Each launch runs once; the uninterrupted
 run is shared."""
@@ -14,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -93,6 +95,25 @@ def test_two_nodes_end_where_one_node_of_two_processes_ends(nodes, uninterrupted
     results = [finish(p) for p in two_nodes(nodes, shared, shared)]
     assert all(rc == 0 for rc, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
     assert log(shared) == log(uninterrupted) and weights(shared) == weights(uninterrupted)
+
+
+def test_hybrid_sharding_over_two_nodes_ends_where_full_sharding_over_four_processes_ends(nodes):
+    """--fsdp hybrid: each node's two processes split one copy (a 2-D mesh, replicate x shard), the
+    two nodes' copies replicate; the same numbers as --fsdp over all four (the gradient norm that
+    clipping uses counts each shard once, not once per copy)."""
+    extra = ["--batch-prompts", "4", "--steps", "3", "--grad-clip", "0.5"]
+    port, hybrid, full = free_port(), nodes / "hybrid", nodes / "full"
+    launchers = [launch(nodes / f"node{k}", hybrid, nodes=2, node=k, procs=2, port=port, extra=extra + ["--fsdp", "hybrid"])
+                 for k in (0, 1)]
+    results = [finish(p) for p in launchers] + [finish(launch(ROOT, full, procs=4, extra=extra + ["--fsdp"]))]
+    assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
+    for a, b in zip(log(hybrid), log(full), strict=True):
+        assert a.keys() == b.keys()
+        for k in ("loss", "kl", "grad_norm", "reward_mean", "tau"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+    from safetensors.torch import load_file
+    x, y = (load_file(os.path.join(r, "final", "model.safetensors")) for r in (hybrid, full))
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
 
 
 def test_a_node_that_cannot_see_the_run_folder_stops_every_rank_in_one_line(nodes):
