@@ -63,14 +63,18 @@ SHAPES = {
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, mrope=[16, 24, 24], theta=1e6,
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            fullatt_block_indexes=[7, 15, 23, 31])),
+    "32b": dict(hidden=5120, layers=64, heads=40, kv_heads=8, mlp=27648, mrope=[16, 24, 24], theta=1e6, vocab=152_064,
+                vision=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16,
+                            fullatt_block_indexes=[7, 15, 23, 31])),
 }
-TIED = {"proxy": True, "clone": True, "3b": True, "7b": False}  # 3B ties its output layer to the input embeddings, 7B does not
+TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False}  # 3B ties its output layer to the input embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
             "clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),  # the synthetic images at Qwen's smallest size
-            "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8)}
+            "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8),
+            "32b": dict(B=4, G=8, new=256, micro=8)}
 UTILISATION_TARGETS = {"proxy": 0.5}  # the lean step's FLOP rate over the square-matmul rate (1 thread, CPU)
 # (model, path, against, phase, at most): the median of one path's phase over another's, interleaved
 # in one run (1 thread, CPU): with --naive, the lean step against the straightforward one; with
@@ -85,7 +89,7 @@ def shape_config(name, tok):
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+        text_config=dict(vocab_size=s.get("vocab", len(tok)), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                          num_key_value_heads=s["kv_heads"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=TIED[name],
@@ -571,15 +575,16 @@ def plan_model(name, lora_rank=0):
     return model
 
 
-def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, device="cuda"):
+def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, device="cuda", shard=None):
     """Expected peak bytes per process in each phase of a run, term by term, from the model's
     shapes and the run's settings (docs/usage.md, "Memory"). Steady state (the second step on):
     the weights, the reference and AdamW's moments stay resident, the gradients from the first
     backward to the optimizer step; each phase adds its own working set on top. Terms for the
     step as model.py and train.py run it: the shared-prompt scoring row, the output layer in
     chunks of LOGIT_CHUNK, sdpa attention.
-    `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included."""
-    s = plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device)
+    `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included. `shard`:
+    under --fsdp hybrid, the processes a copy is split over (default: all `ranks`)."""
+    s = plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, shard)
     resident = {"weights": s.local * s.weight_bytes,
                 "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
                 "AdamW moments": 2 * s.trainable * s.grad_bytes,
@@ -593,13 +598,13 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
             "update": {**resident, **gradients}}
 
 
-def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device):
+def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, shard=None):
     """What the plan's terms are made of: bytes per number, this process's parameter counts, the
     step's sizes."""
     weights_dtype, amp = train_precision(device, cfg.precision)
     head = model.lm_head.weight
     params = list({id(p): p for p in model.parameters()}.values())                # tied tensors once
-    split = lambda p: p.numel() / ranks if fsdp and p is not head else p.numel()  # the head stays whole
+    split = lambda p: p.numel() / (shard or ranks) if fsdp and p is not head else p.numel()  # the head stays whole
     return types.SimpleNamespace(
         text=model.config.text_config, vision=model.config.vision_config, model=model, head=head,
         params=params, fsdp=fsdp,
@@ -609,6 +614,22 @@ def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device):
         local=sum(split(p) for p in params), trainable=sum(split(p) for p in params if p.requires_grad),
         B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens,
         patches=4 * image_tokens)  # before the 2x2 merge
+
+
+def checkpoint_plan(model, cfg, ranks, fsdp, shard=None, device="cuda"):
+    """The memory a checkpoint's write adds, per layout: `whole` gathers the weights and AdamW's
+    moments to rank 0's CPU memory (one tensor at a time on the devices); `sharded` has each process
+    write its own part (CPU: at most that part staged); final/ of a sharded run is streamed one
+    unit (a decoder layer) at a time. {layout: {"host": bytes on the busiest process's CPU,
+    "device": bytes beyond the step's}}."""
+    s = plan_sizes(model, cfg, 1, 1, ranks, fsdp, device, shard)
+    whole = sum(p.numel() for p in s.params)
+    trainable = sum(p.numel() for p in s.params if p.requires_grad)
+    largest = max(p.numel() for p in s.params) * s.weight_bytes
+    layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters()) * s.weight_bytes
+    return {"whole": {"host": whole * s.weight_bytes + 2 * trainable * s.grad_bytes, "device": largest if fsdp else 0},
+            "sharded": {"host": s.local * s.weight_bytes + 2 * s.trainable * s.grad_bytes, "device": 0},
+            "final/, streamed": {"host": max(layer, largest), "device": max(layer, largest) if fsdp else 0}}
 
 
 def sampling_terms(s):
@@ -863,6 +884,8 @@ def show_plan(a, p):
         return rows
     if a.fsdp and a.lora_rank:
         p.error("--fsdp with --lora-rank: train.py refuses that pair (the LoRA base fits each GPU)")
+    if a.shard_size and (not a.fsdp or a.fsdp % a.shard_size):
+        p.error(f"--shard-size {a.shard_size}: with --fsdp K, a divisor of K (hybrid sharding)")
     device = "cpu" if a.model in ("tiny", "proxy") else "cuda"
     s = SETTINGS[a.model]
     ranks = a.fsdp or a.ranks
@@ -871,19 +894,24 @@ def show_plan(a, p):
                  max_new_tokens=a.max_new_tokens or s["new"], micro_batch=s["micro"], lora_rank=a.lora_rank,
                  precision=a.precision, gradient_checkpointing=checkpointing)
     image = 16 if a.model == "tiny" else IMAGE_TOKENS
-    plan = memory_plan(plan_model(a.model, a.lora_rank), cfg, image + PROMPT_TEXT_TOKENS, image, ranks,
-                       bool(a.fsdp), device)
+    model = plan_model(a.model, a.lora_rank)
+    plan = memory_plan(model, cfg, image + PROMPT_TEXT_TOKENS, image, ranks, bool(a.fsdp), device, a.shard_size or None)
     how = f"--fsdp over {a.fsdp} processes" if a.fsdp else f"{ranks} data-parallel process(es)"
+    if a.shard_size:
+        how = f"--fsdp hybrid over {a.fsdp} processes, each copy split over {a.shard_size}"
     print_plan(plan, f"{a.model}, {how}{f', LoRA r={a.lora_rank}' if a.lora_rank else ''}, {device}, "
                      f"precision {a.precision}, per process: {cfg.batch_prompts // ranks} prompts x "
                      f"{cfg.group_size} completions x {cfg.max_new_tokens} tokens, {image} image tokens, micro-batch "
                      f"{cfg.micro_batch or 'all'}, gradient checkpointing {'on' if checkpointing else 'off'}")
+    print("| checkpoint write | host GiB (busiest process) | device GiB beyond the step |\n|---|---|---|")
+    for layout, m in checkpoint_plan(model, cfg, ranks, bool(a.fsdp), a.shard_size or None, device).items():
+        print(f"| {layout} | {m['host'] / GiB:.1f} | {m['device'] / GiB:.2f} |")
     return plan
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b"))
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
@@ -905,6 +933,8 @@ def main(argv=None):
                    help="expected peak memory per process at set-up, sampling, scoring and update, from the shapes")
     p.add_argument("--fsdp", type=int, default=0, metavar="K", help="memory plan: split over K processes (--fsdp)")
     p.add_argument("--ranks", type=int, default=1, metavar="K", help="memory plan: K data-parallel processes")
+    p.add_argument("--shard-size", type=int, default=0, metavar="K",
+                   help="memory plan with --fsdp: hybrid sharding, each copy split over K processes (a node's)")
     p.add_argument("--lora-rank", type=int, default=0, help="memory plan: LoRA adapters of this rank")
     p.add_argument("--gradient-checkpointing", choices=("on", "off"), default=None,
                    help="memory plan: default on for 3b/7b, off for tiny/proxy (as bench and a CPU run use them)")
@@ -923,7 +953,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     lowest = {"steps": 1, "warmup": 0, "batch_prompts": 1, "group_size": 2, "max_new_tokens": 1, "threads": 1,
               "image_tokens": 1,
-              "fsdp": 0, "ranks": 1, "lora_rank": 0, "trackers": 0}
+              "fsdp": 0, "ranks": 1, "lora_rank": 0, "trackers": 0, "shard_size": 0}
     for name, lo in lowest.items():  # a group of one has no advantage (its std is undefined)
         if getattr(a, name) is not None and getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least {lo}")

@@ -127,6 +127,9 @@ class Config:
     log_samples_every: int = knob(0, "with --report-to: every N steps, a few sampled completions with their boxes, "
                                      "rewards and IoU (0: never)")
     run_group: str = knob(None, "the W&B group of this run (ablate.py gives its study's rows one)")
+    checkpoint: str = knob("whole", "how checkpoints are written: whole (a model folder, gathered to rank 0) or "
+                                    "sharded (each rank its own shards, torch.distributed.checkpoint); either "
+                                    "resumes under any process count", ("whole", "sharded"))
     dist_timeout: int = knob(600, "under torchrun: seconds a collective waits for the other ranks; past it the "
                                   "run stops, naming the rank that stopped or froze (resumable)")
 
@@ -313,7 +316,7 @@ def parse_stages(text):
 
 # ----------------------------------------------------------------------------- new or resumed
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "shard_size", "final_dtype", "report_to", "log_samples_every",
-                        "run_group", "dist_timeout")  # how a launch runs or reports, not what it computes
+                        "run_group", "dist_timeout", "checkpoint")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
 

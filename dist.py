@@ -24,6 +24,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -246,6 +248,13 @@ def full_state(model):
     return state
 
 
+def gathered_tensor(t, dtype=None):
+    """A tensor whole, in CPU memory, in `dtype` if given (a collective for a sharded one)."""
+    whole = t.full_tensor() if isinstance(t, DTensor) else t
+    whole = whole.detach()
+    return (whole.to(dtype) if dtype is not None and whole.is_floating_point() else whole).cpu().contiguous()
+
+
 def full_optimizer_state(optimizer):
     """optimizer.state_dict() with every sharded state tensor made whole on rank 0 (None on the
     others): the format a one-process run saves, so checkpoints move between K ranks and one."""
@@ -270,6 +279,27 @@ def load_optimizer_state(optimizer, state):
                 if t.shape == p.shape:  # Adam's moments; its step counter stays a scalar
                     per_param[key] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
     optimizer.load_state_dict(state)
+
+
+def save_shards(model, optimizer, folder):
+    """--checkpoint sharded: every rank writes its own shards of the weights and of AdamW's state
+    (torch.distributed.checkpoint), so no process ever holds the whole; a tensor every rank holds
+    whole (the output layer, data-parallel weights) is written once."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process", as it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+def load_shards(model, optimizer, folder):
+    """What save_shards wrote, each rank reading the parts it keeps now: under another process
+    count, another mesh, or in one process (torch.distributed.checkpoint reshards by the tensors'
+    global shapes). The optimizer's state is first made with a zero step (lr 0), then overwritten."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def from_main(obj):

@@ -410,14 +410,20 @@ class VLM:
         self.model.eval().requires_grad_(False)
         return self
 
-    def save(self, folder, state=None, dtype=None):
+    def save(self, folder, state=None, dtype=None, weights=True):
         """save_pretrained folder (safetensors + processor) that `load_vlm(folder)` reads back;
         with LoRA adapters, the adapters alone in PEFT's layout (on top of `self.base_name`).
         `state`: the whole weights of a sharded model (dist.full_state), else the model's own;
-        `dtype`: the floating-point dtype to write them in (default: as they are)."""
+        `dtype`: the floating-point dtype to write them in (default: as they are); `weights=False`:
+        the config and processor alone (a sharded checkpoint keeps its weights elsewhere)."""
         for key, value in {"medloc_template": self.template, **self.run_fields}.items():
             setattr(self.model.config, key, value)
-        if lora.layers(self.model):
+        if not weights:  # the config (in `dtype`, the weights' dtype when written elsewhere) and stop tokens
+            self.model.config.save_pretrained(folder)
+            self.model.generation_config.save_pretrained(folder)
+            if dtype is not None:
+                set_config_dtype(folder, dtype)
+        elif lora.layers(self.model):
             lora.save(self.model, folder, self.base_name)
             self.model.config.save_pretrained(folder)  # the task fields, for eval.py and resume
         elif dtype is None or dtype == next(self.model.parameters()).dtype:
@@ -426,13 +432,18 @@ class VLM:
             state = {k: v.to(dtype) if v.is_floating_point() else v
                      for k, v in (state or self.model.state_dict()).items()}
             self.model.save_pretrained(folder, state_dict=state)
-            path = os.path.join(folder, "config.json")  # save_pretrained wrote the live weights' dtype
-            with open(path) as f:
-                config = json.load(f)
-            config["dtype"] = str(dtype).removeprefix("torch.")
-            with open(path, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
+            set_config_dtype(folder, dtype)  # save_pretrained wrote the live weights' dtype
         self.processor.save_pretrained(folder)
+
+
+def set_config_dtype(folder, dtype):
+    """The dtype a folder's config.json states for its weights."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 class OutputLayer(torch.autograd.Function):
@@ -570,6 +581,15 @@ def model_key(key):
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + key.removeprefix("model.")
     return key
+
+
+def file_key(name):
+    """A weight's name in the model -> its name in a save_pretrained folder (model_key's inverse)."""
+    if name.startswith("model.visual."):
+        return name.removeprefix("model.")
+    if name.startswith("model.language_model."):
+        return "model." + name.removeprefix("model.language_model.")
+    return name
 
 
 def weight_files(name):

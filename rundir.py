@@ -23,10 +23,13 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from dist import barrier, from_main, gather_objects, is_main, local, world
-from model import first_line
+from dist import (barrier, everywhere, from_main, full_state, gather_objects, gathered_tensor, is_main, is_sharded, local,
+                  save_shards, world)
+from model import file_key, first_line
 
 
 class RunError(Exception):
@@ -213,6 +216,50 @@ def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs
     return final
 
 
+def save_sharded_checkpoint(run_dir, step, run, rngs):
+    """checkpoint-<step>/ written by every rank at once (--checkpoint sharded): sharded/ holds each
+    rank's shards of the weights and AdamW state (dist.save_shards), model/ the config and processor
+    (no weights), trainer_state.pt the step, schedule and every rank's RNG state. Into a temp folder
+    that rank 0 renames once every rank has written, so a half-written one is never resumed from."""
+    final = os.path.join(run_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    if not everywhere(all_finite(run.policy.model)):
+        raise RunError(f"step {step}: the weights are not finite; not saving them over checkpoint(s) "
+                       f"{[os.path.basename(c) for c in checkpoints(run_dir)]}")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    try:
+        save_shards(run.policy.model, run.optimizer, os.path.join(tmp, "sharded"))
+        if is_main():
+            run.policy.save(os.path.join(tmp, "model"), weights=False)
+            torch.save({"step": step, "schedule": run.schedule.state_dict(), "rng": rngs},
+                       os.path.join(tmp, "trainer_state.pt"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # a rank's failed write fails the collective save on every rank
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"step {step}: could not write the sharded checkpoint ({why(e)})")
+    barrier()
+    if is_main():
+        for old in checkpoints(run_dir)[:-run.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+
+
+def whole_shards(folder):
+    """Raise RunError unless every file a sharded checkpoint's metadata names is there in full."""
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing or cut short: the checkpoint is unusable
+        raise RunError(f"{folder}: unreadable shard metadata ({first_line(e)})")
+    for item in metadata.storage_data.values():
+        path = os.path.join(folder, item.relative_path)
+        if not os.path.isfile(path) or os.path.getsize(path) < item.offset + item.length:
+            raise RunError(f"{path}: missing or cut short")
+
+
 def why(error):
     if isinstance(error, OSError):
         return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
@@ -237,6 +284,61 @@ def save_model(policy, folder, weights=None, dtype=None):
         raise RunError(f"could not write {folder} ({why(e)}); the last checkpoint is intact")
 
 
+def save_final(policy, folder, cfg):
+    """final/ in --final-dtype (the model's published dtype by default), on every rank: a sharded
+    model under --checkpoint sharded streamed unit by unit (save_streamed), else gathered whole to
+    rank 0 (one tensor at a time) and written there."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.final_dtype, policy.published_dtype)
+    if cfg.checkpoint == "sharded" and is_sharded(policy.model):
+        return save_streamed(policy, folder, dtype)
+    weights = full_state(policy.model)
+    if is_main():
+        save_model(policy, folder, weights, dtype)
+
+
+def units(model):
+    """The model's weights in the groups save_streamed writes: each decoder layer, each vision
+    block, then the rest; the output layer left out when it is the input embeddings (tied), as
+    save_pretrained leaves it out."""
+    groups = {}
+    for name in model.state_dict():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        parts = name.split(".")
+        kind = next((p for p in ("layers", "blocks") if p in parts), None)
+        unit = ".".join(parts[:parts.index(kind) + 2]) if kind else "rest"  # e.g. model.language_model.layers.3
+        groups.setdefault(unit, []).append(name)
+    return list(groups.values())
+
+
+def save_streamed(policy, folder, dtype=None):
+    """A save_pretrained folder of a sharded model that no process ever holds whole: unit by unit
+    (units), each unit's tensors gathered whole to rank 0, written as a safetensors file of their
+    own and freed; model.safetensors.index.json names each weight's file, as transformers splits a
+    large model. Refuses non-finite weights; into a temp folder, renamed by rank 0 when whole."""
+    if not everywhere(all_finite(policy.model)):
+        raise RunError(f"the weights are not finite; {folder} not written")
+    tmp, state, groups = folder + ".tmp", policy.model.state_dict(), units(policy.model)
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save(tmp, weights=False, dtype=dtype)
+    index = {}
+    for k, names in enumerate(groups, 1):
+        whole = {file_key(n): gathered_tensor(state[n], dtype) for n in names}  # every rank: a collective
+        if is_main():
+            path = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            save_file(whole, os.path.join(tmp, path), metadata={"format": "pt"})
+            index.update({key: path for key in whole})
+        del whole
+    if is_main():
+        total = sum(state[n].numel() * (dtype or state[n].dtype).itemsize for names in groups for n in names)
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": index}, f, indent=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    barrier()
+
+
 def checkpoints(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, "checkpoint-[0-9]*[0-9]")))
 
@@ -249,6 +351,9 @@ def read_checkpoint(folder):
         state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True, map_location="cpu")
     except Exception as e:  # missing, empty, truncated, or holding more than plain data
         raise RunError(f"{folder}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})")
+    if os.path.isdir(os.path.join(folder, "sharded")):
+        whole_shards(os.path.join(folder, "sharded"))
+        return state
     weights = glob.glob(os.path.join(folder, "model", "*.safetensors"))
     if not weights:
         raise RunError(f"{folder}: no model weights")

@@ -7,6 +7,7 @@ schedule, gathered in the one small object the training loop threads (`Run`).
 """
 import dataclasses
 import functools
+import json
 import os
 
 import torch
@@ -256,12 +257,15 @@ def resume(cfg, run_dir, device, labels):
         raise RunError(f"--resume {run_dir}: the run is at step {state['step']}; pass --steps above that")
     if cfg.steps == state["step"]:  # trained to the end, stopped before its evaluation: finish that
         print(f"{run_dir} trained all {cfg.steps} steps; finishing its final model and evaluation")
-    if cfg.lora_rank:  # the checkpoint holds the adapters; the base is the run's starting model
+    shards = os.path.join(ckpt, "sharded") if os.path.isdir(os.path.join(ckpt, "sharded")) else None
+    if cfg.lora_rank or shards:  # the run's starting model, split as this run splits it; then the checkpoint's
         policy = load_policy(cfg, cfg.init or cfg.model, device)
-        add_adapters(cfg, policy, run_dir, os.path.join(ckpt, "model"))
+        if cfg.lora_rank:
+            add_adapters(cfg, policy, run_dir, None if shards else os.path.join(ckpt, "model"))
     else:
         policy = load_policy(cfg, os.path.join(ckpt, "model"), device)
-    saved = getattr(policy.model.config, "medloc_labels", None)
+    with open(os.path.join(ckpt, "model", "config.json")) as f:
+        saved = json.load(f).get("medloc_labels")
     if labels and saved and not labels.same_classes(labels_from_json(saved, os.path.join(ckpt, "model", "config.json"))):
         raise RunError(f"--resume {run_dir}: the run's classes were {[c['name'] for c in saved['classes']]}, "
                        f"its labels now give {labels.names}; resuming would change what every label means")
@@ -271,7 +275,10 @@ def resume(cfg, run_dir, device, labels):
         ref = reference(cfg, policy, cfg.ref_model or cfg.init or cfg.model, device,
                         same=cfg.lora_rank and not cfg.ref_model)
     optimizer, params = optimizer_of(cfg, policy)
-    dist.load_optimizer_state(optimizer, regrouped(state["optimizer"], optimizer, dist.trainable(policy.model)))
+    if shards:  # weights and AdamW state, each rank reading the parts it keeps now
+        dist.load_shards(policy.model, optimizer, shards)
+    else:
+        dist.load_optimizer_state(optimizer, regrouped(state["optimizer"], optimizer, dist.trainable(policy.model)))
     schedule = make_run_schedule(cfg)
     schedule.load_state_dict(state["schedule"])
     rngs = state["rng"]  # one per rank of the run that saved it

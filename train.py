@@ -238,11 +238,14 @@ def sampled_completions(run, samples, k=2):
 
 def save_checkpoint(run, run_dir, step):
     rngs = dist.gather_objects(rundir.rng_state())  # every rank's, to resume exactly
-    weights, optimizer_state = dist.full_state(run.policy.model), dist.full_optimizer_state(run.optimizer)
-    if dist.is_main():
-        rundir.save_checkpoint(run_dir, step, run.policy, optimizer_state, run.schedule, run.cfg.keep_checkpoints,
-                               rngs, weights)
-    dist.barrier()
+    if run.cfg.checkpoint == "sharded":  # each rank writes its own shards: no process holds the whole state
+        rundir.save_sharded_checkpoint(run_dir, step, run, rngs)
+    else:  # gathered to rank 0 one tensor at a time, written as a model folder
+        weights, optimizer_state = dist.full_state(run.policy.model), dist.full_optimizer_state(run.optimizer)
+        if dist.is_main():
+            rundir.save_checkpoint(run_dir, step, run.policy, optimizer_state, run.schedule,
+                                   run.cfg.keep_checkpoints, rngs, weights)
+        dist.barrier()
     dist.kill_point(step)  # a test's lost node (MEDLOC_TEST_KILL); nothing otherwise
 
 
@@ -318,10 +321,7 @@ def train(cfg, run_dir, device):
     train_loop(run, train_set, eval_set, run_dir, step, tracker)
     policy = run.policy
     lora.merge(policy.model)  # final/ is a plain model that transformers loads alone
-    weights = dist.full_state(policy.model)
-    if dist.is_main():
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.final_dtype, policy.published_dtype)
-        rundir.save_model(policy, os.path.join(run_dir, "final"), weights, dtype)
+    rundir.save_final(policy, os.path.join(run_dir, "final"), cfg)
     if eval_set and evaluates_here(policy):
         method = "SFT" if cfg.algo == "sft" else f"GRPO, {cfg.schedule} schedule" if run.task.has_tau else "GRPO"
         metrics = report(policy, run.task, eval_set, cfg.max_new_tokens, os.path.join(run_dir, "eval.json"),

@@ -30,11 +30,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(cwd, out, nodes=1, node=0, procs=2, port=None, extra=(), env=None, restarts=0):
+def launch(cwd, out, nodes=1, node=0, procs=2, port=None, extra=(), env=None, restarts=0, flags=FLAGS):
     """One torchrun launcher (a node) running train.py, started, not waited for."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank", str(node),
            "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
-           "--max-restarts", str(restarts), TRAIN, *FLAGS, *extra, "--out", str(out)]
+           "--max-restarts", str(restarts), TRAIN, *flags, *extra] + (["--out", str(out)] if out else [])
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
@@ -160,3 +160,49 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_as_if_never_stopped(tmp_p
     assert rc == 0, text[-2000:]
     assert f"resumed {out} at step 4" in text  # the restarted workers, with no flag added
     assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
+
+
+def test_sharded_checkpoints_of_four_processes_resume_in_two_in_one_and_on_another_mesh(tmp_path, capsys):
+    """--checkpoint sharded: each of 4 --fsdp processes writes its own shards; copies of the run
+    resume in 2 processes, in 1 and in 4 under --fsdp hybrid, and each ends where one process's
+    uninterrupted run ends (SFT: the same numbers under any process count). A damaged newer
+    checkpoint is skipped, a half-written one (.tmp) never looked at; final/ is streamed unit by unit."""
+    import shutil
+    import train
+    from model import load_vlm
+    sft = ["--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "4", "--eval-dataset", "none", "--threads", "1",
+           "--save-every", "2", "--device", "cpu"]
+    straight = tmp_path / "straight"
+    train.main(sft + ["--steps", "4", "--out", str(straight)])
+    four = tmp_path / "four"
+    rc, text = finish(launch(ROOT, four, procs=4, flags=sft, extra=["--steps", "2", "--fsdp", "--checkpoint", "sharded"]))
+    assert rc == 0, text[-2000:]
+    shards = four / "checkpoint-000002" / "sharded"
+    assert sorted(f for f in os.listdir(shards) if f.endswith(".distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert not any(f.endswith(".safetensors") for f in os.listdir(four / "checkpoint-000002" / "model"))
+    copies = {k: tmp_path / k for k in ("two", "one", "mesh")}
+    for folder in copies.values():
+        shutil.copytree(four, folder)
+    damaged = copies["one"] / "checkpoint-000003"  # newer than the intact one, a shard cut short
+    shutil.copytree(copies["one"] / "checkpoint-000002", damaged)
+    with open(damaged / "sharded" / "__1_0.distcp", "r+b") as f:
+        f.truncate(100)
+    shutil.copytree(copies["one"] / "checkpoint-000002", copies["one"] / "checkpoint-000004.tmp")  # a write cut off
+    runs = [launch(ROOT, None, procs=2, flags=["--resume", str(copies["two"]), "--steps", "4", "--fsdp"]),
+            launch(ROOT, None, procs=4, flags=["--resume", str(copies["mesh"]), "--steps", "4", "--fsdp", "hybrid",
+                                               "--shard-size", "2"])]
+    results = [finish(p) for p in runs]
+    assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
+    capsys.readouterr()
+    train.main(["--resume", str(copies["one"]), "--steps", "4"])
+    said = capsys.readouterr().out
+    assert f"skipping a damaged checkpoint: {damaged / 'sharded' / '__1_0.distcp'}: missing or cut short" in said
+    assert f"resumed {copies['one']} at step 2" in said
+    assert not (copies["one"] / "checkpoint-000004.tmp").exists()
+    expected = load_vlm(str(straight / "final")).model.state_dict()
+    for name, folder in copies.items():
+        for a, b in zip(log(folder), log(straight), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
+        got = load_vlm(str(folder / "final")).model.state_dict()
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name
+    assert (copies["mesh"] / "final" / "model.safetensors.index.json").exists()  # streamed, not gathered whole
