@@ -1,8 +1,9 @@
 """Many nodes, simulated on one machine: two torchrun launchers (`--nnodes 2`, one process each,
 loopback, gloo) are two nodes. They end where one node of two processes ends; a node whose run
 folder is its own disk stops every rank in one line; a rank killed after a checkpoint is named by
-the survivor, a frozen one too (after --dist-timeout), and the run resumes; `--fsdp hybrid` over
-the two nodes ends where `--fsdp` over four processes ends; under
+the survivor, a frozen one too (after --dist-timeout), and the run resumes; `--fsdp` over the
+two nodes trains as one process does, `--fsdp hybrid` over them as `--fsdp` over four processes;
+sharded checkpoints move between process counts and meshes; under
 `--max-restarts 1` a killed worker restarts the job, which resumes from its last checkpoint by
 itself and ends bit-identical to an uninterrupted run. Each launch runs once; the uninterrupted
 run is shared."""
@@ -95,6 +96,26 @@ def test_two_nodes_end_where_one_node_of_two_processes_ends(nodes, uninterrupted
     results = [finish(p) for p in two_nodes(nodes, shared, shared)]
     assert all(rc == 0 for rc, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
     assert log(shared) == log(uninterrupted) and weights(shared) == weights(uninterrupted)
+
+
+def test_fsdp_over_two_nodes_trains_as_one_process_does(nodes):
+    """SFT, whose numbers do not depend on the process count: --fsdp split over two launchers'
+    processes ends where one process ends."""
+    import train
+    sft = ["--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "4", "--eval-dataset", "none", "--threads", "1",
+           "--steps", "3", "--save-every", "3", "--device", "cpu"]
+    one, split = nodes / "one", nodes / "split"
+    train.main(sft + ["--out", str(one)])
+    port = free_port()
+    launchers = [launch(nodes / f"node{k}", split, nodes=2, node=k, procs=1, port=port, flags=sft, extra=["--fsdp"])
+                 for k in (0, 1)]  # both started before either is waited for
+    results = [finish(p) for p in launchers]
+    assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
+    for a, b in zip(log(split), log(one), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    from safetensors.torch import load_file
+    x, y = (load_file(os.path.join(r, "final", "model.safetensors")) for r in (split, one))
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
 
 
 def test_hybrid_sharding_over_two_nodes_ends_where_full_sharding_over_four_processes_ends(nodes):
