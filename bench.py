@@ -692,8 +692,7 @@ def free_bytes(device):
     """What `device` has free now: CUDA's free memory, or the kernel's MemAvailable for the CPU."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def cannot_fit(model, plan, device):
@@ -717,7 +716,12 @@ def print_plan(plan, title):
 
 def resident(field):
     """This process's resident memory in bytes: VmRSS now, VmHWM its peak since the last reset."""
-    with open("/proc/self/status") as f:
+    return proc_bytes("/proc/self/status", field)
+
+
+def proc_bytes(path, field):
+    """A 'Field:  N kB' line of a Linux /proc file, in bytes."""
+    with open(path) as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
@@ -960,6 +964,8 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
     if a.gpu_check:
+        if os.path.exists(a.out) and not os.path.isdir(a.out):
+            p.error(f"--out {a.out}: a file, not a folder (the check writes gpu_check.json and .md into it)")
         import gpu_check
         return gpu_check.run_check(a.out, a.device, a.quick)
     torch.set_num_threads(a.threads)

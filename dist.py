@@ -240,18 +240,16 @@ def full_state(model):
     beyond its shards."""
     if not is_sharded(model):
         return None
-    state = {}
-    for name, t in model.state_dict().items():
-        whole = t.full_tensor() if isinstance(t, DTensor) else t
-        if is_main():
-            state[name] = whole.detach().cpu()
-    return state
+    state = {name: gathered_tensor(t) for name, t in model.state_dict().items()}  # every rank: collectives
+    return state if is_main() else {}
 
 
 def gathered_tensor(t, dtype=None):
-    """A tensor whole, in CPU memory, in `dtype` if given (a collective for a sharded one)."""
-    whole = t.full_tensor() if isinstance(t, DTensor) else t
-    whole = whole.detach()
+    """A tensor made whole (a collective on every rank for a sharded one); on rank 0 copied into CPU
+    memory, in `dtype` if given; None on the others, which have no use for a copy."""
+    whole = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+    if not is_main():
+        return None
     return (whole.to(dtype) if dtype is not None and whole.is_floating_point() else whole).cpu().contiguous()
 
 

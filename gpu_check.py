@@ -85,8 +85,7 @@ def stack(device):
                    cudnn=torch.backends.cudnn.version(), devices=torch.cuda.device_count())
         dtype = torch.bfloat16
     else:
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        total = bench.proc_bytes("/proc/meminfo", "MemTotal")
         out.update(name=platform.processor() or platform.machine(), memory_gib=total / bench.GiB, cores=os.cpu_count(),
                    threads=torch.get_num_threads())
         dtype = torch.float32  # what a CPU run computes in

@@ -81,3 +81,10 @@ def test_a_model_built_on_meta_is_materialised_whole_and_still_tied():
     assert all(p.std().item() == pytest.approx(0.02, rel=0.1) for n, p in params.items() if p.dim() == 2 and p.numel() > 10 ** 5)
     rotary = model.model.language_model.rotary_emb.inv_freq
     assert torch.isfinite(rotary).all() and rotary[0] == 1.0  # buffers computed at build, not left empty
+
+
+def test_an_out_that_is_a_file_is_one_line_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu-check", "--device", "cpu", "--quick", "--out", str(tmp_path / "f")])
+    assert f"--out {tmp_path / 'f'}: a file, not a folder" in capsys.readouterr().err
