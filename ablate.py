@@ -35,7 +35,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import config
 from config import MAY_CHANGE_ON_RESUME
+from files import Lock, RunError, first_line
 from trackers import parse_report_to
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -229,16 +231,52 @@ STUDIES = {
 
 
 # ----------------------------------------------------------------------------- the runner
-def launch_flags(flags):
+def launch_flags(flags, names=MAY_CHANGE_ON_RESUME, keep=True):
     """The flags of `flags` that a resumed run takes again: how it runs and reports (--fsdp,
-    --report-to, ...), not what it computes, which its config.json keeps."""
-    keep, out = False, []
+    --report-to, ...), not what it computes, which its config.json keeps. With keep=False, the
+    flags not among `names`."""
+    kept, out = False, []
     for f in flags:
         if f.startswith("--"):
-            keep = f[2:].replace("-", "_") in MAY_CHANGE_ON_RESUME
-        if keep:
+            kept = (f[2:].split("=")[0].replace("-", "_") in names) == keep
+        if kept:
             out.append(f)
     return out
+
+
+def settings_of(flags):
+    """What a run computes: its flags but those of how it runs (its --steps included: a row of
+    other steps is another row)."""
+    return launch_flags(flags, [n for n in MAY_CHANGE_ON_RESUME if n != "steps"], keep=False)
+
+
+def settings_file(run_dir):
+    """Beside a run's folder: the train.py flags it was started with (what it computes)."""
+    return run_dir.rstrip(os.sep) + ".settings.json"
+
+
+def record_settings(flags, run_dir):
+    """Before a run's folder exists: the settings it is started with, beside it."""
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    if not os.path.isdir(run_dir):
+        with open(settings_file(run_dir), "w") as f:
+            json.dump(settings_of(flags), f)
+
+
+def settings_differ(flags, run_dir):
+    """None when the run at `run_dir` may be reused or resumed for `flags`, else why not: a folder
+    made by other settings (another --dataset, --steps, ...) is never reported as this study's."""
+    try:
+        with open(settings_file(run_dir)) as f:
+            started = json.load(f)
+    except FileNotFoundError:
+        return f"{run_dir} holds a run that this study did not start (no {os.path.basename(settings_file(run_dir))})"
+    except (OSError, ValueError) as e:
+        return f"{settings_file(run_dir)}: unreadable ({first_line(e)})"
+    wanted = settings_of(flags)
+    if started != wanted:
+        return (f"{run_dir} was started with other settings ({' '.join(started)}; this study's: {' '.join(wanted)})")
+    return None
 
 
 def command(flags, run_dir, gpus_per_row=1):
@@ -258,13 +296,21 @@ def log_of(run_dir):
 
 
 def run_train(flags, run_dir, env=None, gpus_per_row=1):
-    """One train.py run; resumes a stopped one, skips a finished one. Returns None, or why it failed:
-    its exit status and the last lines of its log."""
-    if os.path.exists(os.path.join(run_dir, "eval.json")):
-        return None
-    if os.path.isdir(run_dir) and not any(n.startswith("checkpoint-") for n in os.listdir(run_dir)):
-        shutil.rmtree(run_dir)  # stopped before its first checkpoint: start again
-    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    """One train.py run; resumes a stopped one, skips a finished one. Returns None, or why it failed
+    or was not run: its exit status and the last lines of its log, or a folder it must not touch."""
+    if os.path.isdir(run_dir):
+        problem = settings_differ(flags, run_dir) or damaged_eval(run_dir)
+        if problem:
+            return problem + "; delete it or use another --out"
+        if os.path.exists(os.path.join(run_dir, "eval.json")):
+            return None
+        if not any(n.startswith("checkpoint-") for n in os.listdir(run_dir)):
+            try:
+                with Lock(run_dir):  # a train.py still running there (no checkpoint yet) keeps its folder
+                    shutil.rmtree(run_dir)  # stopped before its first checkpoint: start again
+            except RunError as e:
+                return str(e)
+    record_settings(flags, run_dir)
     with open(log_of(run_dir), "a") as f:
         done = subprocess.run(command(flags, run_dir, gpus_per_row), stdout=f, stderr=subprocess.STDOUT, cwd=HERE,
                               env={**os.environ, **(env or {})})
@@ -314,7 +360,14 @@ def run_stages(stages, args):
 
 
 def print_commands(stages, args, path):
-    """One shell line per run, in the order they may start (each stage after the one before)."""
+    """One shell line per run, in the order they may start (each stage after the one before); each
+    run's settings recorded beside its folder, as when the study starts it."""
+    runs = [(run_dir, flags) for stage in stages for run_dir, flags in stage]
+    problems = [p for p in (settings_differ(flags, d) for d, flags in runs if os.path.isdir(d)) if p]
+    if problems:
+        raise SystemExit(f"error: {problems[0]}; delete it or use another --out")
+    for run_dir, flags in runs:
+        record_settings(flags, run_dir)
     lines = [" ".join(shlex.quote(c) for c in ["cd", HERE]) + " && " +
              " ".join(shlex.quote(c) for c in command(flags, run_dir, args.gpus_per_row))
              for stage in stages for run_dir, flags in stage]
@@ -336,6 +389,19 @@ def wall_so_far(root, spent):
 
 
 # ----------------------------------------------------------------------------- the report
+def damaged_eval(run_dir):
+    """None unless the run's eval.json is there but is not a JSON object of metrics: why not."""
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{path}: damaged ({first_line(e)})"
+    return None if isinstance(metrics, dict) and metrics else f"{path}: damaged (not a JSON object of metrics)"
+
+
 def read_run(run_dir):
     """(eval.json, metrics.jsonl records) of a finished run."""
     with open(os.path.join(run_dir, "eval.json")) as f:
@@ -500,8 +566,9 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
     for cell in cells:
         for row in study.rows_for(cell[0]):
             folder = cell_dir(root, cell, row)
-            if not os.path.exists(os.path.join(folder, "eval.json")):
-                missing.append(f"{folder}: {(failed or {}).get(folder, 'not finished')}")
+            damaged = damaged_eval(folder)
+            if damaged or not os.path.exists(os.path.join(folder, "eval.json")):
+                missing.append(f"{folder}: {(failed or {}).get(folder, damaged or 'not finished')}")
                 continue
             records.append(record(study, root, cell, row))
             curves[(cell[0], row, cell[1])] = read_run(folder)[1]
@@ -544,7 +611,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="the model the warm start trains from (hub id or folder; default: the tiny one)")
     p.add_argument("--rows", help="only these rows, comma-separated (default: all of the study's)")
     p.add_argument("--gpus", help="GPU ids, comma-separated: one row per GPU (or per --gpus-per-row), queued")
-    p.add_argument("--gpus-per-row", type=int, default=1, help="with --gpus: K GPUs per row, under torchrun")
+    p.add_argument("--gpus-per-row", type=int, default=None, help="with --gpus: K GPUs per row, under torchrun (default 1)")
     p.add_argument("--print-commands", metavar="FILE", help="write one shell line per run, in order, and run nothing")
     p.add_argument("--report", action="store_true", help="rebuild the table from the run folders there are; run nothing")
     p.add_argument("--report-to", default="none", help="every run's --report-to (tensorboard, wandb), grouped by study")
@@ -568,7 +635,13 @@ def parse_args(argv=None):
                    help="vrft study, PA_pi: SFT steps before the grounding GRPO stage")
     args = p.parse_args(argv)
     args.extra = extra
-    args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    for name in ("dataset", "eval_dataset", "out", "init", "print_commands"):  # the caller's folder, not ours
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.model and os.path.exists(args.model):
+        args.model = os.path.abspath(args.model)
+    check_gpus(p, args)
+    check_outputs(p, args)
     if args.dataset and args.study not in ON_ANY_DATA:
         p.error(f"--dataset: the {args.study} study runs on its built-in sets; {', '.join(ON_ANY_DATA)} take any data")
     if bool(args.dataset) != bool(args.eval_dataset):
@@ -576,11 +649,12 @@ def parse_args(argv=None):
     for flag, path in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset)):
         if path and not os.path.exists(path):
             p.error(f"{flag} {path}: no such file or folder")
-    unknown = [r for r in (args.rows or "").split(",") if r and r not in STUDIES[args.study].rows]
+    rows = [r.strip() for r in (args.rows or "").split(",") if r.strip()]
+    if args.rows is not None and not rows:
+        p.error(f"--rows {args.rows!r}: names no row (the {args.study} study's: {', '.join(STUDIES[args.study].rows)})")
+    unknown = [r for r in rows if r not in STUDIES[args.study].rows]
     if unknown:
         p.error(f"--rows {args.rows}: {', '.join(unknown)} not in the {args.study} study ({', '.join(STUDIES[args.study].rows)})")
-    if args.gpus and (args.gpus_per_row < 1 or args.gpus_per_row > len(args.gpus)):
-        p.error(f"--gpus-per-row {args.gpus_per_row}: between 1 and the {len(args.gpus)} GPU(s) of --gpus")
     for name in ("seeds", "jobs", "steps", "warm_steps", "loose_warm_steps", "batch_prompts", "eval_n", "save_every", "vrft_steps",
                  "vrft_warm_steps", "vrft_grounding_warm"):
         if getattr(args, name) < 1:
@@ -589,18 +663,82 @@ def parse_args(argv=None):
         parse_report_to(args.report_to)
     except ValueError as e:
         p.error(f"--report-to {e}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: a file, not a folder")
     if args.quick:
         args.seeds, args.steps = 1, max(args.steps // 3, 1)
     return args
+
+
+def cuda_devices():
+    import torch  # only here: a study on CPUs never loads it
+    return torch.cuda.device_count()
+
+
+def check_gpus(p, args):
+    """--gpus: distinct GPU ids this machine has; --gpus-per-row only with them, a divisor's worth."""
+    if args.gpus_per_row is not None and not args.gpus:
+        p.error(f"--gpus-per-row {args.gpus_per_row}: goes with --gpus (the GPUs a row's processes share)")
+    args.gpus_per_row = args.gpus_per_row or 1
+    if args.gpus is None:
+        return
+    ids = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    bad = [g for g in ids if not g.isdigit()]
+    if not ids or bad:
+        p.error(f"--gpus {args.gpus}: comma-separated GPU ids (0, 1, ...), not {', '.join(bad) or 'nothing'}")
+    twice = sorted({g for g in ids if ids.count(g) > 1})
+    if twice:
+        p.error(f"--gpus {args.gpus}: GPU {', '.join(twice)} named twice (two rows would share it)")
+    if not 1 <= args.gpus_per_row <= len(ids):
+        p.error(f"--gpus-per-row {args.gpus_per_row}: between 1 and the {len(ids)} GPU(s) of --gpus")
+    if not args.print_commands:  # the commands may run elsewhere; here the rows run on this machine's GPUs
+        count = cuda_devices()
+        missing = [g for g in ids if int(g) >= count]
+        if missing:
+            p.error(f"--gpus {args.gpus}: this machine has {count} CUDA device(s); no GPU {', '.join(missing)}")
+    args.gpus = ids
+
+
+def check_outputs(p, args):
+    """--out a folder (or to be made under one), --print-commands a file in an existing folder."""
+    for flag, path, kind in (("--out", args.out, "folder"), ("--print-commands", args.print_commands, "file")):
+        if not path:
+            continue
+        parent = os.path.dirname(path)
+        while kind == "folder" and parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)  # --out may be several levels new
+        if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"{flag} {path}: a file, not a folder")
+        if kind == "file" and os.path.isdir(path):
+            p.error(f"{flag} {path}: a folder; give the file to write the commands into")
+        if not os.path.isdir(parent):
+            p.error(f"{flag} {path}: {parent} is not a folder")
+        if not os.access(parent if not os.path.exists(path) else path, os.W_OK):
+            p.error(f"{flag} {path}: not writable here (read-only)")
+
+
+# What a row's own train.py flags are set by, for the one line that refuses them after `--`.
+STUDY_FLAG = {"steps": "--steps", "seed": "--seeds", "dataset": "--dataset", "eval_dataset": "--eval-dataset",
+              "init": "--init", "batch_prompts": "--batch-prompts", "eval_n": "--eval-n", "save_every": "--save-every",
+              "out": "--out", "resume": "rerunning the same command", "report_to": "--report-to"}
+
+
+def check_extra(stages, extra):
+    """The flags after `--` may add to a row's train.py flags, never replace one the study sets."""
+    given = config.parse_args(extra) if extra else {}
+    for run_dir, flags in (r for stage in stages for r in stage):
+        clash = sorted((set(config.parse_args(flags)) | {"out", "resume"}) & set(given))
+        if clash:
+            name = clash[0]
+            raise SystemExit(f"error: -- --{name.replace('_', '-')}: the study sets it for every run "
+                             f"({os.path.basename(run_dir)}: {STUDY_FLAG.get(name, 'what the rows compare')}); "
+                             "leave it out of the flags after --")
 
 
 def study_of(args):
     """The study as asked: its rows (--rows), its sets (one, "data", with --dataset)."""
     study = STUDIES[args.study]
     if args.rows:
-        study = dataclasses.replace(study, rows={r: f for r, f in study.rows.items() if r in args.rows.split(",")})
+        rows = [r.strip() for r in args.rows.split(",")]
+        study = dataclasses.replace(study, rows={r: f for r, f in study.rows.items() if r in rows})
     if args.dataset:
         DATASET_LABEL["data"] = args.dataset
         study = dataclasses.replace(study, sets=("data",))
@@ -613,8 +751,10 @@ def planned(study, args, root, name, cells):
     TensorBoard folders lie side by side under the study's run folder)."""
     dropped = set(STUDIES[args.study].rows) - set(study.rows)  # the rows --rows leaves out; warm starts stay
     report = ["--report-to", args.report_to, "--run-group", name] if args.report_to != "none" else []
-    return [[(d, f + report + args.extra) for d, f in stage if os.path.basename(d) not in dropped]
-            for stage in study.stages(args, root, cells)]
+    stages = [[(d, f + report) for d, f in stage if os.path.basename(d) not in dropped]
+              for stage in study.stages(args, root, cells)]
+    check_extra(stages, args.extra)
+    return [[(d, f + args.extra) for d, f in stage] for stage in stages]
 
 
 def main(argv=None):
@@ -622,9 +762,20 @@ def main(argv=None):
     study = study_of(args)
     name = args.study + ("-quick" if args.quick else "")
     root = os.path.join(args.out, "runs", name)
+    if args.report and not os.path.isdir(root):
+        raise SystemExit(f"error: --report: no {name} study in {args.out} (no runs/{name}/ there); nothing written")
     os.makedirs(root, exist_ok=True)
     cells = [(kind, seed) for kind in study.sets for seed in range(args.seeds)]
     stages = planned(study, args, root, name, cells)
+    try:
+        with Lock(root, "ablate.py"):  # one command at a time writes a study: no row deleted under another's feet
+            return run_study(args, study, name, root, cells, stages)
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run_study(args, study, name, root, cells, stages):
+    """Print the commands, or run the rows and table them, or (--report) table the rows there are."""
     if args.print_commands:
         return print_commands(stages, args, args.print_commands)
     spent, failed = (0.0, {}) if args.report else run_stages(stages, args)

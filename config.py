@@ -12,10 +12,16 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import torch
+from files import RunError, regular_file
 
-from data import BOX_FORMATS, regular_file
-from rundir import RunError, from_config_path
+# What each --box-format holds, and how it becomes [x1, y1, x2, y2] in pixels of a W x H image.
+BOX_FORMATS = {
+    "xyxy": lambda b, W, H: b,                                      # corners in pixels (default)
+    "xywh": lambda b, W, H: (b[0], b[1], b[0] + b[2], b[1] + b[3]),  # corner + size in pixels (COCO)
+    "norm1": lambda b, W, H: (b[0] * W, b[1] * H, b[2] * W, b[3] * H),
+    "norm1000": lambda b, W, H: (b[0] * W / 1000, b[1] * H / 1000, b[2] * W / 1000, b[3] * H / 1000),
+}
+
 
 def knob(default, help, choices=None):
     """A Config field: its default, its --help line, its allowed choices."""
@@ -264,6 +270,7 @@ def check(cfg, processes=1):
 def device_problems(device):
     if device in ("auto", "cpu"):
         return []
+    import torch  # here, not at the top: ablate.py reads this file's flags without loading torch
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
             return [f"--device {device}: CUDA is not available on this machine (use --device cpu)"]
@@ -357,3 +364,17 @@ def load_config(given):
     for key in PATH_KEYS:
         saved[key] = from_config_path(saved.get(key), run_dir)
     return Config(**saved)
+
+
+
+def to_config_path(path, run_dir):
+    """Paths inside the run become "{run}/...", others absolute: the folder can move, and resume
+    works from any working directory."""
+    if not isinstance(path, str) or path in ("tiny", "none") or not os.path.exists(path):
+        return path  # a hub id, a built-in name, a switch or None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    return "{run}/" + rel if not rel.startswith("..") else os.path.abspath(path)
+
+
+def from_config_path(path, run_dir):
+    return os.path.join(run_dir, path[len("{run}/"):]) if isinstance(path, str) and path.startswith("{run}/") else path

@@ -6,16 +6,12 @@ files become such JSONL through prepare.py.
 A dataset is a list of `Sample`s: an image (loaded on demand), a text query, the GT box in
 original-image pixels and where it came from (file:line). `load_dataset(spec)` takes a JSONL path
 or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix; `load_class_dataset` the same for
-classification (`synth:grade|type`).
-
-    python data.py synth --kind xray --n 200 --out DIR          # PNGs + DIR/data.jsonl
+classification (`synth:grade|type`). Data sets are written by prepare.py, never here.
 """
-import argparse
 import functools
 import json
 import math
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -23,6 +19,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from config import BOX_FORMATS
+from files import regular_file
 from reward import normalise, parse_box
 from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_sample
 
@@ -86,13 +84,6 @@ def _record_fields(obj):
     return obj["image"], query.strip(), _box_field(answer)
 
 
-# What each --box-format holds, and how it becomes [x1, y1, x2, y2] in pixels of a W x H image.
-BOX_FORMATS = {
-    "xyxy": lambda b, W, H: b,                                      # corners in pixels (default)
-    "xywh": lambda b, W, H: (b[0], b[1], b[0] + b[2], b[1] + b[3]),  # corner + size in pixels (COCO)
-    "norm1": lambda b, W, H: (b[0] * W, b[1] * H, b[2] * W, b[3] * H),
-    "norm1000": lambda b, W, H: (b[0] * W / 1000, b[1] * H / 1000, b[2] * W / 1000, b[3] * H / 1000),
-}
 MAX_QUERY_CHARS = 2000      # a grounding query is a sentence; beyond this it is a data error
 # A labels file's text goes into every classification prompt (the options, and with PA_p the
 # descriptions): bounded like a query, so a runaway file is a data error, not an out-of-memory.
@@ -131,18 +122,6 @@ def _to_pixels(raw, box_format, W, H):
                          f"under one pixel wide or high{hint}")
     return (x1, y1, x2, y2)
 
-
-def regular_file(path, what):
-    """Raise ValueError unless `path` is a regular file (a named pipe or a device would block or
-    stream forever when read; a folder is a mistake)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ValueError(f"{what}: file not found: {path}")
-    except OSError as e:
-        raise ValueError(f"{what}: cannot read {path} ({e.strerror})")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{what}: {path} is not a regular file")
 
 
 def _image_size(path):
@@ -298,15 +277,20 @@ class SynthSet(MadeOnAccess):
         return Sample(lambda: image, query, box, image.size, f"synth:{k}:{self.split}:{j}")
 
 
+def synth_spec(spec, default_split="train"):
+    """`synth:KIND[:SPLIT]` -> (KIND, SPLIT); SPLIT defaults to `default_split`."""
+    parts = spec.split(":")
+    split = parts[2] if len(parts) > 2 else default_split
+    if split not in SPLITS:
+        raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
+    return parts[1], split
+
+
 def load_dataset(spec, default_split="train", image_root=None, skip_invalid=False, n=None, seed=0,
                  box_format="xyxy"):
     """A JSONL path, or `synth:KIND[:SPLIT]` (SPLIT defaults to `default_split`)."""
     if spec.startswith("synth:"):
-        parts = spec.split(":")
-        split = parts[2] if len(parts) > 2 else default_split
-        if split not in SPLITS:
-            raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
-        return SynthSet(parts[1], split, n, seed)
+        return SynthSet(*synth_spec(spec, default_split), n, seed)
     if not os.path.exists(spec):
         raise DataError(f"{spec}: no such file (and not a synth:KIND spec)")
     samples = load_jsonl(spec, image_root, skip_invalid, box_format)
@@ -471,11 +455,7 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
     labels_path = labels if isinstance(labels, str) else None
     given = labels if isinstance(labels, Labels) else None
     if spec.startswith("synth:"):
-        parts = spec.split(":")
-        split = parts[2] if len(parts) > 2 else default_split
-        if split not in SPLITS:
-            raise DataError(f"{spec}: unknown split {split!r}: expected train or test")
-        data = SynthClassSet(parts[1], split, n)
+        data = SynthClassSet(*synth_spec(spec, default_split), n)
         labels = given or (read_labels(labels_path) if labels_path else data.labels)
         if not labels.same_classes(data.labels):
             raise DataError(f"{spec}: its classes {data.labels.names} are not the expected {labels.names} "
@@ -488,46 +468,3 @@ def load_class_dataset(spec, labels=None, default_split="train", image_root=None
     labels = given or read_labels(labels_path)
     samples = load_class_jsonl(spec, labels, image_root, skip_invalid)
     return (samples[:n] if n else samples), labels
-
-
-# ----------------------------------------------------------------------------- writing JSONL
-def write_json_file(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def write_jsonl(records, out_dir, name="data.jsonl"):
-    path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def write_synth(kind, n, out_dir, split="train", seed=0):
-    """Write `n` synthetic PNGs and a data.jsonl describing them (METHOD.md section 9 format)."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records = []
-    for i, s in enumerate(SynthSet(kind, split, n, seed)):
-        rel = os.path.join("images", f"{kind}_{split}_{i:05d}.png")
-        s.image().save(os.path.join(out_dir, rel))
-        records.append({"image": rel, "problem": s.query, "solution": [round(v) for v in s.box]})
-    return write_jsonl(records, out_dir)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write a synthetic set as PNGs + JSONL")
-    s.add_argument("--kind", default="mix", choices=KINDS + ("mix",))
-    s.add_argument("--n", type=int, default=200)
-    s.add_argument("--split", default="train", choices=tuple(SPLITS))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
-
-
-if __name__ == "__main__":
-    main()

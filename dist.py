@@ -17,7 +17,6 @@ import functools
 import gc
 import math
 import os
-import signal
 import time
 import warnings
 from datetime import timedelta
@@ -343,15 +342,6 @@ def lost_peer_message(error, run_dir, last):
            "another process of this job stopped (which one: the launcher's store is gone too)")
     return (f"error: rank {rank()}: {who} ({str(error).splitlines()[0][:120]}); last checkpoint: "
             f"{os.path.basename(last[-1]) if last else 'none'}; resume with: torchrun ... train.py --resume {run_dir}")
-
-
-def kill_point(step):
-    """Tests of restarts and lost ranks: MEDLOC_TEST_KILL=STEP:RANK kills that rank (SIGKILL, as a
-    node dies) right after checkpoint STEP, in the first attempt only; STEP:RANK:STOP freezes it
-    (SIGSTOP, as a hung node)."""
-    at = os.environ.get("MEDLOC_TEST_KILL", "").split(":")
-    if attempt() == 0 and at[:2] == [str(step), str(rank())]:
-        os.kill(os.getpid(), signal.SIGSTOP if at[2:] == ["STOP"] else signal.SIGKILL)
 
 
 def barrier():

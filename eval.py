@@ -8,7 +8,6 @@ confusion-matrix PNG (section 10).
 Greedy decoding, one box per sample, the training prompt and parser; an unparsable answer is IoU 0.
 """
 import argparse
-import json
 import os
 
 import torch
@@ -16,8 +15,9 @@ from tqdm import tqdm
 
 import dist
 import tasks
-from config import device_problems
-from data import BOX_FORMATS, KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, to_rgb
+from config import BOX_FORMATS, device_problems
+from data import KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, synth_spec, to_rgb
+from files import write_json
 from grpo import sample_groups
 from model import load_vlm
 
@@ -93,13 +93,6 @@ def save_visualisations(samples, preds, n, folder):
         to_pil_image(drawn).save(os.path.join(folder, f"{i:04d}_iou{p['iou']:.2f}.png"))
 
 
-def write_json(obj, path):
-    """Write JSON atomically (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +133,7 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     try:
         labels = tasks.saved_labels(a.model)  # before any weights: the data must fit the model
-        kind = a.dataset.split(":")[1] if a.dataset.startswith("synth:") else None
+        kind = synth_spec(a.dataset, "test")[0] if a.dataset.startswith("synth:") else None
         if kind in SYNTH_LABELS and not labels or kind in KINDS + ("mix",) and labels:
             names = ("grounding", "classification") if not labels else ("classification", "grounding")
             raise SystemExit(f"error: {a.model} is a {names[0]} model and {a.dataset} a {names[1]} set")

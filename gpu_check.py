@@ -35,7 +35,9 @@ import traceback
 import torch
 import transformers
 
-import bench
+import measure
+from files import first_line
+from model import reuse_freed_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RUN_STEPS = 20
@@ -48,8 +50,7 @@ BUDGET_SECONDS = 450  # the parts still to run when this is spent are skipped: t
 
 def status_of(e):
     """An exception as the one line a part records."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def guarded(name, part, *args):
@@ -81,17 +82,17 @@ def stack(device):
            "python": platform.python_version(), "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        out.update(name=props.name, memory_gib=props.total_memory / bench.GiB, capability=f"{props.major}.{props.minor}",
+        out.update(name=props.name, memory_gib=props.total_memory / measure.GiB, capability=f"{props.major}.{props.minor}",
                    cudnn=torch.backends.cudnn.version(), devices=torch.cuda.device_count())
         dtype = torch.bfloat16
     else:
-        total = bench.proc_bytes("/proc/meminfo", "MemTotal")
-        out.update(name=platform.processor() or platform.machine(), memory_gib=total / bench.GiB, cores=os.cpu_count(),
+        total = measure.proc_bytes("/proc/meminfo", "MemTotal")
+        out.update(name=platform.processor() or platform.machine(), memory_gib=total / measure.GiB, cores=os.cpu_count(),
                    threads=torch.get_num_threads())
         dtype = torch.float32  # what a CPU run computes in
-    out["free_gib"] = bench.free_bytes(device) / bench.GiB
+    out["free_gib"] = measure.free_bytes(device) / measure.GiB
     out["matmul_dtype"] = str(dtype).removeprefix("torch.")
-    out["matmul_tflops"] = bench.matmul_rate(device, dtype) / 1e12
+    out["matmul_tflops"] = measure.matmul_rate(device, dtype) / 1e12
     return out
 
 
@@ -120,7 +121,7 @@ def train_run(out, flags, timeout):
         return [json.loads(line) for line in f]
 
 
-def all_finite(records):
+def records_finite(records):
     return all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, (int, float)))
 
 
@@ -133,7 +134,7 @@ def default_run(device, out_dir, steps, timeout):
     cpu = train_run(os.path.join(out_dir, "default-cpu-fp32"), common + ["--device", "cpu", "--precision", "fp32"], timeout)
     taus, cpu_taus = [r["tau"] for r in run], [r["tau"] for r in cpu]
     differ = [r["step"] for r, t in zip(run, cpu_taus) if r["tau"] != t]
-    out = {"steps": len(run), "finite": all_finite(run), "kl_step1": run[0]["kl"], "taus": taus, "cpu_taus": cpu_taus,
+    out = {"steps": len(run), "finite": records_finite(run), "kl_step1": run[0]["kl"], "taus": taus, "cpu_taus": cpu_taus,
            "same_taus": not differ, "first_tau_difference": differ[0] if differ else None,
            "reward_mean": [r["reward_mean"] for r in run], "cpu_reward_mean": [r["reward_mean"] for r in cpu],
            "step_seconds_median": statistics.median(r["step_seconds"] for r in run),
@@ -146,46 +147,46 @@ def default_run(device, out_dir, steps, timeout):
 
 
 @contextlib.contextmanager
-def memory_probe(device, peaks):
-    """Each timed phase's peak memory into `peaks` (bench.phase_peaks): CUDA's allocated bytes, or on
+def phase_memory(device, peaks):
+    """Each timed phase's peak memory into `peaks` (measure.phase_peaks): CUDA's allocated bytes, or on
     the CPU this process's resident bytes over what it held when the block began. Yields the
     reader of the peak since the last reset (the set-up's, before the first phase)."""
     if device == "cuda":
         reset, peak = torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
     else:
-        base = bench.resident("VmRSS")
-        reset, peak = bench.reset_peak, lambda: bench.resident("VmHWM") - base
+        base = measure.resident("VmRSS")
+        reset, peak = measure.reset_peak, lambda: measure.resident("VmHWM") - base
     reset()
-    with bench.phase_peaks(peaks, reset, peak):
+    with measure.phase_peaks(peaks, reset, peak):
         yield peak
 
 
 def step_row(device, shape, path, lora_rank, precision, B, G, new, steps, warmup):
     """One shape's step timed by phase (eager, and compiled when `path` is "compiled", interleaved),
     its FLOPs and utilisation, and each phase's peak memory over the memory plan's."""
-    image_tokens = bench.SETTINGS[shape].get("image_tokens", bench.IMAGE_TOKENS)
-    plan = bench.step_plan(shape, device, precision, B, G, new, image_tokens, lora_rank)
-    problem = bench.cannot_fit(shape, plan, device)
+    image_tokens = measure.SETTINGS[shape].get("image_tokens", measure.IMAGE_TOKENS)
+    plan = measure.step_plan(shape, device, precision, B, G, new, image_tokens, lora_rank)
+    problem = measure.cannot_fit(shape, plan, device)
     if problem:
         return {"status": f"skipped: {problem}"}
     peaks = {}
-    with memory_probe(device, peaks) as peak:
-        policy, task, runs, counter = bench.step_runs(shape, device, precision, B, G, new, image_tokens,
+    with phase_memory(device, peaks) as peak:
+        policy, task, runs, counter = measure.step_runs(shape, device, precision, B, G, new, image_tokens,
                                                       ("compiled",) if path == "compiled" else (), lora_rank,
                                                       meta=shape != "tiny")
         peaks["set-up"] = peak()
-        results, first, samples = bench.time_runs(runs, counter, B, steps, warmup)
+        results, first, samples = measure.time_runs(runs, counter, B, steps, warmup)
     dtype = policy.amp_dtype or next(policy.model.parameters()).dtype
-    rate = bench.matmul_rate(device, dtype)
+    rate = measure.matmul_rate(device, dtype)
     out = {"B": B, "G": G, "new_tokens": new, "precision": precision, "lora_rank": lora_rank, "steps": steps,
            "matmul_tflops": rate / 1e12, "paths": {}}
     for name, rows in results.items():
-        out["paths"][name] = {**{p: statistics.median(r[p] for r in rows) for p in bench.PHASES + ("total",)},
-                              "utilisation": bench.phase_utilisation(policy, samples, task, rows, B, G, new, rate)}
+        out["paths"][name] = {**{p: statistics.median(r[p] for r in rows) for p in measure.PHASES + ("total",)},
+                              "utilisation": measure.phase_utilisation(policy, samples, task, rows, B, G, new, rate)}
     if "compiled" in first:
         out["compilation_seconds"] = first["compiled"] - out["paths"]["compiled"]["rollout"]
     planned = {phase: sum(terms.values()) for phase, terms in plan.items()}
-    out["memory_gib"] = {phase: {"measured": peaks[phase] / bench.GiB, "plan": planned[phase] / bench.GiB,
+    out["memory_gib"] = {phase: {"measured": peaks[phase] / measure.GiB, "plan": planned[phase] / measure.GiB,
                                  "measured_over_plan": peaks[phase] / planned[phase]}
                          for phase in planned if peaks.get(phase)}
     del policy, task, runs, counter
@@ -246,7 +247,7 @@ def run_check(out_dir, device="auto", quick=False, budget=BUDGET_SECONDS):
         raise SystemExit("bench.py --gpu-check --device cuda: CUDA is not available here (use --device cpu)")
     os.makedirs(out_dir, exist_ok=True)
     t0, deadline = time.time(), time.time() + budget
-    bench.reuse_freed_memory()  # as train.py runs
+    reuse_freed_memory()  # as train.py runs
     steps, warmup, default_steps = (1, 0, 2) if quick else (2, 1, DEFAULT_RUN_STEPS)
     parts = {"stack": guarded("stack", stack, device)}
     parts["cuda_tests"] = guarded("cuda tests", cuda_tests, device, 240)

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers.utils import logging as hf_logging
 
 import lora
+from files import first_line
 
 hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watching
 
@@ -526,10 +527,6 @@ def model_config(name):
         raise ValueError(f"{name}: not a model folder ({first_line(e)})")
 
 
-def first_line(e):
-    return (str(e).splitlines() or [""])[0][:200]
-
-
 def unloadable(name, e):
     return ValueError(f"{name}: cannot be loaded ({type(e).__name__}: {first_line(e)})")
 
@@ -548,7 +545,8 @@ def checkpoint_activations(model):
     enable()  # training forwards pass use_cache=False themselves
 
 
-def prepare(model, gradient_checkpointing, freeze_vision):
+def training_setup(model, gradient_checkpointing, freeze_vision):
+    """Activation checkpointing on, the vision tower frozen: what --gradient-checkpointing and --freeze-vision ask."""
     if gradient_checkpointing:
         checkpoint_activations(model)
     if freeze_vision:
@@ -654,7 +652,7 @@ def load_sharded(model_cls, config, name, dtype, compute_dtype, device, shard, g
     keeps), never the whole model (METHOD.md section 5.4)."""
     with weights_on_meta():
         model = model_cls._from_config(config, dtype=dtype)
-    prepare(model, gradient_checkpointing, freeze_vision)
+    training_setup(model, gradient_checkpointing, freeze_vision)
     shard(model, compute_dtype)  # FSDP2 splits meta parameters as real ones; the buffers go to the device
     # every name a parameter goes by (the tied output layer and input embeddings are one tensor)
     names = {}
@@ -751,7 +749,7 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
                                               "longest_edge": max_pixels or size.longest_edge}
     if not shard or name == "tiny":  # load_sharded prepared and split the model as it loaded it
         model.to(device=device, dtype=dtype)
-        prepare(model, gradient_checkpointing, freeze_vision)
+        training_setup(model, gradient_checkpointing, freeze_vision)
         if shard:  # the built-in tiny model: built whole (it is small), then split
             shard(model, amp_dtype)
     vlm = VLM(model, processor, template=template, amp_dtype=amp_dtype)

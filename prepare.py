@@ -1,5 +1,6 @@
-"""Real data in (METHOD.md section 9): the field's annotation files and DICOM images -> the grounding
-JSONL that data.py loads, split by patient, every row accounted for in a report.
+"""Every data set written to disk (METHOD.md section 9): the field's annotation files and DICOM images ->
+the grounding JSONL that data.py loads, split by patient, every row accounted for in a report; the
+built-in synthetic sets as files (`synth`); MedMNIST-style .npz -> classification JSONL (`npz`).
 
     python prepare.py nih BBox_List_2017.csv --images NIH/images --out data/nih
     python prepare.py vindr annotations_train.csv --images vindr/train --out data/vindr --max-side 1024
@@ -10,6 +11,7 @@ JSONL that data.py loads, split by patient, every row accounted for in a report.
     python prepare.py kvasir kavsir_bboxes.json --images Kvasir-SEG/images --out data/kvasir
     python prepare.py masks HAM10000/masks --images HAM10000/images --out data/ham --query "Locate the skin lesion."
     python prepare.py npz retinamnist.npz --names "grade 0,grade 1,grade 2,grade 3,grade 4" --ordinal --out data/retina
+    python prepare.py synth --kind xray --n 200 --out data/synth-xray       # a built-in set as PNGs + data.jsonl
     python prepare.py inspect data/nih/train.jsonl data/nih/val.jsonl data/nih/test.jsonl --out data/nih/inspect
 
 Each format is a reader: a generator of `Row`s from its file, one per box as the file holds it (or a
@@ -40,9 +42,9 @@ import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from data import (DataError, IMAGE_EXTS, MAX_IMAGE_PIXELS, load_jsonl, read_image, read_labels, regular_file,
-                  write_json_file, write_jsonl)
-from synth import tight_box
+from data import DataError, IMAGE_EXTS, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
+from files import first_line, regular_file, write_json
+from synth import KINDS, SPLITS, tight_box
 
 SPLIT_NAMES = ("train", "val", "test")
 DICOM_EXTS = (".dcm", ".dicom")
@@ -423,10 +425,6 @@ def dicom_pixels(path, opts):
     return 255 - grey if photometric == "MONOCHROME1" else grey
 
 
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-
-
 def raster_pixels(path, row, opts):
     """A PNG/JPEG/TIFF -> None when the loader can read it as it is (8-bit grey or colour), else
     8-bit grey from its 16-bit or float values (plus the file's offset; its window, else --window)."""
@@ -695,6 +693,13 @@ def image_records(rows, answer, opts, tally, fused):
                               group[0].split, [r.where for r in group]))
     return records
 
+def write_jsonl(records, out_dir, name="data.jsonl"):
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+    return path
+
 
 def relative(path, out_dir):
     """A converted image by its path under OUT (the JSONL's folder); an original by its absolute path."""
@@ -747,7 +752,7 @@ def convert(fmt, annotations, opts):
               "left_out": tally.to_json(), "boxes_fused": fused[0],
               "images": {k: made.get(k, 0) for k in ("converted", "reused", "as is", "left out")},
               "settings": settings_of(opts)}
-    write_json_file(report, os.path.join(opts.out, "report.json"))
+    write_json(report, os.path.join(opts.out, "report.json"), indent=1)
     return report
 
 
@@ -845,9 +850,22 @@ def inspect_files(paths, out_dir, n_samples=16, seed=0):
     files = {path: read_for_inspect(path) for path in paths}
     summary = {"files": {p: file_summary(seen) for p, seen in files.items()}, "leaks": leaks(files)}
     os.makedirs(out_dir, exist_ok=True)
-    write_json_file(summary, os.path.join(out_dir, "summary.json"))
+    write_json(summary, os.path.join(out_dir, "summary.json"), indent=1)
     draw_samples([x for seen in files.values() for x in seen], os.path.join(out_dir, "samples.png"), n_samples, seed)
     return summary
+
+
+# ----------------------------------------------------------------------------- the built-in synthetic sets as files
+
+def write_synth(kind, n, out_dir, split="train", seed=0):
+    """Write `n` synthetic PNGs and a data.jsonl describing them (METHOD.md section 9 format)."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for i, s in enumerate(SynthSet(kind, split, n, seed)):
+        rel = os.path.join("images", f"{kind}_{split}_{i:05d}.png")
+        s.image().save(os.path.join(out_dir, rel))
+        records.append({"image": rel, "problem": s.query, "solution": [round(v) for v in s.box]})
+    return write_jsonl(records, out_dir)
 
 
 # ----------------------------------------------------------------------------- classification (.npz)
@@ -878,7 +896,7 @@ def from_npz(npz_path, out_dir, names, split="train", ordinal=False):
             rel = os.path.join("images", f"{split}_{i:06d}.png")
             Image.fromarray(img).convert("RGB").save(os.path.join(out_dir, rel))
             records.append({"image": rel, "label": int(y)})
-        write_json_file(classes, labels_path)
+        write_json(classes, labels_path, indent=1)
         return write_jsonl(records, out_dir, f"{split}.jsonl")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write the converted set ({'disk full' if e.errno == errno.ENOSPC else e.strerror})")
@@ -1008,6 +1026,12 @@ def parser():
     i.add_argument("--out", required=True)
     i.add_argument("--samples", type=bounded(int, 1, 64), default=16)
     i.add_argument("--seed", type=int, default=0)
+    y = sub.add_parser("synth", help="a built-in synthetic set (synth:KIND) as PNGs + OUT/data.jsonl, to look at or to edit")
+    y.add_argument("--kind", default="mix", choices=KINDS + ("mix",))
+    y.add_argument("--n", type=bounded(int, 1), default=200)
+    y.add_argument("--split", default="train", choices=tuple(SPLITS))
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--out", required=True)
     z = sub.add_parser("npz", help="MedMNIST-style .npz -> PNGs + JSONL + labels.json (classification), every split it holds")
     z.add_argument("npz")
     z.add_argument("--names", required=True, help="class names in label order, comma-separated")
@@ -1045,6 +1069,9 @@ def main(argv=None):
             shared = {k: len(v) for k, v in summary["leaks"].items()}
             print("leaks across files: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
             return summary
+        if a.format == "synth":
+            print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
+            return None
         if a.format == "npz":
             for s in [a.split] if a.split else npz_splits(a.npz):
                 print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], s, a.ordinal))

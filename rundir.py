@@ -1,16 +1,19 @@
-"""The run folder: one trainer at a time, checkpoints that are complete or absent, a log that is JSON.
+"""The run folder: one trainer at a time, checkpoints that are complete or absent, a log that is JSON,
+the curves, and the step's timer and finiteness check.
 
     RUN/config.json          the run's settings; paths inside the run are written "{run}/..."
     RUN/metrics.jsonl        one JSON object per step (non-finite numbers become null)
-    RUN/checkpoint-<step>/   model/ (a save_pretrained folder) + trainer_state.pt
+    RUN/checkpoint-<step>/   model/ (a save_pretrained folder) + trainer_state.pt (with AdamW's state)
+                             or, with --checkpoint sharded: sharded/ (each rank's shards of the
+                             weights and AdamW state), model/ (config and processor, no weights)
+                             + trainer_state.pt
+    RUN/final/               the trained model folder (a sharded run's streamed unit by unit, with an index)
     RUN/.lock                held by the trainer that owns the folder (released when it exits or dies)
 
 trainer_state.pt holds only tensors, numbers, strings, lists and dicts and is read with
 `torch.load(weights_only=True)`: a crafted file from a shared run folder cannot run code.
 """
 import contextlib
-import errno
-import fcntl
 import glob
 import json
 import math
@@ -29,48 +32,8 @@ from safetensors.torch import save_file
 
 from dist import (barrier, everywhere, from_main, full_state, gather_objects, gathered_tensor, is_main, is_sharded, local,
                   save_shards, world)
-from model import file_key, first_line
-
-
-class RunError(Exception):
-    """A problem with the run folder, said in one line."""
-
-
-# ----------------------------------------------------------------------------- the lock
-class Lock:
-    """Exclusive lock on RUN/.lock for the life of the trainer. flock is released by the kernel
-    when the process ends, so a crashed run never leaves a stale lock behind."""
-
-    def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, ".lock")
-        self.file = None
-
-    def __enter__(self):
-        try:
-            # O_NOFOLLOW: a .lock that is a symbolic link (a shared folder) must not let the trainer
-            # write its pid into the file the link points to
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            self.file = os.fdopen(fd, "r+")
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "?"
-            self.file.close()
-            raise RunError(f"{os.path.dirname(self.path)} is in use by another train.py (pid {owner}); "
-                           f"wait for it to finish or use another --out")
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise RunError(f"{self.path} is a symbolic link; remove it (a run folder's lock is a plain file)")
-            raise RunError(f"cannot write to {os.path.dirname(self.path)} ({e.strerror})")
-        self.file.seek(0)
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+from files import Lock, RunError, first_line, why
+from model import file_key
 
 
 def remove_leftovers(run_dir):
@@ -82,7 +45,7 @@ def remove_leftovers(run_dir):
             os.remove(tmp)
 
 
-def prepare(run_dir):
+def make_run_folder(run_dir):
     """Create the run folder, or say in one line why it cannot be used."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunError(f"{run_dir} is a file, not a run folder; choose another --out")
@@ -102,7 +65,7 @@ def claim(run_dir, resume):
     lock, problem = None, None
     if is_main():
         try:
-            prepare(run_dir)
+            make_run_folder(run_dir)
             lock = Lock(run_dir).__enter__()
             if not resume and os.path.exists(os.path.join(run_dir, "config.json")):
                 raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
@@ -142,17 +105,8 @@ def blind_ranks(run_dir, wait=10.0):
 
 
 # ----------------------------------------------------------------------------- paths in config.json
-def to_config_path(path, run_dir):
-    """Paths inside the run become "{run}/...", others absolute: the folder can move, and resume
-    works from any working directory."""
-    if not isinstance(path, str) or path in ("tiny", "none") or not os.path.exists(path):
-        return path  # a hub id, a built-in name, a switch or None
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
-    return "{run}/" + rel if not rel.startswith("..") else os.path.abspath(path)
 
 
-def from_config_path(path, run_dir):
-    return os.path.join(run_dir, path[len("{run}/"):]) if isinstance(path, str) and path.startswith("{run}/") else path
 
 
 # ----------------------------------------------------------------------------- RNG state as plain data
@@ -258,12 +212,6 @@ def whole_shards(folder):
         path = os.path.join(folder, item.relative_path)
         if not os.path.isfile(path) or os.path.getsize(path) < item.offset + item.length:
             raise RunError(f"{path}: missing or cut short")
-
-
-def why(error):
-    if isinstance(error, OSError):
-        return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
-    return first_line(error)
 
 
 def save_model(policy, folder, weights=None, dtype=None):

@@ -16,11 +16,10 @@ import dist
 import lora
 import rundir
 import tasks
-from config import PATH_KEYS, parse_box_scale, parse_stages
-from data import DataError, labels_from_json, load_class_dataset, load_dataset, with_knowledge
-from eval import write_json
+from config import PATH_KEYS, parse_box_scale, parse_stages, to_config_path
+from data import DataError, labels_from_json, load_class_dataset, load_dataset, synth_spec, with_knowledge
 from model import TINY_WARM_START, load_vlm, model_config
-from rundir import RunError
+from files import RunError, write_json
 from scheduler import make_schedule
 
 
@@ -42,7 +41,7 @@ def default_eval_spec(cfg):
     """'auto': the test split of a synthetic training set; no evaluation for a JSONL set."""
     if cfg.eval_dataset != "auto":
         return cfg.eval_dataset
-    return f"synth:{cfg.dataset.split(':')[1]}:test" if cfg.dataset.startswith("synth:") else "none"
+    return f"synth:{synth_spec(cfg.dataset)[0]}:test" if cfg.dataset.startswith("synth:") else "none"
 
 
 def load_data(cfg):
@@ -168,7 +167,7 @@ def begin(cfg, run_dir, device, policy, task):
     """The rest of a new run once its policy is warm: adapters, config.json, reference, optimizer."""
     if cfg.lora_rank:  # after the warm start: the adapters learn the RL update only
         add_adapters(cfg, policy, run_dir)
-    saved = {k: rundir.to_config_path(v, run_dir) if k in PATH_KEYS else v
+    saved = {k: to_config_path(v, run_dir) if k in PATH_KEYS else v
              for k, v in dataclasses.asdict(cfg).items()}
     if dist.is_main():
         write_json(saved, os.path.join(run_dir, "config.json"))

@@ -16,7 +16,7 @@ import secrets
 
 from PIL import ImageDraw
 
-from rundir import RunError
+from files import RunError
 
 KINDS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

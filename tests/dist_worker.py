@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dist  # noqa: E402
 import grpo  # noqa: E402
-from bench import resident  # noqa: E402
+from measure import resident  # noqa: E402
 import model  # noqa: E402
 import start  # noqa: E402
 import train  # noqa: E402

@@ -53,13 +53,15 @@ def test_compared_rows_start_from_the_same_model_and_run_the_same_steps(tmp_path
 
 def test_report_from_finished_runs_without_training(tmp_path, monkeypatch):
     out = tmp_path / "results"
+    argv = ["--study", "rules", "--quick", "--seeds", "2", "--init", "W", "--out", str(out)]
+    ablate.main(argv + ["--print-commands", str(tmp_path / "runs.sh")])  # run elsewhere: each row's settings recorded
     for k, name in enumerate(ablate.RULES):
         for seed in (0, 1):  # seed 1 two points better on every row; row k one point above row k-1
             fake_run(out / "runs" / "rules-quick" / f"derm-s{seed}" / name, 0.5 + k / 100 + 0.02 * seed,
                      taus=[0.3, 0.3, 0.45, 0.45, 0.6, 0.6, 0.7, 0.8][:8 - k])
     import matplotlib.pyplot  # noqa: F401  its first import may run fc-list through subprocess
     monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was redone"))
-    ablate.main(["--study", "rules", "--quick", "--seeds", "2", "--init", "W", "--out", str(out)])
+    ablate.main(argv)
     rows = json.loads((out / "rules-quick.json").read_text())
     assert len(rows) == len(ablate.RULES)  # --quick: one seed
     first = rows[0]
@@ -221,6 +223,7 @@ class FakeTrain:
 
 
 def test_rows_queue_over_the_gpus_each_seeing_only_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "cuda_devices", lambda: 4)
     fake = FakeTrain()
     monkeypatch.setattr(ablate.subprocess, "run", fake)
     ablate.main(["--study", "compare", "--quick", "--seeds", "2", "--gpus", "0,1,2", "--out", str(tmp_path)])
@@ -302,10 +305,66 @@ def test_study_flags_for_any_data_are_checked_in_one_line(tmp_path, capsys):
                           (["--dataset", str(tmp_path / "no.jsonl"), "--eval-dataset", "b"], "no such file"),
                           (["--rows", "medloc,ppo"], "ppo not in the compare study"),
                           (["--gpus", "0,1", "--gpus-per-row", "3"], "between 1 and the 2 GPU(s)"),
-                          (["--report-to", "mlflow"], "--report-to 'mlflow': none, or one or more of tensorboard, wandb")):
+                          (["--report-to", "mlflow"], "--report-to 'mlflow': none, or one or more of tensorboard, wandb"),
+                          (["--rows", ","], "--rows ',': names no row"),
+                          (["--gpus", "a,b"], "--gpus a,b: comma-separated GPU ids (0, 1, ...), not a, b"),
+                          (["--gpus", "0,0"], "GPU 0 named twice"),
+                          (["--gpus-per-row", "2"], "--gpus-per-row 2: goes with --gpus"),
+                          (["--print-commands", str(tmp_path)], "a folder; give the file to write the commands into"),
+                          (["--print-commands", str(tmp_path / "no" / "runs.sh")], "is not a folder")):
         with pytest.raises(SystemExit):
             ablate.main(argv + ["--out", str(tmp_path)])
         assert message in capsys.readouterr().err
+    if ablate.cuda_devices() < 8:  # a GPU this machine does not have
+        with pytest.raises(SystemExit):
+            ablate.main(["--gpus", "7", "--out", str(tmp_path)])
+        assert f"this machine has {ablate.cuda_devices()} CUDA device(s); no GPU 7" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs")  # refused before anything was written
+
+
+def test_flags_after_the_separator_may_not_replace_the_study_s_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
+    for extra, study_flag in ((["--steps", "3"], "--steps"), (["--seed=4"], "--seeds"), (["--out", "x"], "--out"),
+                              (["--dataset", "d.jsonl"], "--dataset"), (["--schedule", "fixed"], "what the rows compare"),
+                              (["--sav", "3"], "--save-every")):  # an abbreviation is the flag it abbreviates
+        name = {"--sav": "--save-every"}.get(extra[0].split("=")[0], extra[0].split("=")[0])
+        with pytest.raises(SystemExit, match=f"-- {name}: the study sets it for every run .*{study_flag}"):
+            ablate.main(["--study", "compare", "--quick", "--init", "W", "--out", str(tmp_path), "--"] + extra)
+
+
+def test_two_studies_on_one_folder_the_second_refused_and_other_settings_never_reused(tmp_path, monkeypatch, capsys):
+    import files
+    root = tmp_path / "runs" / "compare-quick"
+    os.makedirs(root)
+    argv = ["--study", "compare", "--quick", "--rows", "medloc", "--init", "W", "--out", str(tmp_path)]
+    with files.Lock(str(root), "ablate.py"):  # another ablate.py holds the study
+        with pytest.raises(SystemExit, match=f"{root} is in use by another ablate.py"):
+            ablate.main(argv)
+    monkeypatch.setattr(ablate.subprocess, "run", FakeTrain())
+    ablate.main(argv)  # the rows finish
+    fake = FakeTrain()
+    monkeypatch.setattr(ablate.subprocess, "run", fake)
+    with pytest.raises(SystemExit, match="derm-s0/medloc was started with other settings .*--steps 83.*--steps 9"):
+        ablate.main(argv[:-2] + ["--steps", "27", "--out", str(tmp_path)])  # --quick: a third of --steps
+    assert fake.calls == []  # neither reused nor deleted
+    with pytest.raises(SystemExit, match="--report: no rules-quick study in"):
+        ablate.main(["--study", "rules", "--quick", "--report", "--out", str(tmp_path / "data")])
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_row_still_training_is_not_deleted_and_a_damaged_eval_is_named(tmp_path, monkeypatch):
+    import files
+    run = tmp_path / "row"
+    ablate.record_settings(["--steps", "3"], str(run))
+    os.makedirs(run)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with files.Lock(str(run)):  # its train.py has written no checkpoint yet
+        assert "is in use by another train.py" in ablate.run_train(["--steps", "3"], str(run))
+    assert (run / "metrics.jsonl").exists()
+    (run / "eval.json").write_text('{"A@0.5": 0.')
+    assert ablate.run_train(["--steps", "3"], str(run)).startswith(f"{run / 'eval.json'}: damaged")
+    (run / "eval.json").write_text("[]")
+    assert "not a JSON object of metrics" in ablate.run_train(["--steps", "3"], str(run))
 
 
 def prepared_images(tmp_path, n=16):

@@ -2,6 +2,8 @@
 import pytest
 
 import bench
+import measure
+from config import Config
 from model import load_vlm
 from test_model import images
 
@@ -21,20 +23,20 @@ def test_the_memory_plan_is_within_15_percent_of_a_measured_run(model, size):
 def test_the_plan_follows_the_settings_as_the_accounting_says():
     """--fsdp K splits everything but the output layer; LoRA drops the reference and the full-size
     optimizer state; gradient checkpointing shrinks the activations."""
-    model = bench.plan_model("3b")
-    cfg = bench.Config(batch_prompts=8, group_size=8, max_new_tokens=256, micro_batch=8)
-    one = bench.memory_plan(model, cfg, 320, 256)
-    four = bench.memory_plan(model, cfg, 320, 256, ranks=4, fsdp=True)
+    model = measure.plan_model("3b")
+    cfg = Config(batch_prompts=8, group_size=8, max_new_tokens=256, micro_batch=8)
+    one = measure.memory_plan(model, cfg, 320, 256)
+    four = measure.memory_plan(model, cfg, 320, 256, ranks=4, fsdp=True)
     head = model.lm_head.weight.numel() * 4
     whole = one["set-up"]["weights"]
     assert four["set-up"]["weights"] == pytest.approx((whole - head) / 4 + head)
     assert one["update"]["AdamW moments"] == 2 * whole and one["set-up"]["reference"] == whole
     assert four["sampling"]["gathered weights"] == pytest.approx((whole - head) / 2)  # bf16 copies of the body
-    lora = bench.memory_plan(bench.plan_model("3b", 64), bench.Config(**{**vars(cfg), "lora_rank": 64}), 320, 256)
+    lora = measure.memory_plan(measure.plan_model("3b", 64), Config(**{**vars(cfg), "lora_rank": 64}), 320, 256)
     h, kv, m = 2048, 2 * 128, 11008  # Qwen2.5-VL-3B: q, k, v, o, gate, up, down in each of 36 layers
     adapters = 36 * 64 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + m) + (m + h))  # r x (in + out) each
     assert lora["set-up"]["reference"] == 0 and lora["update"]["AdamW moments"] == 2 * 4 * adapters
-    saved = bench.memory_plan(model, bench.Config(**{**vars(cfg), "gradient_checkpointing": True}), 320, 256)
+    saved = measure.memory_plan(model, Config(**{**vars(cfg), "gradient_checkpointing": True}), 320, 256)
     assert saved["scoring"]["activations"] < 0.1 * one["scoring"]["activations"]
 
 
@@ -44,13 +46,13 @@ def test_the_flop_formulas_count_the_matmuls_torch_counts():
     from torch.utils.flop_counter import FlopCounterMode
     import grpo
     from test_model import images
-    policy = bench.build("tiny", "cpu", "fp32")
+    policy = measure.build("tiny", "cpu", "fp32")
     policy.eos_ids = policy.suppress_ids[:1].tolist()  # never sampled: every completion runs to T tokens
     B, G, T = 2, 4, 6
     pictures, prompts = images((200, 300), (200, 300)), ["find the lesion", "find it"]
     batch = policy.encode(pictures, prompts)
     image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
-    expected = bench.step_flops(policy.model.config, B, G, T, batch["input_ids"].shape[1], image_tokens,
+    expected = measure.step_flops(policy.model.config, B, G, T, batch["input_ids"].shape[1], image_tokens,
                                 attention=False)
     counted = {}
     with FlopCounterMode(display=False) as count:
@@ -75,6 +77,6 @@ def test_the_plans_kv_cache_is_the_cache_the_sampler_allocates(precision):
     batch = vlm.encode(images((200, 300), (380, 170)), ["q", "a longer query"])
     state, _ = vlm.prefill(batch, 3, 20)
     held = sum(t.numel() * t.element_size() for layer in state["cache"].layers for t in (layer.keys, layer.values))
-    cfg = bench.Config(batch_prompts=2, group_size=3, max_new_tokens=20, precision=precision)
-    plan = bench.memory_plan(bench.plan_model("tiny"), cfg, batch["input_ids"].shape[1], 16, device="cpu")
+    cfg = Config(batch_prompts=2, group_size=3, max_new_tokens=20, precision=precision)
+    plan = measure.memory_plan(measure.plan_model("tiny"), cfg, batch["input_ids"].shape[1], 16, device="cpu")
     assert plan["sampling"]["KV cache"] == held

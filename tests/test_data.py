@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+import prepare
 from data import DataError, SynthSet, load_dataset, load_jsonl
 
 
@@ -135,7 +136,7 @@ def test_mix_interleaves_kinds_and_specs_parse():
 
 
 def test_synth_cli_writes_a_loadable_jsonl(tmp_path):
-    data.main(["synth", "--kind", "us", "--n", "3", "--out", str(tmp_path)])
+    prepare.main(["synth", "--kind", "us", "--n", "3", "--out", str(tmp_path)])
     s = load_jsonl(str(tmp_path / "data.jsonl"))
     ref = SynthSet("us", "train", 3)
     assert [x.box for x in s] == [tuple(float(round(v)) for v in r.box) for r in ref]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+import measure
 import tasks
 from data import load_dataset
 from model import load_vlm
@@ -138,10 +139,9 @@ def test_a_run_resumes_on_another_number_of_processes_and_back(warm, tmp_path):
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
-    """bench.py's proxy model saved as a folder: Qwen2.5-VL, real 151,936 vocabulary, 430 MB in fp32."""
-    import bench
+    """measure.py's proxy model saved as a folder: Qwen2.5-VL, real 151,936 vocabulary, 430 MB in fp32."""
     folder = str(tmp_path_factory.mktemp("proxy") / "model")
-    bench.build("proxy", "cpu", "fp32").save(folder)
+    measure.build("proxy", "cpu", "fp32").save(folder)
     return folder
 
 

@@ -11,6 +11,9 @@ import torch
 
 import bench
 import gpu_check
+import measure
+from model import build_tiny_tokenizer, weights_on_meta
+from transformers import Qwen2_5_VLForConditionalGeneration
 from conftest import ROOT
 
 
@@ -32,7 +35,7 @@ def test_the_quick_check_on_cpu_writes_every_part_with_its_numbers(tmp_path):
     row = parts["steps"]["rows"]["tiny eager"]
     assert row["status"] == "ok" and list(row["paths"]) == ["lean"]
     lean = row["paths"]["lean"]
-    assert lean["total"] == pytest.approx(sum(lean[p] for p in bench.PHASES), rel=0.05)
+    assert lean["total"] == pytest.approx(sum(lean[p] for p in measure.PHASES), rel=0.05)
     assert all(0 < lean["utilisation"][p]["utilisation"] < 1 for p in ("rollout", "reference", "backward", "step"))
     for phase in ("sampling", "scoring", "update"):
         m = row["memory_gib"][phase]
@@ -45,7 +48,7 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
     monkeypatch.setattr(gpu_check, "train_run", broken)
-    monkeypatch.setattr(bench, "step_runs", broken)
+    monkeypatch.setattr(measure, "step_runs", broken)
     report = gpu_check.run_check(str(tmp_path), "cpu", quick=True)
     parts = report["parts"]
     assert parts["stack"]["status"] == "ok"
@@ -56,12 +59,12 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
 
 
 def test_a_shape_that_cannot_fit_is_one_line_before_anything_is_built(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "free_bytes", lambda device: 2 ** 20)  # 1 MiB free
-    monkeypatch.setattr(bench, "step_runs", lambda *a, **k: pytest.fail("built a shape that cannot fit"))
+    monkeypatch.setattr(measure, "free_bytes", lambda device: 2 ** 20)  # 1 MiB free
+    monkeypatch.setattr(measure, "step_runs", lambda *a, **k: pytest.fail("built a shape that cannot fit"))
     row = gpu_check.step_row("cpu", "tiny", "eager", 0, "auto", 2, 4, 8, 1, 0)
-    plan = bench.step_plan("tiny", "cpu", "auto", 2, 4, 8, 16)
+    plan = measure.step_plan("tiny", "cpu", "auto", 2, 4, 8, 16)
     peak = max(sum(t.values()) for t in plan.values())
-    assert row == {"status": f"skipped: tiny cannot fit on cpu: the memory plan's peak is {peak / bench.GiB:.1f} GiB "
+    assert row == {"status": f"skipped: tiny cannot fit on cpu: the memory plan's peak is {peak / measure.GiB:.1f} GiB "
                              f"(scoring), 0.0 GiB is free"}
     done = subprocess.run([sys.executable, "bench.py", "--model", "7b"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "Traceback" not in done.stderr  # 7B needs far more than any CPU machine here
@@ -69,10 +72,10 @@ def test_a_shape_that_cannot_fit_is_one_line_before_anything_is_built(tmp_path, 
 
 
 def test_a_model_built_on_meta_is_materialised_whole_and_still_tied():
-    tok = bench.build_tiny_tokenizer(vocab_size=151_936)
-    with bench.weights_on_meta():
-        model = bench.Qwen2_5_VLForConditionalGeneration(bench.shape_config("clone", tok))
-    model = bench.materialised(model, "cpu", torch.bfloat16)
+    tok = build_tiny_tokenizer(vocab_size=151_936)
+    with weights_on_meta():
+        model = Qwen2_5_VLForConditionalGeneration(measure.shape_config("clone", tok))
+    model = measure.materialised(model, "cpu", torch.bfloat16)
     params = dict(model.named_parameters(remove_duplicate=False))
     assert not any(p.is_meta for p in params.values()) and {p.dtype for p in params.values()} == {torch.bfloat16}
     assert model.lm_head.weight is model.get_input_embeddings().weight  # the clone ties them, as the 3B does

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import files
 import model
 import rundir
 import start
@@ -91,7 +92,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path):
     run = sft_run(tmp_path / "run", 1)
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
-    with rundir.Lock(run), rundir.Lock(fresh):
+    with files.Lock(run), files.Lock(fresh):
         assert f"in use by another train.py (pid {os.getpid()})" in error_of(TINY_SFT + ["--out", fresh])
         assert "in use" in error_of(["--resume", run, "--steps", "2"])
     train.main(["--resume", run, "--steps", "2"])  # released; the lock file left behind is not a lock

@@ -15,6 +15,7 @@ from PIL import Image
 
 import prepare
 import eval as ev
+import files
 import lora
 import rundir
 import tasks
@@ -324,7 +325,7 @@ def test_a_second_torchrun_job_on_a_held_folder_is_refused_on_every_rank(tmp_pat
     with socket.socket() as s:  # a free local port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with rundir.Lock(run):
+    with files.Lock(run):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", "--algo", "sft",
                                "--out", run, "--device", "cpu", "--threads", "1"],

@@ -23,6 +23,7 @@ from conftest import ROOT
 FLAGS = ["--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4", "--eval-dataset", "none",
          "--threads", "1", "--steps", "6", "--save-every", "2", "--device", "cpu"]
 TRAIN = os.path.join(ROOT, "train.py")
+LOSING_A_NODE = os.path.join(ROOT, "tests", "train_losing_a_node.py")  # train.py whose rank MEDLOC_TEST_KILL names dies
 
 
 def free_port():
@@ -32,10 +33,11 @@ def free_port():
 
 
 def launch(cwd, out, nodes=1, node=0, procs=2, port=None, extra=(), env=None, restarts=0, flags=FLAGS):
-    """One torchrun launcher (a node) running train.py, started, not waited for."""
+    """One torchrun launcher (a node) running train.py (with MEDLOC_TEST_KILL in `env`, the same with a
+    node that fails), started, not waited for."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank", str(node),
            "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
-           "--max-restarts", str(restarts), TRAIN, *flags, *extra] + (["--out", str(out)] if out else [])
+           "--max-restarts", str(restarts), LOSING_A_NODE if "MEDLOC_TEST_KILL" in (env or {}) else TRAIN, *flags, *extra] + (["--out", str(out)] if out else [])
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 

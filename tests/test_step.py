@@ -14,7 +14,7 @@ import grpo
 import lora
 import start
 import train
-from bench import Naive
+from measure import Naive
 from config import Config
 from model import VLM, build_tiny_model, build_tiny_processor, build_tiny_tokenizer, load_vlm
 from test_model import images, tiny, tiny_qwen2vl_folder  # noqa: F401  (tiny: a fixture)

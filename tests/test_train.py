@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import files
 import rundir
 import start
 import train
@@ -121,7 +122,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
         os.makedirs(folder, exist_ok=True)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(policy, "save", crash)
-    with pytest.raises(rundir.RunError, match="disk full.*checkpoint-000005 is intact"):
+    with pytest.raises(files.RunError, match="disk full.*checkpoint-000005 is intact"):
         rundir.save_checkpoint(str(tmp_path), 10, policy, opt.state_dict(), sched, keep=1)
     assert rundir.checkpoints(str(tmp_path)) == [first] and not list(tmp_path.glob("*.tmp"))
     assert os.path.exists(os.path.join(first, "trainer_state.pt"))

@@ -1,0 +1,551 @@
+"""The step measured: what bench.py (the command line) and gpu_check.py both use.
+
+- The benchmark shapes (`SHAPES`, `SETTINGS`, `build`): the tiny model, a 123 M proxy with the real
+  vocabulary, a clone whose output layer dominates, and the 3B / 7B / 32B dimensions.
+- `Naive`, the straightforward path: every prompt repeated G times through the whole model when
+  sampling and when scoring, with full (N, T, vocab) logits. The lean path (model.py) must compute
+  what it computes (tests/test_step.py).
+- Timing one GRPO step by phase (`step_runs`, `time_runs`), its FLOPs and utilisation (`step_flops`,
+  `matmul_rate`), and the memory plan: each phase's expected peak from the shapes (`memory_plan`).
+- Memory readers: this process's resident bytes (/proc), each timed phase's peak (`phase_peaks`).
+Nothing here prints or parses flags.
+"""
+import contextlib
+import copy
+import statistics
+import time
+import types
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+import lora
+import start
+import train
+from config import Config
+from data import load_dataset
+from model import (CACHE_BLOCK, LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor,
+                   build_tiny_tokenizer, checkpoint_activations, load_vlm, weights_on_meta)
+from scheduler import make_schedule
+from tasks import Grounding
+
+# ----------------------------------------------------------------------------- the benchmark shapes
+PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optimizer")
+# Shapes of the benchmark models. proxy: what a CPU can step in seconds with the real vocabulary
+# and image-token count; clone: Qwen-shaped with the body small next to the output layer (hidden
+# 256, 2 layers: the head is 6x the body per token); 3b: Qwen2.5-VL-3B-Instruct's config.json dimensions.
+SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[3])
+SHAPES = {
+    "proxy": dict(hidden=512, layers=8, heads=4, kv_heads=2, mlp=1536, mrope=[16, 24, 24], theta=1e6,
+                  vision=SMALL_VISION),
+    "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, mlp=11008, mrope=[16, 24, 24], theta=1e6,
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
+    "clone": dict(hidden=256, layers=2, heads=2, kv_heads=2, mlp=1024, mrope=[16, 24, 24], theta=1e6,
+                  vision=SMALL_VISION),  # the proxy's vision tower
+    "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, mrope=[16, 24, 24], theta=1e6,
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
+    "32b": dict(hidden=5120, layers=64, heads=40, kv_heads=8, mlp=27648, mrope=[16, 24, 24], theta=1e6, vocab=152_064,
+                vision=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16,
+                            fullatt_block_indexes=[7, 15, 23, 31])),
+}
+TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False}  # 3B ties its output layer to the input embeddings, 7B does not
+IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
+# B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
+# straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
+SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
+            "clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),  # the synthetic images at Qwen's smallest size
+            "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8),
+            "32b": dict(B=4, G=8, new=256, micro=8)}
+PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
+
+
+def shape_config(name, tok):
+    """The Qwen2_5_VLConfig of a SHAPES entry around the tokenizer `tok` (151,936 tokens)."""
+    s = SHAPES[name]
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                     "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=s.get("vocab", len(tok)), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=TIED[name],
+                         rope_scaling={"type": "mrope", "rope_type": "default", "rope_theta": s["theta"],
+                                       "mrope_section": s["mrope"]}),
+        vision_config=dict(**s["vision"], out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+        tie_word_embeddings=TIED[name])
+
+
+def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
+    """The benchmark policy: the built-in tiny model, or a random-init Qwen2.5-VL of a SHAPES entry
+    whose processor resizes every image to `image_tokens` merged tokens. `meta`: built on the meta
+    device and materialised on `device` in the run's dtype (a 3B never passes through CPU memory
+    in float32, nor through torch's slow default initialisation)."""
+    if name == "tiny":
+        return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
+    tok = build_tiny_tokenizer(vocab_size=151_936)
+    torch.manual_seed(0)
+    dtype, amp = train_precision(device, precision)
+    if meta:
+        with weights_on_meta():
+            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok))
+        model = materialised(model, device, dtype)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
+    if device == "cuda":
+        checkpoint_activations(model)
+    pixels = image_tokens * 28 * 28
+    return VLM(model, build_tiny_processor(tok, pixels, pixels), template="r1", amp_dtype=amp)
+
+
+def materialised(model, device, dtype, std=0.02):
+    """A model whose parameters are on the meta device, given random weights on `device` in `dtype`
+    one tensor at a time: norms' scales 1, biases 0, the rest normal(0, std); tied tensors (the
+    output layer and the input embeddings) stay one tensor. Buffers (rotary frequencies) move as they are."""
+    aliases = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), (p, []))[1].append(key)
+    for p, keys in aliases.values():
+        value = torch.empty(p.shape, device=device, dtype=dtype)
+        if keys[0].endswith("bias"):
+            value.zero_()
+        elif "norm" in keys[0] and p.dim() == 1:
+            value.fill_(1.0)
+        else:
+            value.normal_(0.0, std)
+        new = torch.nn.Parameter(value, requires_grad=p.requires_grad)
+        for key in keys:
+            module, _, leaf = key.rpartition(".")
+            model.get_submodule(module).register_parameter(leaf, new)
+    return model.to(device)
+
+
+def train_precision(device, precision):
+    """(weight dtype, autocast dtype) as load_vlm picks them."""
+    if precision == "auto":
+        precision = "bf16-mixed" if device == "cuda" else "fp32"
+    return PRECISIONS[precision]
+
+
+# ----------------------------------------------------------------------------- the straightforward path
+def repeat_rows(batch, copies):
+    """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
+    parts = [VLM.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0]) for _ in range(copies)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class Naive(VLM):
+    """The straightforward path, the reference of the lean one (here and in tests/test_step.py):
+    every prompt repeated G times through the whole model when sampling and when scoring."""
+
+    @classmethod
+    def of(cls, vlm):
+        naive = copy.copy(vlm)  # the same model and processor
+        naive.__class__ = cls
+        return naive
+
+    def prefill(self, batch, copies, max_new_tokens):
+        return super().prefill(repeat_rows(batch, copies), 1, max_new_tokens)  # G prompt prefills, no cache copies
+
+    def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
+        """log pi(token) (N, T) from full (N, T, vocab) logits of the prompts repeated G times."""
+        N, T = completion_ids.shape
+        rows = repeat_rows(batch, N // batch["input_ids"].shape[0])
+        ones = torch.ones_like(completion_ids)
+        extra = {}
+        if "mm_token_type_ids" in rows:
+            extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
+        with self.context():
+            logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
+                                attention_mask=torch.cat([rows["attention_mask"], ones], 1),
+                                pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
+                                logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
+        return self.policy_logprobs(logits, temperature, sampling).gather(-1, completion_ids[..., None])[..., 0]
+
+    def completion_loss(self, batch, completion_ids, objective, temperature=1.0, mask=None, sampling=True):
+        """The objective's sum over the scored tokens, backpropagated by autograd through the logits."""
+        logp = self.completion_logps(batch, completion_ids, temperature, sampling=sampling)
+        mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
+        return objective(logp[mask], 0, int(mask.sum())).sum(), logp.detach() * mask
+
+
+# ----------------------------------------------------------------------------- one step timed by phase
+class WorkCounter:
+    """Forward hooks that count the vision encoder's images and the prompt tokens the language model
+    processes (prompt columns of each call: a call shorter than the prompt is a decode step)."""
+
+    def __init__(self, *vlms):
+        self.images = self.prompt_tokens = 0
+        self.prompt_len = 0
+        for vlm in vlms:
+            vlm.model.model.visual.register_forward_pre_hook(self.vision, with_kwargs=True)
+            vlm.model.model.language_model.register_forward_pre_hook(self.language, with_kwargs=True)
+
+    def vision(self, module, args, kwargs):
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        self.images += grid_thw.shape[0]  # one (t, h, w) row per image
+
+    def language(self, module, args, kwargs):
+        tokens = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        rows, cols = tokens.shape[:2]
+        self.prompt_tokens += rows * min(cols, self.prompt_len) if cols >= self.prompt_len else 0
+
+    def reset(self, prompt_len):
+        self.images = self.prompt_tokens = 0
+        self.prompt_len = prompt_len
+
+
+def step_once(run, samples, counter):
+    """One GRPO step; returns seconds per phase, completion tokens and the counters, and the step's record."""
+    cfg = run.cfg
+    prompt_len = run.policy.encode([samples[0].image()], [run.task.prompt(samples[0])])["input_ids"].shape[1]
+    counter.reset(prompt_len)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    phases = {}
+    logs = train.grpo_step(run, samples, phases)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+    return {**{p: phases.get(p, 0.0) for p in PHASES}, "total": sum(phases.values()),
+            "completions": cfg.batch_prompts * cfg.group_size, "tokens": logs["completion_tokens"], "images": counter.images, "prompt_tokens": counter.prompt_tokens,
+            "peak_gib": peak}, logs
+
+
+def tracker_seconds(run, samples, tracker, step, logs):
+    """What train.py's tracker_step costs: the step's record logged (every step), and apart, two
+    completions of each of two samples drawn and logged (every --log-samples-every steps)."""
+    t0 = time.perf_counter()
+    tracker.log({"step": step, **logs})
+    t1 = time.perf_counter()
+    tracker.log_samples(step, train.sampled_completions(run, samples[:2]))
+    return {"tracker_log": t1 - t0, "tracker_samples": time.perf_counter() - t1}
+
+
+def step_runs(model, device, precision, B, G, new, image_tokens, paths=(), lora_rank=0, meta=False):
+    """The policy built for timing and the runs of one step each path takes: lean, and among
+    `paths` naive (Naive) and compiled (the same model, its decoding step compiled). With
+    `lora_rank`, adapters on the attention and MLP layers, the reference their off switch."""
+    policy = build(model, device, precision, image_tokens, meta)
+    # completions run to max_new_tokens: a suppressed token never gets sampled, so nothing stops
+    policy.eos_ids = policy.suppress_ids[:1].tolist()
+    if lora_rank:
+        lora.inject(policy.model, lora_rank, 2 * lora_rank)
+        policy.model.to(device)
+    ref = policy.frozen_copy()
+    counter = WorkCounter(policy, ref)
+    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=SETTINGS[model]["micro"], lr=1e-6,
+                 lora_rank=lora_rank)
+    optimizer, params = start.optimizer_of(cfg, policy)
+    task, tau = Grounding(policy.template, policy.coord), make_schedule("fixed", tau=0.5)
+    runs = {"lean": start.Run(cfg, task, policy, ref, optimizer, params, tau)}
+    if "naive" in paths:
+        runs["naive"] = start.Run(cfg, task, Naive.of(policy), Naive.of(ref), optimizer, params, tau)
+    if "compiled" in paths:
+        compiled = copy.copy(policy)
+        compiled.compile_decoding()
+        runs["compiled"] = start.Run(cfg, task, compiled, ref, optimizer, params, tau)
+    return policy, task, runs, counter
+
+
+def time_runs(runs, counter, B, steps, warmup, tracker=None):
+    """Every path's step on the same prompts, interleaved (outside load hits all paths alike):
+    {path: [step_once's numbers of each timed step]}, each path's first rollout (its compilation
+    included), and the last step's prompts."""
+    data = load_dataset("synth:mix")
+    results, first = {v: [] for v in runs}, {}
+    for i in range(warmup + steps):
+        samples = [data[(i * B + k) % len(data)] for k in range(B)]
+        for v, run in runs.items():
+            r, logs = step_once(run, samples, counter)
+            if tracker and v == "lean":
+                r.update(tracker_seconds(run, samples, tracker, i + 1, logs))
+            first.setdefault(v, r["rollout"])
+            if i >= warmup:
+                results[v].append(r)
+    return results, first, samples
+
+
+def phase_utilisation(policy, samples, task, results, B, G, new, rate):
+    """The step's FLOPs per phase (step_flops, images of the last step's size) over their median
+    seconds in `results`, and the share of `rate` (the device's square-matmul FLOP/s) that makes:
+    {phase or "step": {"gflop", "gflop_per_s", "utilisation"}}."""
+    batch = policy.encode([samples[0].image()], [task.prompt(samples[0])])
+    image_tokens = int(batch["image_grid_thw"][0].prod()) // 4
+    flops = step_flops(policy.model.config, B, G, new, batch["input_ids"].shape[1], image_tokens)
+    out = {}
+    for phase in list(flops) + ["step"]:
+        work = sum(flops.values()) if phase == "step" else flops[phase]
+        seconds = statistics.median(r["total" if phase == "step" else phase] for r in results)
+        out[phase] = {"gflop": work / 1e9, "gflop_per_s": work / seconds / 1e9, "utilisation": work / seconds / rate}
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs and utilisation
+def linear_flops(config):
+    """Matmul FLOPs per token of one language layer, per patch of one vision block, per merged
+    image token of the merger, per patch of the patch embedding, per position of the output layer
+    (2 x multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
+    text, vision = config.text_config, config.vision_config
+    h, q, m = text.hidden_size, text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    hv, mv, merged = vision.hidden_size, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2
+    return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
+            "block": 2 * (hv * 3 * hv + hv * hv + 3 * hv * mv),
+            "merger": 2 * (merged * merged + merged * vision.out_hidden_size),
+            "patch": 2 * PIXELS_PER_PATCH * hv, "head": 2 * h * text.vocab_size}
+
+
+def attention_flops(config, queries, keys):
+    """QK^T and PV of every language layer for `queries` positions each seeing `keys` (sdpa
+    computes a masked square whole)."""
+    text = config.text_config
+    return 4 * queries * keys * text.hidden_size * text.num_hidden_layers
+
+
+def vision_flops(config, images, image_tokens, attention=True):
+    """The vision encoder on `images` images of `image_tokens` merged tokens: patch embedding,
+    blocks, merger; windowed attention except in the full-attention blocks."""
+    vision, f = config.vision_config, linear_flops(config)
+    patches = 4 * image_tokens
+    total = images * (patches * (f["patch"] + vision.depth * f["block"]) + image_tokens * f["merger"])
+    if attention:
+        window = min(patches, (vision.window_size // vision.patch_size) ** 2)
+        full = len(vision.fullatt_block_indexes)
+        total += images * 4 * patches * vision.hidden_size * (full * patches + (vision.depth - full) * window)
+    return total
+
+
+def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
+    """FLOPs per phase of one lean GRPO step (this process's B prompts, G completions of T tokens
+    each, run to full length; METHOD.md 5.1 and 5.5): the rollout prefills each prompt once and
+    decodes T - 1 steps over B*G rows, each reading the cache (the useful part of it); scoring runs one row per group,
+    [prompt | G completions of T-1 tokens], and the output layer on the N*T positions. The policy
+    forward also takes the output layer's gradients (dX and dW: twice its forward, model.OutputLayer);
+    the backward costs twice the forward's other matmuls and 2.5x its attention (flash backward:
+    five matmuls)."""
+    f, layers = linear_flops(config), config.text_config.num_hidden_layers
+    N, S, L = B * G, prompt_tokens + G * (T - 1), prompt_tokens
+    vision = vision_flops(config, B, image_tokens, attention)
+    prefill = vision + B * L * layers * f["layer"] + B * f["head"]
+    decode = (T - 1) * N * (layers * f["layer"] + f["head"])  # the prefill's logits give the first token
+    score_linear = vision_flops(config, B, image_tokens, False) + B * S * layers * f["layer"] + N * T * f["head"]
+    score_attention = B * attention_flops(config, S, S) if attention else 0
+    vision_attention = vision - vision_flops(config, B, image_tokens, False)
+    if attention:
+        prefill += B * attention_flops(config, L, L)
+        decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T))
+    forward = score_linear + score_attention
+    head = N * T * f["head"]
+    return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward + 2 * head,
+            "backward": 2 * (score_linear - head) - B * 4 * image_tokens * f["patch"]
+            + 2.5 * (score_attention + vision_attention)}
+
+
+def matmul_rate(device, dtype):
+    """FLOP/s of this device's square matmuls (the utilisation's denominator): median of 5."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])
+
+
+# ----------------------------------------------------------------------------- the memory plan
+GiB = 2 ** 30
+PIXELS_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, float32 pixel_values
+TOKENIZER_BYTES_PER_ENTRY = 360     # the loaded processor, per vocabulary entry (measured: 52 MiB for 151,936)
+
+
+def plan_model(name, lora_rank=0):
+    """The model of a memory plan on the meta device (shapes, no memory): tiny, proxy, 3b or 7b."""
+    with weights_on_meta():
+        if name == "tiny":
+            model = build_tiny_model(build_tiny_tokenizer())
+        else:
+            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, build_tiny_tokenizer(vocab_size=151_936)))
+        if lora_rank:
+            lora.inject(model, lora_rank, 2 * lora_rank)
+    return model
+
+
+def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, device="cuda", shard=None):
+    """Expected peak bytes per process in each phase of a run, term by term, from the model's
+    shapes and the run's settings (docs/usage.md, "Memory"). Steady state (the second step on):
+    the weights, the reference and AdamW's moments stay resident, the gradients from the first
+    backward to the optimizer step; each phase adds its own working set on top. Terms for the
+    step as model.py and train.py run it: the shared-prompt scoring row, the output layer in
+    chunks of LOGIT_CHUNK, sdpa attention.
+    `prompt_tokens`: of one prompt, its `image_tokens` (merged image tokens) included. `shard`:
+    under --fsdp hybrid, the processes a copy is split over (default: all `ranks`)."""
+    s = plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, shard)
+    resident = {"weights": s.local * s.weight_bytes,
+                "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
+                "AdamW moments": 2 * s.trainable * s.grad_bytes,
+                "prompt pixels": s.B * s.patches * PIXELS_PER_PATCH * 4}
+    gradients = {"gradients": s.trainable * s.grad_bytes}
+    # torch's fused AdamW (start.optimizer_of) updates each tensor in place: no temporaries to plan for
+    setup = {"weights": resident["weights"], "reference": resident["reference"],
+             "processor": s.text.vocab_size * TOKENIZER_BYTES_PER_ENTRY}
+    return {"set-up": setup, "sampling": {**resident, **sampling_terms(s)},
+            "scoring": {**resident, **gradients, **scoring_terms(s, cfg)},
+            "update": {**resident, **gradients}}
+
+
+def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, shard=None):
+    """What the plan's terms are made of: bytes per number, this process's parameter counts, the
+    step's sizes."""
+    weights_dtype, amp = train_precision(device, cfg.precision)
+    head = model.lm_head.weight
+    params = list({id(p): p for p in model.parameters()}.values())                # tied tensors once
+    split = lambda p: p.numel() / (shard or ranks) if fsdp and p is not head else p.numel()  # the head stays whole
+    return types.SimpleNamespace(
+        text=model.config.text_config, vision=model.config.vision_config, model=model, head=head,
+        params=params, fsdp=fsdp,
+        weight_bytes=weights_dtype.itemsize,                 # fp32 masters unless pure bf16
+        act=(amp or weights_dtype).itemsize,                 # what activations and the KV cache are computed in
+        grad_bytes=4 if cfg.lora_rank else weights_dtype.itemsize,  # LoRA's adapters are float32 on any base
+        local=sum(split(p) for p in params), trainable=sum(split(p) for p in params if p.requires_grad),
+        B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens,
+        patches=4 * image_tokens)  # before the 2x2 merge
+
+
+def checkpoint_plan(model, cfg, ranks, fsdp, shard=None, device="cuda"):
+    """The memory a checkpoint's write adds, per layout: `whole` gathers the weights and AdamW's
+    moments to rank 0's CPU memory (one tensor at a time on the devices); `sharded` has each process
+    write its own part (CPU: at most that part staged); final/ of a sharded run is streamed one
+    unit (a decoder layer) at a time. {layout: {"host": bytes on the busiest process's CPU,
+    "device": bytes beyond the step's}}."""
+    s = plan_sizes(model, cfg, 1, 1, ranks, fsdp, device, shard)
+    whole = sum(p.numel() for p in s.params)
+    trainable = sum(p.numel() for p in s.params if p.requires_grad)
+    largest = max(p.numel() for p in s.params) * s.weight_bytes
+    layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters()) * s.weight_bytes
+    return {"whole": {"host": whole * s.weight_bytes + 2 * trainable * s.grad_bytes, "device": largest if fsdp else 0},
+            "sharded": {"host": s.local * s.weight_bytes + 2 * s.trainable * s.grad_bytes, "device": 0},
+            "final/, streamed": {"host": max(layer, largest), "device": max(layer, largest) if fsdp else 0}}
+
+
+def sampling_terms(s):
+    """The static KV cache of B*G rows (model.VLM.static_cache: the prompt plus T tokens, rounded up
+    to CACHE_BLOCK), the prefill's own cache of the B prompts that is copied into it, the next-token
+    logits; with --fsdp, every unit's weights gathered in the compute dtype for the whole rollout."""
+    text, rows = s.text, s.B * s.G
+    # values come out of a matmul in the compute dtype, keys out of the rotary embedding in the
+    # hidden states' dtype: the fp32 masters' under autocast, bf16 under FSDP2's mixed precision
+    keys = s.act if s.fsdp else s.weight_bytes
+    per_position = text.num_hidden_layers * text.num_key_value_heads * \
+        (text.hidden_size // text.num_attention_heads) * (keys + s.act)
+    length = -(-(s.L + s.T) // CACHE_BLOCK) * CACHE_BLOCK
+    terms = {"KV cache": per_position * rows * length, "prompts' KV cache": per_position * s.B * s.L,
+             "next-token logits": 5 * rows * text.vocab_size * 4}
+    if s.fsdp:
+        terms["gathered weights"] = sum(p.numel() for p in s.params if p is not s.head) * s.act
+    return terms
+
+
+def scoring_terms(s, cfg):
+    """Per forward, `groups` rows of [prompt | G completions]. What autograd keeps per token and
+    layer: the two norms' inputs and outputs, q, repeated k and v, the attention output and its
+    reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask.
+    The output layer's chunk (model.OutputLayer): its logits, their copy at temperature T and the
+    log-softmax, which becomes the logits' gradient in place; its weight gradient goes in place."""
+    text, vision, act = s.text, s.vision, s.act
+    h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
+    groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
+    per_token = 6 * h + 2 * (h // heads) + 5 * heads * (h // heads) + 4 * text.intermediate_size + S
+    per_patch = 11 * vision.hidden_size + 2 * (vision.hidden_size // vision.num_heads) \
+        + 4 * vision.intermediate_size + s.patches
+    if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
+        kept = groups * act * (S * (layers * h + per_token)
+                               + s.patches * (vision.depth * vision.hidden_size + per_patch))
+    else:
+        kept = groups * act * (S * layers * per_token + s.patches * vision.depth * per_patch)
+    V = text.vocab_size
+    chunk = min(max(1, LOGIT_CHUNK // V), groups * s.G * s.T) * V * 4  # float32 log-probs of one chunk
+    terms = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 3 * chunk}
+    if act < s.weight_bytes:  # autocast keeps a bf16 copy of each trainable weight it uses (FSDP's units
+        # gather theirs in bf16 already: only the whole output layer is cast)
+        cast = s.head.numel() if s.fsdp else sum(p.numel() for p in s.params if p.requires_grad)
+        terms["autocast weight copies"] = cast * act if s.head.requires_grad or not s.fsdp else 0
+    if s.fsdp:  # a unit being used and the next one prefetched, in the compute dtype
+        unit = max(sum(p.numel() for p in layer.parameters()) for layer in s.model.model.language_model.layers)
+        terms["gathered units"] = 2 * unit * act
+    return terms
+
+
+def step_plan(model, device, precision, B, G, new, image_tokens, lora_rank=0):
+    """The memory plan of the step bench.py times (step_runs): gradient checkpointing on CUDA."""
+    cfg = Config(batch_prompts=B, group_size=G, max_new_tokens=new, micro_batch=SETTINGS[model]["micro"],
+                 lora_rank=lora_rank, precision=precision, gradient_checkpointing=device == "cuda")
+    tokens = 16 if model == "tiny" else image_tokens  # the tiny processor's 112 x 112 images
+    return memory_plan(plan_model(model, lora_rank), cfg, tokens + PROMPT_TEXT_TOKENS, tokens, device=device)
+
+
+def free_bytes(device):
+    """What `device` has free now: CUDA's free memory, or the kernel's MemAvailable for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0]
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def cannot_fit(model, plan, device):
+    """None if the plan's peak fits what `device` has free, else one line saying what does not."""
+    phase, peak = max(((ph, sum(terms.values())) for ph, terms in plan.items()), key=lambda kv: kv[1])
+    free = free_bytes(device)
+    if peak <= free:
+        return None
+    return (f"{model} cannot fit on {device}: the memory plan's peak is {peak / GiB:.1f} GiB ({phase}), "
+            f"{free / GiB:.1f} GiB is free")
+
+
+# ----------------------------------------------------------------------------- memory readers
+def resident(field):
+    """This process's resident memory in bytes: VmRSS now, VmHWM its peak since the last reset."""
+    return proc_bytes("/proc/self/status", field)
+
+
+def proc_bytes(path, field):
+    """A 'Field:  N kB' line of a Linux /proc file, in bytes."""
+    with open(path) as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: VmHWM starts again from VmRSS
+
+
+MEASURED_PHASES = {"rollout": "sampling", "reference": "scoring", "policy_forward": "scoring",
+                   "backward": "scoring", "optimizer": "update"}
+
+
+@contextlib.contextmanager
+def phase_peaks(peaks, reset, peak):
+    """Inside the block, each phase that train.py times (train.timed) starts with reset() and
+    leaves peak() in peaks[its memory plan phase] (the largest over its calls): a measurement
+    hook around the step, which itself stays as it is."""
+    timed = train.timed
+
+    @contextlib.contextmanager
+    def watched(phases, name):
+        reset()
+        with timed(phases, name):
+            yield
+        if name in MEASURED_PHASES:
+            phase = MEASURED_PHASES[name]
+            peaks[phase] = max(peaks.get(phase, 0), peak())
+    train.timed = watched
+    try:
+        yield peaks
+    finally:
+        train.timed = timed
