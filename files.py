@@ -52,6 +52,19 @@ def write_json(obj, path, indent=2):
         raise
 
 
+def make_folder(path, what="--out"):
+    """Create a folder a command writes (`what`: how the user named it), or say in one line why it
+    cannot be used: a file there, a parent that is not a folder, a read-only disk."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"{what} {path}: a file, not a folder; choose another --out")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{what} {path}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK):
+        raise RunError(f"{what} {path}: cannot write there (read-only); choose another --out")
+
+
 class Lock:
     """Exclusive lock on FOLDER/.lock for the life of the command that writes the folder (train.py
     its run folder, ablate.py its study, prepare.py its --out). flock is released by the kernel

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from data import DataError, IMAGE_EXTS, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
-from files import first_line, regular_file, write_json
+from files import Lock, RunError, first_line, make_folder, regular_file, why, write_json
 from synth import KINDS, SPLITS, tight_box
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -55,6 +55,7 @@ PERCENTILES = (0.5, 99.5)   # the window of an image that states none: robust to
 NOT_NUMERIC, ZERO_SIZE, OUTSIDE = "box not numeric", "zero-size or inverted box", "box outside the image"
 MISSING, UNREADABLE, SIZE_MISMATCH = "image missing", "image unreadable", "image size differs from the one its boxes were drawn on"
 MULTI_FRAME, AMBIGUOUS = "multi-frame DICOM (choose a frame with --frame)", "image name found in several folders"
+OUTSIDE_IMAGES = "image outside --images (a path or a link that leads out of it)"
 NO_MASK, UNKNOWN_ID = "no mask for this image", "annotation names no known image or category"
 NEGATIVE, SEVERAL, CROWD = "negative (no box)", "several boxes for one query (--multi-box skip)", "crowd annotation (iscrowd)"
 POLICY = (NEGATIVE, SEVERAL, CROWD)
@@ -522,8 +523,17 @@ class ImageIndex:
 
     def __init__(self, root):
         self.root, self.by_name = root, None
+        self.real_root = os.path.realpath(root)
 
     def find(self, name):
+        """The file, resolved (links followed) and inside --images; LeftOut otherwise."""
+        path = self.search(name)
+        real = os.path.realpath(path)
+        if not real.startswith(self.real_root + os.sep):  # ../x, /abs/x, or a link inside that points out
+            raise LeftOut(OUTSIDE_IMAGES)
+        return real
+
+    def search(self, name):
         direct = os.path.join(self.root, name)
         candidates = [direct] + [direct + ext for ext in DICOM_EXTS + IMAGE_EXTS]
         if "/" in name:  # --images given one level down (MIMIC-CXR-JPG's files/ itself)
@@ -545,11 +555,16 @@ class ImageIndex:
         return found[0]
 
 
-def converted_path(src, images_dir, out_dir):
-    """Where a converted copy of `src` goes: its path under --images, mirrored under OUT/images."""
-    rel = os.path.relpath(os.path.abspath(src), os.path.abspath(images_dir))
-    rel = os.path.basename(src) if rel.startswith("..") else rel
-    return os.path.join(os.path.abspath(out_dir), "images", os.path.splitext(rel)[0] + ".png")
+def converted_path(src, images_dir, out_dir, taken):
+    """Where a converted copy of `src` (inside --images, resolved) goes: its path under --images,
+    mirrored under OUT/images; `taken` {destination: source} keeps two sources from one file
+    (x.dcm and x.png of one folder: the second gets its source's extension in its name)."""
+    rel = os.path.relpath(src, os.path.realpath(images_dir))
+    dest = os.path.join(os.path.abspath(out_dir), "images", os.path.splitext(rel)[0] + ".png")
+    if taken.setdefault(dest, src) != src:
+        dest = os.path.join(os.path.abspath(out_dir), "images", rel + ".png")
+        taken[dest] = src
+    return dest
 
 
 def remove_half_written(out_dir):
@@ -563,14 +578,14 @@ def remove_half_written(out_dir):
 def open_images(by_image, opts):
     """{image name: open_image's answer} for every image some row points at, over --workers."""
     remove_half_written(opts.out)
-    index, answers, tasks = ImageIndex(opts.images), {}, []
+    index, answers, tasks, taken = ImageIndex(opts.images), {}, [], {}
     for name, rows in by_image.items():
         try:
             src = index.find(name)
         except LeftOut as e:
             answers[name] = {"reason": str(e)}
             continue
-        tasks.append((name, (src, converted_path(src, opts.images, opts.out), rows[0], opts)))
+        tasks.append((name, (src, converted_path(src, opts.images, opts.out, taken), rows[0], opts)))
     names = [n for n, _ in tasks]
     work = (t for _, t in tasks)
     with tqdm(total=len(tasks), desc="images", unit="img", disable=opts.quiet) as bar:
@@ -742,9 +757,6 @@ def convert(fmt, annotations, opts):
         records += image_records(by_image.pop(name), answer, opts, tally, fused)
     split_of = assign_splits(records, opts)
     out = {s: [r for r in records if split_of[r.patient] == s] for s in SPLIT_NAMES}
-    for s in SPLIT_NAMES:  # streamed: one line at a time
-        write_jsonl(({"image": r.image, "problem": r.query, "solution": r.box, "patient": r.patient, "rows": r.rows}
-                     for r in out[s]), opts.out, f"{s}.jsonl")
     report = {"format": fmt, "annotations": [os.path.abspath(p) for p in annotations], "images_dir": os.path.abspath(opts.images),
               "rows_read": rows_read, "rows_in_records": sum(len(r.rows) for r in records),
               "records": {s: len(out[s]) for s in SPLIT_NAMES},
@@ -752,8 +764,29 @@ def convert(fmt, annotations, opts):
               "left_out": tally.to_json(), "boxes_fused": fused[0],
               "images": {k: made.get(k, 0) for k in ("converted", "reused", "as is", "left out")},
               "settings": settings_of(opts)}
-    write_json(report, os.path.join(opts.out, "report.json"), indent=1)
+    write_splits(out, report, opts.out)
     return report
+
+
+def write_splits(out, report, out_dir):
+    """train/val/test.jsonl and report.json as one set: each written whole to a temporary file, and
+    all renamed only once every one is written, so a full disk leaves an earlier conversion's set as
+    it was (never a new train.jsonl beside old val, test and report)."""
+    paths = [os.path.join(out_dir, f"{s}.jsonl") for s in SPLIT_NAMES] + [os.path.join(out_dir, "report.json")]
+    try:
+        for s, path in zip(SPLIT_NAMES, paths):
+            with open(path + ".tmp", "w") as f:  # streamed: one line at a time
+                f.writelines(json.dumps({"image": r.image, "problem": r.query, "solution": r.box, "patient": r.patient,
+                                         "rows": r.rows}) + "\n" for r in out[s])
+        with open(paths[-1] + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+    except OSError as e:
+        for path in paths:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+        raise PrepareError(f"{out_dir}: could not write the splits ({why(e)}); what was there before is as it was")
+    for path in paths:
+        os.replace(path + ".tmp", path)
 
 
 def settings_of(opts):
@@ -1062,30 +1095,37 @@ def check_flags(a):
 def main(argv=None):
     a = parser().parse_args(argv)
     try:
-        if a.format == "inspect":
-            summary = inspect_files(a.files, a.out, a.samples, a.seed)
-            for path, s in summary["files"].items():
-                print(f"{path}: {s['records']:,} records, {s['images']:,} images, {len(s['queries'])} queries")
-            shared = {k: len(v) for k, v in summary["leaks"].items()}
-            print("leaks across files: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
-            return summary
-        if a.format == "synth":
-            print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
-            return None
-        if a.format == "npz":
-            for s in [a.split] if a.split else npz_splits(a.npz):
-                print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], s, a.ordinal))
-            return None
-        check_flags(a)
-        os.makedirs(a.out, exist_ok=True)
-        report = convert(a.format, a.annotations, a)
-        print("\n".join(summary_lines(report)))
-        if not sum(report["records"].values()):  # the report is written: it says why
-            reasons = ", ".join(f"{v['count']:,} {k}" for k, v in report["left_out"].items()) or "no rows"
-            raise PrepareError(f"{a.annotations[0]}: no row became a record ({reasons}); {a.out}/report.json lists them")
-        return report
-    except DataError as e:
+        if a.format not in ("inspect", "synth", "npz"):
+            check_flags(a)
+        make_folder(a.out)
+        with Lock(a.out, "prepare.py"):  # two conversions into one --out would mix their images
+            return run(a)
+    except (DataError, RunError) as e:
         raise SystemExit(f"error: {e}")
+
+
+def run(a):
+    """The subcommand `a.format`, holding --out."""
+    if a.format == "inspect":
+        summary = inspect_files(a.files, a.out, a.samples, a.seed)
+        for path, s in summary["files"].items():
+            print(f"{path}: {s['records']:,} records, {s['images']:,} images, {len(s['queries'])} queries")
+        shared = {k: len(v) for k, v in summary["leaks"].items()}
+        print("leaks across files: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
+        return summary
+    if a.format == "synth":
+        print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
+        return None
+    if a.format == "npz":
+        for s in [a.split] if a.split else npz_splits(a.npz):
+            print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], s, a.ordinal))
+        return None
+    report = convert(a.format, a.annotations, a)
+    print("\n".join(summary_lines(report)))
+    if not sum(report["records"].values()):  # the report is written: it says why
+        reasons = ", ".join(f"{v['count']:,} {k}" for k, v in report["left_out"].items()) or "no rows"
+        raise PrepareError(f"{a.annotations[0]}: no row became a record ({reasons}); {a.out}/report.json lists them")
+    return report
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from dist import (barrier, everywhere, from_main, full_state, gather_objects, gathered_tensor, is_main, is_sharded, local,
                   save_shards, world)
-from files import Lock, RunError, first_line, why
+from files import Lock, RunError, first_line, make_folder, why
 from model import file_key
 
 
@@ -45,18 +45,6 @@ def remove_leftovers(run_dir):
             os.remove(tmp)
 
 
-def make_run_folder(run_dir):
-    """Create the run folder, or say in one line why it cannot be used."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunError(f"{run_dir} is a file, not a run folder; choose another --out")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create the run folder {run_dir} ({e.strerror})")
-    if not os.access(run_dir, os.W_OK):
-        raise RunError(f"cannot write to {run_dir} (read-only); choose another --out")
-
-
 @contextlib.contextmanager
 def claim(run_dir, resume):
     """Hold the run folder: rank 0 creates and locks it and checks it may be used; every rank acts
@@ -65,7 +53,7 @@ def claim(run_dir, resume):
     lock, problem = None, None
     if is_main():
         try:
-            make_run_folder(run_dir)
+            make_folder(run_dir, "the run folder")
             lock = Lock(run_dir).__enter__()
             if not resume and os.path.exists(os.path.join(run_dir, "config.json")):
                 raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")

@@ -281,7 +281,7 @@ def test_a_moved_run_folder_resumes_from_another_directory(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------- the run folder itself
 def test_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
-    assert "is a file, not a run folder" in error_of(TINY_SFT + ["--out", str(tmp_path / "f")])
+    assert "a file, not a folder" in error_of(TINY_SFT + ["--out", str(tmp_path / "f")])
 
 
 def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -147,7 +147,7 @@ def test_npz_outputs_that_cannot_be_written_or_hold_another_set_are_refused(tmp_
     np.savez(tmp_path / "ok.npz", train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([0, 1]),
              test_images=np.zeros((1, 8, 8), np.uint8), test_labels=np.array([1]))
     (tmp_path / "file").write_text("x")
-    assert "cannot write the converted set" in npz_main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b",
+    assert "file: a file, not a folder" in npz_main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b",
                                                          "--out", str(tmp_path / "file")])
     out = str(tmp_path / "out")
     prepare.main(["npz", str(tmp_path / "ok.npz"), "--names", "a,b", "--out", out])
