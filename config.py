@@ -228,7 +228,9 @@ def check(cfg, processes=1):
         parse_stages(cfg.stages)
     except ValueError as e:
         problems.append(f"--stages {cfg.stages!r}: {e}")
-    problems += tracker_problems(cfg.report_to)
+    problems += tracker_problems(cfg.report_to, cfg.resume or cfg.out)
+    if cfg.log_samples_every and cfg.report_to in (None, "none"):
+        problems.append(f"--log-samples-every {cfg.log_samples_every}: goes with --report-to (the tracker it logs to)")
     if cfg.sft_box_scale is not None:
         try:
             parse_box_scale(cfg.sft_box_scale)
@@ -280,16 +282,18 @@ def device_problems(device):
     return [f"--device {device!r}: expected auto, cpu, cuda or cuda:N"]
 
 
-def tracker_problems(report_to):
-    """--report-to names known trackers whose packages are installed (found, not imported)."""
+def tracker_problems(report_to, run_dir=None):
+    """--report-to names known trackers whose packages are installed and that can start here
+    (trackers.problems), said before anything loads."""
     import importlib.util
-    from trackers import PACKAGES, parse_report_to
+    from trackers import PACKAGES, parse_report_to, problems
     try:
         names = parse_report_to(report_to)
     except ValueError as e:
         return [f"--report-to {e}"]
-    return [f"--report-to {n} needs the {PACKAGES[n]} package: pip install {PACKAGES[n]}" for n in names
-            if importlib.util.find_spec(PACKAGES[n]) is None]
+    missing = [f"--report-to {n} needs the {PACKAGES[n]} package: pip install {PACKAGES[n]}" for n in names
+               if importlib.util.find_spec(PACKAGES[n]) is None]
+    return missing or problems(names, run_dir)
 
 
 def parse_box_scale(text):

@@ -17,6 +17,7 @@ import functools
 import gc
 import math
 import os
+import socket
 import time
 import warnings
 from datetime import timedelta
@@ -29,13 +30,27 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from files import RunError
+from model import fsdp_units
+
 
 _store = None  # this attempt's view of the launcher's key-value store (who_stopped reads it)
+_attempt = 0    # set by setup
 
 
 def attempt():
-    """How many times torchrun has restarted this job's workers (--max-restarts): 0 at first."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    """How many times torchrun has started this job's workers before (--max-restarts): 0 at first,
+    the same number on every rank (setup counts it in the launcher's store)."""
+    return _attempt
+
+
+def attempt_of(store, size):
+    """This launch's attempt, agreed by every rank: each process of each attempt adds 1 to a counter
+    in the store, so the n-th process to join is in attempt (n - 1) // size. torchrun's own
+    TORCHELASTIC_RESTART_COUNT will not do: it counts the restarts of this node's agent only, and
+    after one node's worker dies the other node restarts its workers without counting, so the two
+    nodes' numbers (and keys) disagree. A store made afresh for each attempt starts again at 0."""
+    return (store.add("medloc/joined", 1) - 1) // size
 
 
 def setup(device, fsdp=False, timeout=600):
@@ -45,14 +60,15 @@ def setup(device, fsdp=False, timeout=600):
     group's keys in the launcher's store are this attempt's own: after an elastic restart the
     store still holds the dead workers' addresses under the first attempt's keys, and gloo would
     try to connect to them ("connectFullMesh ... Connection refused")."""
-    global _store
+    global _store, _attempt
     if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
         return device
     cuda = device.startswith("cuda")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # before the group: a timed-out collective ends the process
     limit = timedelta(seconds=timeout)
     store, rank_, size = next(dist.rendezvous("env://", timeout=limit))
-    _store = dist.PrefixStore(f"medloc/attempt-{attempt()}/", store)
+    _attempt = attempt_of(store, size)
+    _store = dist.PrefixStore(f"medloc/attempt-{_attempt}/", store)
     dist.init_process_group("nccl" if cuda else "gloo", store=_store, rank=rank_, world_size=size, timeout=limit)
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -104,6 +120,16 @@ def gather(t):
     parts = [torch.empty_like(mine) for _ in range(world())]
     dist.all_gather(parts, mine)
     return torch.cat(parts).to(t.device)
+
+
+def agree(problem):
+    """Raise RunError on every rank when any rank has a problem (a line, or None): the first, with
+    its rank and host, and how many other ranks had one."""
+    found = [(r, p, host) for r, (p, host) in enumerate(gather_objects((problem, socket.gethostname()))) if p]
+    if found:
+        r, p, host = found[0]
+        more = f" (and {len(found) - 1} other rank(s))" if len(found) > 1 else ""
+        raise RunError(p if world() == 1 else f"rank {r} on {host}{more}: {p}")
 
 
 def gather_objects(obj):
@@ -165,7 +191,7 @@ def shard(model, compute_dtype=None, mesh=None):
     policy = {"mp_policy": mixed} if mixed else {}
     if mesh is not None:
         policy["mesh"] = mesh
-    for block in list(body.language_model.layers) + list(body.visual.blocks):
+    for block in fsdp_units(model):  # each decoder layer and vision block, by the family's class names
         fully_shard(block, **policy)
     fully_shard(body, ignored_params={model.lm_head.weight}, **policy)
     for unit in body.modules():

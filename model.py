@@ -1,10 +1,11 @@
 """The vision-language policy: build or load it, sample from it, score tokens under it, save it.
 
-This file knows about Qwen2.5-VL / Qwen2-VL and their processors; it knows nothing about rewards.
+This file knows the model families (`FAMILIES`) and their processors; it knows nothing about rewards.
 - `load_vlm("tiny")` builds the embedded default: a small Qwen2.5-VL of the real transformers
   class from a config, random init, with a character-level tokenizer made in code (no downloads).
-- `load_vlm(hub_id_or_folder)` loads a pretrained Qwen2.5-VL or Qwen2-VL (bf16-mixed on CUDA).
-The coordinate frame of the model's answers (METHOD.md section 2) is decided here, in `COORD_FRAMES`.
+- `load_vlm(hub_id_or_folder)` loads a pretrained model of a family in `FAMILIES` (bf16-mixed on CUDA).
+What differs between families (classes, the coordinate frame of the answers: METHOD.md section 2)
+is one row of `FAMILIES`; the sampler and the scorer below are written once.
 """
 import contextlib
 import copy
@@ -14,6 +15,7 @@ import inspect
 import json
 import os
 import string
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -22,7 +24,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, StaticCache,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                          Qwen2VLProcessor, Qwen2VLVideoProcessor)
+                          Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers.utils import logging as hf_logging
 
@@ -31,16 +34,43 @@ from files import first_line
 
 hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watching
 
-# METHOD.md section 2: Qwen2.5-VL answers in pixels of the resized input; Qwen2-VL in 0..1000.
-COORD_FRAMES = {"qwen2_5_vl": "abs", "qwen2_vl": "norm1000"}
-MODEL_CLASSES = {"qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
-                 "qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLProcessor)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families a run can train, in one place.
+    coord: the frame its answers' boxes are in (METHOD.md section 2: "abs", pixels of the resized
+    input; "norm1000", 0..1000 of the image); units: the class names of its decoder layer and its
+    vision block, FSDP's units (dist.shard)."""
+    model: type
+    processor: type
+    coord: str
+    units: tuple
+
+
+FAMILIES = {
+    "qwen2_vl": Family(Qwen2VLForConditionalGeneration, Qwen2VLProcessor, "norm1000",
+                       ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock")),
+    "qwen2_5_vl": Family(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, "abs",
+                         ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock")),
+    "qwen3_vl": Family(Qwen3VLForConditionalGeneration, Qwen3VLProcessor, "norm1000",
+                       ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")),
+    "qwen3_vl_moe": Family(Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, "norm1000",
+                           ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")),
+}
+
+
+def fsdp_units(model):
+    """The modules FSDP shards one by one: every decoder layer, then every vision block (by the
+    family's class names, in the model's order)."""
+    names = FAMILIES[model.config.model_type].units
+    return [m for name in names for m in model.modules() if type(m).__name__ == name]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
 # Whole-word tokens of the answer templates, so the tiny model writes "<answer>" in one step.
 TEMPLATE_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROPE_THETA = 20.0  # tiny model only; see build_tiny_model
-PATCH = 14  # Qwen vision patch size; the resized image is grid * PATCH pixels on each side.
+PATCH = 14  # the tiny model's vision patch (Qwen2/2.5-VL's); a loaded model's processor says its own
 # The tiny model after SFT on synth:mix, shipped so that every machine starts GRPO from the same
 # weights (a long SFT phase carries float differences between CPUs to different models).
 TINY_WARM_START = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny-warmstart")
@@ -144,9 +174,9 @@ class VLM:
 
     def __init__(self, model, processor, template=None, amp_dtype=None):
         model_type = model.config.model_type
-        if model_type not in COORD_FRAMES:
+        if model_type not in FAMILIES:
             raise ValueError(f"model type {model_type!r} has no known coordinate frame; "
-                             f"supported: {sorted(COORD_FRAMES)} (METHOD.md section 2)")
+                             f"supported: {sorted(FAMILIES)} (METHOD.md section 2)")
         self.model, self.processor = model, processor
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
@@ -154,7 +184,8 @@ class VLM:
         self.published_dtype = None  # the dtype its folder was published in: final/'s default (load_vlm sets it)
         self.run_fields = {}        # what the run writes into config.json: the task's (tasks.of_config reads
                                     # them back) and the completion length eval.py decodes to
-        self.coord = COORD_FRAMES[model_type]
+        self.coord = FAMILIES[model_type].coord
+        self.patch = processor.image_processor.patch_size  # pixels per side of one grid cell
         self.cache_arg = cache_arg(model.model.language_model)
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
@@ -195,10 +226,10 @@ class VLM:
         batch = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt")
         return batch.to(self.device)
 
-    @staticmethod
-    def input_sizes(batch):
-        """(width, height) of each processor-resized image: grid_thw * 14 (METHOD.md section 2)."""
-        return [(int(w) * PATCH, int(h) * PATCH) for _, h, w in batch["image_grid_thw"].tolist()]
+    def input_sizes(self, batch):
+        """(width, height) of each processor-resized image: grid_thw times the patch (14 for
+        Qwen2/2.5-VL, 16 for Qwen3-VL; METHOD.md section 2)."""
+        return [(int(w) * self.patch, int(h) * self.patch) for _, h, w in batch["image_grid_thw"].tolist()]
 
     # ------------------------------------------------------------------ the policy distribution
     def policy_logprobs(self, logits, temperature, sampling=True):
@@ -280,15 +311,14 @@ class VLM:
         state["length"] += 1
         positions = state["next"].view(1, n, 1).expand(3, n, 1)
         state["next"] = state["next"] + 1
-        return self.next_logits(tokens, positions, state["mask"][:, None, None], state["cache"])
+        return self.next_logits(tokens, positions, self.attention_form(state["mask"][:, None, None]), state["cache"])
 
     def next_logits(self, tokens, positions, mask, cache):
         """The language model on one token per row: next-token logits (N, V), float32. With
         --compile this is what torch.compile runs (`compile_decoding`)."""
         with self.context():
             out = self.model.model.language_model(input_ids=tokens[:, None], position_ids=positions,
-                                                  attention_mask={"full_attention": mask}, use_cache=True,
-                                                  **{self.cache_arg: cache})
+                                                  attention_mask=mask, use_cache=True, **{self.cache_arg: cache})
             return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def compile_decoding(self):
@@ -365,12 +395,17 @@ class VLM:
             (segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
         real = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, S - L, dtype=torch.bool)], 1)
         allowed = (visible[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=dev)
-        attention = self.model.config.text_config._attn_implementation
-        if attention == "eager":  # eager adds the mask to the scores
-            return torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, float("-inf"))[:, None]
+        return self.attention_form(allowed[:, None])
+
+    def attention_form(self, allowed):
+        """A 4-D boolean mask (True: may attend) as the model's attention takes it, which then uses
+        it as it is: booleans for sdpa, 0 / -inf added to the scores for eager."""
+        attention = self.model.config.get_text_config()._attn_implementation
+        if attention == "eager":
+            return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
         if attention != "sdpa":  # flash attention would ignore the mask and mix the completions
             raise ValueError(f"scoring with a shared prompt needs sdpa or eager attention, not {attention}")
-        return allowed[:, None]
+        return allowed
 
     def chunks(self, hidden, targets):
         """Slices of LOGIT_CHUNK logits: the logits of a chunk exist only while it is scored."""
@@ -723,10 +758,10 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
     else:
         config = model_config(name)
         model_type = config.model_type
-        if model_type not in MODEL_CLASSES:
+        if model_type not in FAMILIES:
             raise ValueError(f"{name}: model type {model_type!r} is not supported; "
-                             f"expected one of {sorted(MODEL_CLASSES)}")
-        model_cls, processor_cls = MODEL_CLASSES[model_type]
+                             f"expected one of {sorted(FAMILIES)}")
+        model_cls, processor_cls = FAMILIES[model_type].model, FAMILIES[model_type].processor
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
             check_chat_template(processor)

@@ -56,6 +56,7 @@ NOT_NUMERIC, ZERO_SIZE, OUTSIDE = "box not numeric", "zero-size or inverted box"
 MISSING, UNREADABLE, SIZE_MISMATCH = "image missing", "image unreadable", "image size differs from the one its boxes were drawn on"
 MULTI_FRAME, AMBIGUOUS = "multi-frame DICOM (choose a frame with --frame)", "image name found in several folders"
 OUTSIDE_IMAGES = "image outside --images (a path or a link that leads out of it)"
+TOO_LARGE = f"image over {MAX_IMAGE_PIXELS:,} pixels (as its header declares: never decoded)"
 NO_MASK, UNKNOWN_ID = "no mask for this image", "annotation names no known image or category"
 NEGATIVE, SEVERAL, CROWD = "negative (no box)", "several boxes for one query (--multi-box skip)", "crowd annotation (iscrowd)"
 POLICY = (NEGATIVE, SEVERAL, CROWD)
@@ -404,6 +405,12 @@ def dicom_pixels(path, opts):
         raise LeftOut(UNREADABLE)
     if frames > 1 and (opts.frame is None or opts.frame >= frames):
         raise LeftOut(MULTI_FRAME)
+    try:  # what decoding would allocate, from the header, before any of it: a 6 MB file may declare 20000 x 20000
+        declared = int(ds.Rows) * int(ds.Columns) * frames
+    except (AttributeError, TypeError, ValueError) as e:
+        raise LeftOut(UNREADABLE) from e
+    if declared > MAX_IMAGE_PIXELS:
+        raise LeftOut(TOO_LARGE)
     try:
         a = ds.pixel_array
     except Exception as e:
@@ -432,7 +439,7 @@ def raster_pixels(path, row, opts):
     try:
         with Image.open(path) as img:
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-                raise LeftOut(UNREADABLE)
+                raise LeftOut(TOO_LARGE)
             img.load()
             if img.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
                 return None, img.size
@@ -682,14 +689,11 @@ def image_records(rows, answer, opts, tally, fused):
             tally.add(r.where, answer["reason"])
         return []
     W, H = answer["source_size"]
-    stated = rows[0].size
-    if stated and (round(stated[0]), round(stated[1])) != (W, H):
-        for r in rows:
-            tally.add(r.where, SIZE_MISMATCH)
-        return []
     by_query = defaultdict(list)
-    for r in rows:
-        if r.box[0] < 0 or r.box[1] < 0 or r.box[2] > W or r.box[3] > H:
+    for r in rows:  # each row's stated size on its own: one wrong row does not take the image's others along
+        if r.size and (round(r.size[0]), round(r.size[1])) != (W, H):
+            tally.add(r.where, SIZE_MISMATCH)
+        elif r.box[0] < 0 or r.box[1] < 0 or r.box[2] > W or r.box[3] > H:
             tally.add(r.where, OUTSIDE)
         else:
             by_query[opts.query.format(finding=r.finding)].append(r)
@@ -707,6 +711,7 @@ def image_records(rows, answer, opts, tally, fused):
         records.append(Record(relative(answer["image"], opts.out), query, scaled, group[0].patient,
                               group[0].split, [r.where for r in group]))
     return records
+
 
 def write_jsonl(records, out_dir, name="data.jsonl"):
     path = os.path.join(out_dir, name)

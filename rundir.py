@@ -191,15 +191,21 @@ def save_sharded_checkpoint(run_dir, step, run, rngs):
 
 
 def whole_shards(folder):
-    """Raise RunError unless every file a sharded checkpoint's metadata names is there in full."""
+    """Raise RunError unless every file a sharded checkpoint's metadata names is there with exactly
+    the length the metadata gives it (its last item's end): shorter is cut short, longer is another
+    layout's shard. A same-length shard of another run is not caught (the shards carry no digest)."""
     try:
         metadata = dcp.FileSystemReader(folder).read_metadata()
     except Exception as e:  # noqa: BLE001 - missing or cut short: the checkpoint is unusable
         raise RunError(f"{folder}: unreadable shard metadata ({first_line(e)})")
+    ends = {}
     for item in metadata.storage_data.values():
-        path = os.path.join(folder, item.relative_path)
-        if not os.path.isfile(path) or os.path.getsize(path) < item.offset + item.length:
-            raise RunError(f"{path}: missing or cut short")
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in ends.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != end:
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            raise RunError(f"{path}: {'missing' if size is None else 'cut short' if size < end else 'longer than its metadata says (another layout)'}")
 
 
 def save_model(policy, folder, weights=None, dtype=None):
@@ -288,6 +294,8 @@ def read_checkpoint(folder):
     except Exception as e:  # missing, empty, truncated, or holding more than plain data
         raise RunError(f"{folder}: trainer_state.pt is unreadable ({type(e).__name__}: {str(e)[:120]})")
     if os.path.isdir(os.path.join(folder, "sharded")):
+        if not os.path.isfile(os.path.join(folder, "model", "config.json")):
+            raise RunError(f"{folder}: model/config.json is missing (the policy is built from it)")
         whole_shards(os.path.join(folder, "sharded"))
         return state
     weights = glob.glob(os.path.join(folder, "model", "*.safetensors"))

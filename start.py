@@ -16,9 +16,9 @@ import dist
 import lora
 import rundir
 import tasks
-from config import PATH_KEYS, parse_box_scale, parse_stages, to_config_path
+from config import PATH_KEYS, Config, check, load_config, parse_args, parse_box_scale, parse_stages, to_config_path
 from data import DataError, labels_from_json, load_class_dataset, load_dataset, synth_spec, with_knowledge
-from model import TINY_WARM_START, load_vlm, model_config
+from model import FAMILIES, TINY_WARM_START, load_vlm, model_config
 from files import RunError, write_json
 from scheduler import make_schedule
 
@@ -37,6 +37,26 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- data
+def configure(argv):
+    """The run's Config, checked, and this rank's device. Under torchrun every rank joins the group
+    first and the ranks agree on one verdict: a rank that cannot read --resume's folder (a node that
+    does not see it) or fails a check stops every rank with one line naming it, instead of leaving
+    the others to a traceback in the rendezvous."""
+    world, given, problem, cfg = int(os.environ.get("WORLD_SIZE", "1")), parse_args(argv), None, None
+    try:
+        cfg = load_config(given)
+        check(cfg, world)  # torchrun's process count
+    except RunError as e:
+        if world == 1:
+            raise
+        problem = str(e)
+    launch = cfg or Config(**{k: given[k] for k in ("device", "fsdp", "dist_timeout") if k in given})
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if launch.device == "auto" else launch.device
+    device = dist.setup(device, launch.fsdp, launch.dist_timeout)
+    dist.agree(problem)
+    return cfg, device
+
+
 def default_eval_spec(cfg):
     """'auto': the test split of a synthetic training set; no evaluation for a JSONL set."""
     if cfg.eval_dataset != "auto":
@@ -196,15 +216,20 @@ READ_ALIKE = ("model_type", "text_config.vocab_size", "image_token_id", "video_t
               "vision_config.temporal_patch_size")
 
 
-def check_reference(cfg):
-    """A --ref-model scores the policy's token ids and image patches, so the two must read them
-    alike: compared on their configs before anything loads (a reference with another vocabulary
-    would otherwise fail at its first forward, after the set-up and any warm start)."""
+def check_models(cfg):
+    """From the configs alone, before anything loads: the starting model is of a family this code
+    trains (model.FAMILIES), and a --ref-model reads token ids and image patches as the policy does
+    (a reference with another vocabulary would otherwise fail at its first forward, after the
+    set-up and any warm start)."""
+    start, flag = cfg.init or cfg.model, "--init" if cfg.init else "--model"
+    if start != "tiny":  # the built-in model is a Qwen2.5-VL
+        family = config_of(start, flag).model_type
+        if family not in FAMILIES:
+            raise RunError(f"{flag} {start}: model type {family!r} is not supported; the families trained here: "
+                           f"{', '.join(sorted(FAMILIES))} (README, Model families)")
     if cfg.ref_model in (None, "none"):
         return
-    start = cfg.init or cfg.model
-    policy_config = config_of(start, "--init" if cfg.init else "--model")
-    ref_config = config_of(cfg.ref_model, "--ref-model")
+    policy_config, ref_config = config_of(start, flag), config_of(cfg.ref_model, "--ref-model")
     for field in READ_ALIKE:
         mine, theirs = (functools.reduce(lambda c, key: getattr(c, key, None), field.split("."), config)
                         for config in (policy_config, ref_config))

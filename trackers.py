@@ -10,13 +10,14 @@ interface, `Trackers`, called where metrics.jsonl is written. Nothing is importe
   then lives in RUN/wandb/; `wandb sync` uploads it later). WANDB_PROJECT names the project.
 Only rank 0 reports (train.py opens no tracker elsewhere).
 """
+import importlib
 import json
 import os
 import secrets
 
 from PIL import ImageDraw
 
-from files import RunError
+from files import RunError, first_line
 
 KINDS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -28,7 +29,43 @@ def parse_report_to(text):
     unknown = [n for n in names if n not in KINDS]
     if unknown or not names or ("none" in names and len(names) > 1):
         raise ValueError(f"{text!r}: none, or one or more of tensorboard, wandb separated by commas")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two writers of one tracker would show every step twice
+        raise ValueError(f"{text!r}: {', '.join(twice)} named twice")
     return [n for n in names if n != "none"]
+
+
+def problems(names, run_dir):
+    """What would stop a tracker once the model is loaded, found before: TensorBoard that does not
+    import or whose folder RUN/tensorboard is a file; W&B online (not WANDB_MODE=offline or
+    disabled) without a login (no WANDB_API_KEY, no entry for its host in ~/.netrc)."""
+    out = []
+    if "tensorboard" in names:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as e:
+            out.append(f"--report-to tensorboard: it does not import here ({first_line(e)}): pip install tensorboard")
+        folder = os.path.join(run_dir or "", "tensorboard")
+        if run_dir and os.path.exists(folder) and not os.path.isdir(folder):
+            out.append(f"--report-to tensorboard: {folder} is a file; TensorBoard writes its events into that folder")
+    if "wandb" in names and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun") \
+            and not wandb_login():
+        out.append("--report-to wandb: not logged in (no WANDB_API_KEY, no entry in ~/.netrc): run `wandb login`, "
+                   "or set WANDB_MODE=offline and `wandb sync` the run later")
+    return out
+
+
+def wandb_login():
+    """True when W&B has an API key: WANDB_API_KEY, or its host in the netrc file it reads."""
+    import netrc
+    from urllib.parse import urlparse
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC", os.path.expanduser("~/.netrc"))).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def numbers(record, prefix=""):
@@ -97,6 +134,8 @@ class WandB:
             import wandb
         except ImportError:
             raise RunError("--report-to wandb needs the wandb package: pip install wandb")
+        # its service's logs inside the run too (W&B writes them under ~/.cache otherwise)
+        os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(os.path.abspath(run_dir), "wandb", "cache"))
         self.wandb, id_path = wandb, os.path.join(run_dir, "wandb_id")
         if os.path.exists(id_path):
             with open(id_path) as f:

@@ -29,7 +29,6 @@ import lora
 import rundir
 import start
 import trackers
-from config import check, load_config, parse_args
 from data import DataError, prompt_indices
 from eval import evaluate
 from files import RunError, write_json
@@ -297,7 +296,7 @@ def report(policy, task, eval_set, max_new_tokens, path, title):
 # ----------------------------------------------------------------------------- a whole run
 def train(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
-    start.check_reference(cfg)
+    start.check_models(cfg)
     train_set, eval_set, eval_spec, labels = start.load_data(cfg)
     if eval_set is None and dist.is_main():
         why = "--eval-dataset none" if cfg.eval_dataset == "none" else f"{cfg.dataset} has no built-in test split"
@@ -335,13 +334,10 @@ def main(argv=None):
     """The command line. A user's mistake ends in one line naming it, never a traceback."""
     run_dir = None
     try:
-        cfg = load_config(parse_args(argv))
-        check(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's process count
+        cfg, device = start.configure(argv)  # every rank checks the flags; under torchrun they agree
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         reuse_freed_memory()  # the scoring passes' logit chunks, reused instead of mapped afresh
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        device = dist.setup(device, cfg.fsdp, cfg.dist_timeout)
         run_dir = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.algo if cfg.algo == 'sft' else cfg.schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
         with rundir.claim(run_dir, cfg.resume):

@@ -97,7 +97,7 @@ def sharded_setup(out, folder):
     the peak resident memory the load added to this process, and the bytes of what it keeps."""
     config = model.model_config(folder)
     before = resident("VmRSS")
-    loaded = model.load_sharded(model.MODEL_CLASSES[config.model_type][0], config, folder, torch.float32, None,
+    loaded = model.load_sharded(model.FAMILIES[config.model_type].model, config, folder, torch.float32, None,
                                 "cpu", dist.shard, False, False)
     grown = resident("VmHWM") - before
     kept = sum(dist.local(p).numel() * p.element_size() for p in loaded.parameters())  # tied ones once

@@ -217,7 +217,7 @@ def test_a_reference_that_reads_tokens_otherwise_is_refused_before_anything_load
         text = error_of(["--model", str(policy), "--ref-model", str(ref), "--out", str(tmp_path / "r")])
         assert text.startswith(f"error: --ref-model {ref}: {said}, the policy's ({policy}) "), text
     (ref / "config.json").write_text(json.dumps(config))
-    start.check_reference(Config(model=str(policy), ref_model=str(ref)))  # the same model: accepted
+    start.check_models(Config(model=str(policy), ref_model=str(ref)))  # the same model: accepted
 
 def test_every_problem_is_listed_in_one_message():
     text = error_of(["--lr", "-1", "--window", "1", "--steps", "0"])

@@ -123,13 +123,13 @@ def test_real_processor_reward_on_large_non_square_image():
     assert unscaled["iou"].item() < 0.5
 
 
-def tiny_qwen2vl_folder(path):
+def tiny_qwen2vl_folder(path, vocab_size=None):
     """A random-init Qwen2-VL (the other supported family) saved like a hub checkpoint."""
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        text_config=dict(vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, bos_token_id=None,
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [4, 6, 6]}),

@@ -95,10 +95,13 @@ def test_sampling_for_the_trackers_leaves_the_run_as_it_would_have_been(tmp_path
 def test_a_wandb_offline_run_holds_the_same_history_and_resumes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing may be written there: W&B's logs stay in the run
+    monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
     run = str(tmp_path / "run")
     train.main(SMALL + ["--steps", "2", "--save-every", "1", "--out", run, "--report-to", "wandb",
                         "--log-samples-every", "2", "--run-group", "study-x"])
     run_id = open(os.path.join(run, "wandb_id")).read().strip()
+    assert not os.path.exists(tmp_path / "home" / ".cache")
     history = [h for h in wandb_history(run) if "reward_mean" in h]
     log = read_log(run)
     assert [h["_step"] for h in history] == [r["step"] for r in log]
@@ -121,6 +124,10 @@ def test_report_to_is_checked_with_the_other_flags():
             trackers.parse_report_to(bad)
     with pytest.raises(SystemExit, match="--report-to 'mlflow': none, or one or more"):
         train.main(["--report-to", "mlflow", "--steps", "1"])
+    with pytest.raises(ValueError, match="tensorboard named twice"):  # two writers: every step shown twice
+        trackers.parse_report_to("tensorboard,wandb,tensorboard")
+    with pytest.raises(SystemExit, match="--log-samples-every 5: goes with --report-to"):  # never silently ignored
+        train.main(["--log-samples-every", "5", "--steps", "1"])
 
 
 def test_a_missing_tracker_package_is_one_line_naming_what_to_install(monkeypatch):
@@ -128,3 +135,20 @@ def test_a_missing_tracker_package_is_one_line_naming_what_to_install(monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert config.tracker_problems("tensorboard,wandb") == ["--report-to wandb needs the wandb package: pip install wandb"]
+
+
+def test_a_tracker_that_cannot_start_is_one_line_before_anything_loads(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    os.makedirs(run)
+    (run / "tensorboard").write_text("not a folder")
+    with pytest.raises(SystemExit, match="tensorboard is a file; TensorBoard writes its events into that folder"):
+        train.main(SMALL + ["--report-to", "tensorboard", "--out", str(run)])
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "netrc").write_text("machine example.org login x password y\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(SystemExit, match="--report-to wandb: not logged in"):
+        train.main(SMALL + ["--report-to", "wandb", "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()  # said before the run folder or the model
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k\n")
+    assert config.tracker_problems("wandb") == []

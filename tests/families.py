@@ -1,0 +1,38 @@
+"""Random-init tiny models of each supported family, saved like hub checkpoints: the real
+transformers classes and processor classes, around the tiny character tokenizer (the real
+151,936-token vocabulary with `vocab_size`). No downloads."""
+import torch
+from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+from model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+
+QWEN_IDS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")
+
+
+def qwen3_vl_folder(path, moe=False, vocab_size=None, seed=0):
+    """Qwen3-VL (or its MoE, 4 experts of which 2 per token): 2 layers, interleaved M-RoPE over
+    head_dim 32, a vision tower of patch 16 with a deepstack merger after its first block."""
+    tok = build_tiny_tokenizer(vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_IDS}
+    text = dict(vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, bos_token_id=None,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, deepstack_visual_indexes=[0], num_position_embeddings=64)
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else
+                             (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(path)
+    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=32 * 32 * 24)
+    Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                     chat_template=TINY_CHAT_TEMPLATE).save_pretrained(path)
+    return str(path)

@@ -1,0 +1,219 @@
+"""Each model family, exact on the lean paths (README, "Model families"): random-init tiny models
+of the real transformers classes with their real processor classes (tests/families.py), checked
+against each prompt scored ALONE (a batch of one, no padding, the model's own forward with every
+input its processor returns), against transformers' generate, and through train.py and eval.py."""
+import json
+
+import pytest
+import torch
+
+import eval as ev
+import grpo
+import train
+from families import qwen3_vl_folder
+from model import FAMILIES, load_vlm
+from reward import from_image_frame, to_image_frame
+from test_model import images, tiny_qwen2vl_folder
+
+# very different sizes and lengths in one batch: heavy left padding, image grids of other shapes
+PICTURES = [(60, 420), (500, 90), (230, 240)]
+QUERIES = ["Find it.", "Where is the lesion?",
+           "Locate the small, bright, round opacity in the upper part of the left lung, next to the rib, and "
+           "answer with its box; ignore the other bright areas near the edges of the image."]
+FAMILY_FOLDERS = {"qwen2_vl": tiny_qwen2vl_folder, "qwen3_vl": qwen3_vl_folder,
+                  "qwen3_vl_moe": lambda path: qwen3_vl_folder(path, moe=True)}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_FOLDERS))
+def family(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(request.param))
+    FAMILY_FOLDERS[request.param](folder)
+    return request.param, folder
+
+
+def sampled(vlm, group_size=2, max_new_tokens=7, seed=0):
+    """A rollout of the three prompts, each completion cut at its own end-of-turn position."""
+    torch.manual_seed(seed)
+    r = grpo.sample_groups(vlm, images(*PICTURES), QUERIES, group_size, 1.3, max_new_tokens)
+    ids = r.completion_ids.clone()
+    for i in range(ids.shape[0]):
+        ids[i, 2 + i % (ids.shape[1] - 2):] = vlm.eos_ids[0]
+    return r.batch, ids, grpo.completion_mask(ids, vlm.eos_ids)
+
+
+def alone(vlm, completion_ids, temperature):
+    """log pi of each completion token, every prompt scored alone with the model's own forward:
+    its own rotary positions, masks and token types from the processor's inputs (completion
+    tokens are text, type 0), the logits at temperature T with the vision tokens removed."""
+    G = completion_ids.shape[0] // len(QUERIES)
+    out = []
+    for i, (picture, query) in enumerate(zip(images(*PICTURES), QUERIES)):
+        one = vlm.encode([picture], [query])
+        L = one["input_ids"].shape[1]
+        for ids in completion_ids[i * G:(i + 1) * G]:
+            ids = ids[None]
+            tail = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids),
+                    "token_type_ids": torch.zeros_like(ids)}  # the completion: real text tokens
+            inputs = {k: torch.cat([v, tail[k]], 1) if k in tail else v for k, v in one.items()}
+            logits = vlm.model(**inputs, use_cache=False).logits[0, L - 1:-1].float() / temperature
+            logits[:, vlm.suppress_ids] = float("-inf")
+            out.append(logits.log_softmax(-1).gather(-1, ids[0][:, None])[:, 0])
+    return torch.stack(out)
+
+
+def test_the_families_table_names_each_family_once():
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"} <= set(FAMILIES)
+    assert FAMILIES["qwen3_vl"].coord == FAMILIES["qwen2_vl"].coord == "norm1000" and FAMILIES["qwen2_5_vl"].coord == "abs"
+
+
+def test_lean_logps_and_gradients_equal_each_prompt_scored_alone(family):
+    name, folder = family
+    vlm = load_vlm(folder)
+    batch, ids, mask = sampled(vlm)
+    pads = (batch["attention_mask"] == 0).sum(1)
+    assert pads.max() > 100 and pads.min() == 0  # heavy left padding in one batch
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    objective = lambda logp, start, stop: weights[mask.bool()][start:stop] * logp  # noqa: E731
+    vlm.model.train()
+    vlm.model.zero_grad(set_to_none=True)
+    loss, lean = vlm.completion_loss(batch, ids, objective, 0.9, mask)
+    loss.backward()
+    lean_grads = {n: p.grad.clone() for n, p in vlm.model.named_parameters() if p.grad is not None}
+    vlm.model.zero_grad(set_to_none=True)
+    reference = alone(vlm, ids, 0.9)
+    (reference * weights * mask).sum().backward()
+    m = mask.bool()
+    assert torch.allclose(lean[m], reference[m], atol=1e-5), (lean[m] - reference[m]).abs().max()
+    grads = {n: p.grad for n, p in vlm.model.named_parameters() if p.grad is not None}
+    assert any("visual" in n for n in grads) and lean_grads.keys() == grads.keys()
+    for n, g in grads.items():
+        assert (lean_grads[n] - g).norm() <= 1e-5 * g.norm() + 1e-6, n
+    assert torch.equal(vlm.completion_logps(batch, ids, 0.9, mask), lean.detach())
+
+
+def test_greedy_sampling_is_transformers_generate_token_for_token(family):
+    vlm = load_vlm(family[1])
+    batch = vlm.encode(images(*PICTURES), QUERIES)
+    ours = grpo.sample_groups(vlm, images(*PICTURES), QUERIES, 1, max_new_tokens=10, greedy=True).completion_ids
+    theirs = vlm.model.generate(**batch, do_sample=False, max_new_tokens=10, suppress_tokens=vlm.suppress_ids.tolist(),
+                                eos_token_id=vlm.eos_ids, pad_token_id=vlm.pad_id)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, theirs[:, :ours.shape[1]])
+
+
+def test_sampled_first_tokens_follow_the_softmax_at_the_temperature(family):
+    vlm = load_vlm(family[1])
+    with torch.no_grad():  # logits of std 3: a next-token distribution that other temperatures change clearly
+        spread = vlm.prefill(vlm.encode(images((200, 300)), ["q"]), 1, 1)[1][0].std()
+        vlm.model.lm_head.weight.mul_(3 / spread)
+    n, T = 4000, 0.9
+    torch.manual_seed(0)
+    r = grpo.sample_groups(vlm, images((200, 300)), ["q"], n, T, max_new_tokens=1)
+    counts = torch.bincount(r.completion_ids[:, 0], minlength=vlm.model.lm_head.out_features).double()
+    logits = vlm.prefill(r.batch, 1, 1)[1][0]
+
+    def max_z(temperature):  # the largest standardised gap between a count and its expectation
+        p = vlm.policy_logprobs(logits, temperature).exp().double()
+        return ((counts - n * p).abs() / (n * p * (1 - p) + 1).sqrt()).max().item()
+    assert counts[vlm.suppress_ids].sum() == 0 and max_z(T) < 4.5  # 4.5 sigma: fails by chance with p < 1e-3
+    assert max_z(1.5 * T) > 4.5 and max_z(T / 1.5) > 4.5  # the test can tell a wrong temperature
+
+
+@pytest.mark.parametrize("size", [(37, 501), (640, 480), (1203, 88)])
+def test_boxes_round_trip_through_the_frame_under_the_real_resize(family, size):
+    vlm = load_vlm(family[1])
+    batch = vlm.encode(images(size), ["q"])
+    (w_in, h_in), = vlm.input_sizes(batch)
+    t, h, w = batch["image_grid_thw"][0].tolist()
+    assert batch["pixel_values"].shape == (t * h * w, 3 * 2 * vlm.patch ** 2)  # the processor's own patch: 14 or 16
+    assert (w_in, h_in) == (w * vlm.patch, h * vlm.patch)
+    W, H = size
+    unit = (W / 1000, H / 1000) if vlm.coord == "norm1000" else (W / w_in, H / h_in)  # one step of the frame
+    for box in ([0, 0, W, H], [3, 5, W // 2, H // 3], [W // 3, H // 4, W - 1, H - 2]):
+        framed = from_image_frame(box, vlm.coord, (W, H), (w_in, h_in))
+        assert to_image_frame(framed, vlm.coord, (W, H), (w_in, h_in)) == pytest.approx(box, abs=1e-9)
+        written = [round(v) for v in framed]  # what a model writes: whole numbers of its frame
+        back = to_image_frame(written, vlm.coord, (W, H), (w_in, h_in))
+        assert all(abs(a - b) <= unit[k % 2] / 2 + 1e-9 for k, (a, b) in enumerate(zip(back, box)))
+
+
+def test_two_grpo_steps_resume_bit_identical_and_eval_reads_the_frame(family, tmp_path):
+    name, folder = family
+    common = ["--model", folder, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "3",
+              "--max-new-tokens", "8", "--eval-dataset", "none", "--threads", "1", "--save-every", "1", "--lr", "1e-3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(common + ["--steps", "2", "--out", str(straight)])
+    train.main(common + ["--steps", "1", "--out", str(resumed)])
+    train.main(["--resume", str(resumed), "--steps", "2"])
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if "seconds" not in k} for l in open(p)]  # noqa: E731
+    assert strip(straight / "metrics.jsonl") == strip(resumed / "metrics.jsonl") and len(strip(resumed / "metrics.jsonl")) == 2
+    assert (straight / "final" / "model.safetensors").read_bytes() == (resumed / "final" / "model.safetensors").read_bytes()
+    assert json.loads((straight / "final" / "config.json").read_text())["model_type"] == name
+    ev.main(["--model", str(straight / "final"), "--dataset", "synth:derm", "--n", "4", "--out", str(tmp_path / "e.json"),
+             "--max-new-tokens", "8"])
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert metrics["n"] == 4 and 0 <= metrics["mIoU"] <= 1
+
+
+def test_fsdp_over_two_processes_trains_as_one_process_does(family, tmp_path):
+    """SFT (a random model's GRPO rewards are all 0, so its gradients are too): the family's decoder
+    layers and vision blocks as FSDP's units, gloo, against one process."""
+    from test_dist import torchrun
+    args = ["train.py", "--model", family[1], "--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "4",
+            "--steps", "2", "--lr", "1e-3", "--eval-dataset", "none", "--threads", "1", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(args[1:] + ["--out", str(one)])
+    torchrun(args + ["--fsdp", "--out", str(two)])
+    for a, b in zip(*(map(json.loads, open(run / "metrics.jsonl")) for run in (one, two)), strict=True):
+        assert a["loss"] > 0 and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    x, y = (load_vlm(str(run / "final")).model.state_dict() for run in (one, two))
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+def test_lora_adapts_the_attention_and_dense_mlp_layers_and_loads_back_in_peft_layout(family, tmp_path):
+    import lora
+    from safetensors.torch import load_file
+    name, folder = family
+    vlm = load_vlm(folder)
+    batch, ids, mask = sampled(vlm)
+    wrapped = lora.inject(vlm.model, rank=4, alpha=8)
+    layers = len(vlm.model.model.language_model.layers)
+    dense = FAMILIES[name].model.__name__ != "Qwen3VLMoeForConditionalGeneration"
+    assert len(wrapped) == layers * (7 if dense else 4)  # q, k, v, o (+ gate, up, down); a MoE's experts are no nn.Linear
+    assert not any("experts" in n or n.endswith("mlp.gate") for n in wrapped)
+    with torch.no_grad():
+        for module in vlm.model.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B.weight.normal_(0, 0.1)
+    vlm.base_name = folder
+    vlm.save(str(tmp_path / "adapters"))
+    keys = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    again = load_vlm(str(tmp_path / "adapters"))
+    assert torch.allclose(again.completion_logps(batch, ids, 0.9, mask), vlm.completion_logps(batch, ids, 0.9, mask),
+                          atol=1e-6)
+
+
+def test_the_real_vocabulary_scores_as_each_prompt_alone(family, tmp_path):
+    """The same family with Qwen's 151,936-token vocabulary: chunked output layer, suppressed vision tokens."""
+    name, _ = family
+    folder = str(tmp_path / "real-vocab")
+    (tiny_qwen2vl_folder(folder, vocab_size=151_936) if name == "qwen2_vl" else
+     qwen3_vl_folder(folder, moe=name == "qwen3_vl_moe", vocab_size=151_936))
+    vlm = load_vlm(folder)
+    assert vlm.model.lm_head.out_features == 151_936
+    batch, ids, mask = sampled(vlm, max_new_tokens=5)
+    m = mask.bool()
+    assert torch.allclose(vlm.completion_logps(batch, ids, 0.9, mask)[m], alone(vlm, ids, 0.9)[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "smolvlm", "qwen3_5", "llava"])
+def test_a_family_not_trained_here_is_one_line_naming_those_that_are_before_anything_loads(model_type, tmp_path):
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(folder), "--dataset", "synth:derm", "--out", str(tmp_path / "run")])
+    assert str(e.value) == (f"error: --model {folder}: model type {model_type!r} is not supported; the families trained "
+                            f"here: {', '.join(sorted(FAMILIES))} (README, Model families)")
+    assert not (tmp_path / "run" / "config.json").exists()
