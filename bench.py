@@ -396,7 +396,7 @@ def show_plan(a, p):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b", "qwen3-vl-4b"))
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")

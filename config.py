@@ -31,7 +31,7 @@ def knob(default, help, choices=None):
 @dataclass
 class Config:
     # data and model
-    model: str = knob("tiny", "hub id or folder of Qwen2.5-VL / Qwen2-VL, or 'tiny' (built-in)")
+    model: str = knob("tiny", "hub id or folder of Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3-VL-MoE, or 'tiny' (built-in)")
     dataset: str = knob("synth:mix", "training JSONL or synth:derm|xray|us|mix")
     image_root: str = knob(None, "folder image paths are relative to (default: the JSONL's folder)")
     box_format: str = knob("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
@@ -125,7 +125,7 @@ class Config:
     lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
     lora_alpha: float = knob(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
     lora_targets: str = knob(None, "regex of the linear layers to adapt (default: the language model's "
-                                   "attention and MLP projections)")
+                                   "attention and MLP projections; a MoE's experts are no nn.Linear and stay out)")
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     threads: int = knob(0, "torch CPU threads (0: torch's default)")
     report_to: str = knob("none", "where the metrics also go: none, tensorboard, wandb, or both comma-separated "
@@ -331,18 +331,14 @@ MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "shard_s
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
 
 
-def restarted(out):
-    """True in a worker that torchrun restarted (an elastic restart) for a run that had begun in
-    `out`: it goes on from the run's last checkpoint, as --resume would, with no flag to add."""
-    return bool(out) and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and \
-        os.path.exists(os.path.join(out, "config.json"))
-
-
-def load_config(given):
+def load_config(given, restarted=False):
     """A new run's Config from the flags; a resumed run's from its config.json, refusing any flag
-    that would change the run (anything but --steps, --device, --threads and --fsdp)."""
-    if "resume" not in given and restarted(given.get("out")):  # torchrun --max-restarts started this worker again
-        given = {**given, "resume": given["out"]}
+    that would change the run (anything but --steps, --device, --threads and --fsdp). `restarted`:
+    torchrun --max-restarts started this worker again (dist.join, agreed by every rank): a run
+    that had begun in --out goes on from its last checkpoint, as --resume would, with no flag to add."""
+    out = given.get("out")
+    if "resume" not in given and restarted and out and os.path.exists(os.path.join(out, "config.json")):
+        given = {**given, "resume": out}
     if "resume" not in given:
         return Config(**given)
     run_dir = given["resume"]

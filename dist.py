@@ -34,13 +34,14 @@ from files import RunError
 from model import fsdp_units
 
 
-_store = None  # this attempt's view of the launcher's key-value store (who_stopped reads it)
-_attempt = 0    # set by setup
+_store = None   # this attempt's view of the launcher's key-value store (who_stopped reads it)
+_attempt = 0    # set by join
+_joined = None  # (store, rank, world size) once join has met torchrun's rendezvous
 
 
 def attempt():
     """How many times torchrun has started this job's workers before (--max-restarts): 0 at first,
-    the same number on every rank (setup counts it in the launcher's store)."""
+    the same number on every rank (join counts it in the launcher's store)."""
     return _attempt
 
 
@@ -53,6 +54,18 @@ def attempt_of(store, size):
     return (store.add("medloc/joined", 1) - 1) // size
 
 
+def join(fsdp=False, timeout=600):
+    """Under torchrun, meet the rendezvous and agree on this attempt (attempt_of): before the run's
+    config is read, since a restarted worker resumes the run only if every rank does. Returns the
+    attempt (0 outside torchrun)."""
+    global _joined, _attempt
+    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or _joined:
+        return _attempt
+    store, rank_, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    _joined, _attempt = (store, rank_, size), attempt_of(store, size)
+    return _attempt
+
+
 def setup(device, fsdp=False, timeout=600):
     """Join the process group when launched by torchrun (even alone, to shard); returns this rank's
     device. Every collective gives up after `timeout` seconds (--dist-timeout) instead of waiting
@@ -60,14 +73,14 @@ def setup(device, fsdp=False, timeout=600):
     group's keys in the launcher's store are this attempt's own: after an elastic restart the
     store still holds the dead workers' addresses under the first attempt's keys, and gloo would
     try to connect to them ("connectFullMesh ... Connection refused")."""
-    global _store, _attempt
+    global _store
     if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or dist.is_initialized():
         return device
     cuda = device.startswith("cuda")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # before the group: a timed-out collective ends the process
     limit = timedelta(seconds=timeout)
-    store, rank_, size = next(dist.rendezvous("env://", timeout=limit))
-    _attempt = attempt_of(store, size)
+    join(fsdp, timeout)
+    store, rank_, size = _joined
     _store = dist.PrefixStore(f"medloc/attempt-{_attempt}/", store)
     dist.init_process_group("nccl" if cuda else "gloo", store=_store, rank=rank_, world_size=size, timeout=limit)
     if cuda:

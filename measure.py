@@ -17,14 +17,14 @@ import time
 import types
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
 import lora
 import start
 import train
 from config import Config
 from data import load_dataset
-from model import (CACHE_BLOCK, LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor,
+from model import (CACHE_BLOCK, FAMILIES, LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor,
                    build_tiny_tokenizer, checkpoint_activations, load_vlm, weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
@@ -49,23 +49,43 @@ SHAPES = {
     "32b": dict(hidden=5120, layers=64, heads=40, kv_heads=8, mlp=27648, mrope=[16, 24, 24], theta=1e6, vocab=152_064,
                 vision=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16,
                             fullatt_block_indexes=[7, 15, 23, 31])),
+    # Qwen3-VL-4B-Instruct's config.json: interleaved M-RoPE, head_dim 128 (32 x 128 != hidden 2560),
+    # a vision tower of patch 16 in full attention with deepstack mergers after blocks 5, 11, 17
+    "qwen3-vl-4b": dict(family="qwen3_vl", hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, mlp=9728,
+                        mrope=[24, 20, 20], theta=5e6,
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                                    deepstack_visual_indexes=[5, 11, 17], num_position_embeddings=2304)),
 }
-TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False}  # 3B ties its output layer to the input embeddings, 7B does not
+TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False, "qwen3-vl-4b": True}  # 3B ties its output layer to the input embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
             "clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),  # the synthetic images at Qwen's smallest size
             "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8),
-            "32b": dict(B=4, G=8, new=256, micro=8)}
+            "32b": dict(B=4, G=8, new=256, micro=8), "qwen3-vl-4b": dict(B=4, G=8, new=256, micro=8)}
 PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
 
 
 def shape_config(name, tok):
-    """The Qwen2_5_VLConfig of a SHAPES entry around the tokenizer `tok` (151,936 tokens)."""
+    """The config of a SHAPES entry (a Qwen2.5-VL unless it names its family) around the tokenizer
+    `tok` (151,936 tokens)."""
     s = SHAPES[name]
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    if s.get("family") == "qwen3_vl":
+        return Qwen3VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                             num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=s["head_dim"],
+                             num_key_value_heads=s["kv_heads"], eos_token_id=ids["<|im_end|>"],
+                             pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=TIED[name],
+                             rope_parameters={"rope_type": "default", "rope_theta": s["theta"],
+                                              "mrope_section": s["mrope"], "mrope_interleaved": True}),
+            vision_config=dict(**s["vision"], out_hidden_size=s["hidden"], patch_size=16, spatial_merge_size=2,
+                               temporal_patch_size=2),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=TIED[name])
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=s.get("vocab", len(tok)), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
@@ -91,15 +111,17 @@ def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
     tok = build_tiny_tokenizer(vocab_size=151_936)
     torch.manual_seed(0)
     dtype, amp = train_precision(device, precision)
+    config = shape_config(name, tok)
     if meta:
         with weights_on_meta():
-            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok))
+            model = FAMILIES[config.model_type].model(config)
         model = materialised(model, device, dtype)
     else:
-        model = Qwen2_5_VLForConditionalGeneration(shape_config(name, tok)).to(device=device, dtype=dtype)
+        model = FAMILIES[config.model_type].model(config).to(device=device, dtype=dtype)
     if device == "cuda":
         checkpoint_activations(model)
-    pixels = image_tokens * 28 * 28
+    cell = 2 * config.vision_config.patch_size  # a merged 2 x 2 block of patches
+    pixels = image_tokens * cell * cell
     return VLM(model, build_tiny_processor(tok, pixels, pixels), template="r1", amp_dtype=amp)
 
 
@@ -290,13 +312,23 @@ def linear_flops(config):
     image token of the merger, per patch of the patch embedding, per position of the output layer
     (2 x multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
     text, vision = config.text_config, config.vision_config
-    h, q, m = text.hidden_size, text.hidden_size, text.intermediate_size
-    kv = text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
+    h, m = text.hidden_size, text.intermediate_size
+    q, kv = text.num_attention_heads * head_dim(text), text.num_key_value_heads * head_dim(text)
     hv, mv, merged = vision.hidden_size, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2
     return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
             "block": 2 * (hv * 3 * hv + hv * hv + 3 * hv * mv),
             "merger": 2 * (merged * merged + merged * vision.out_hidden_size),
-            "patch": 2 * PIXELS_PER_PATCH * hv, "head": 2 * h * text.vocab_size}
+            "patch": 2 * pixels_per_patch(vision) * hv, "head": 2 * h * text.vocab_size}
+
+
+def head_dim(text):
+    """The attention heads' width: a config's head_dim (Qwen3-VL-4B: 128, not 2560 / 32), else hidden / heads."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def pixels_per_patch(vision):
+    """Numbers of one patch row of pixel_values: channels x temporal patch x patch x patch (14 or 16)."""
+    return 3 * vision.temporal_patch_size * vision.patch_size ** 2
 
 
 def attention_flops(config, queries, keys):
@@ -313,8 +345,9 @@ def vision_flops(config, images, image_tokens, attention=True):
     patches = 4 * image_tokens
     total = images * (patches * (f["patch"] + vision.depth * f["block"]) + image_tokens * f["merger"])
     if attention:
-        window = min(patches, (vision.window_size // vision.patch_size) ** 2)
-        full = len(vision.fullatt_block_indexes)
+        # Qwen2.5-VL windows most blocks; Qwen3-VL attends over the whole image in every block
+        window = min(patches, (vision.window_size // vision.patch_size) ** 2) if hasattr(vision, "window_size") else patches
+        full = len(getattr(vision, "fullatt_block_indexes", range(vision.depth)))
         total += images * 4 * patches * vision.hidden_size * (full * patches + (vision.depth - full) * window)
     return total
 
@@ -362,7 +395,6 @@ def matmul_rate(device, dtype):
 
 # ----------------------------------------------------------------------------- the memory plan
 GiB = 2 ** 30
-PIXELS_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14, float32 pixel_values
 TOKENIZER_BYTES_PER_ENTRY = 360     # the loaded processor, per vocabulary entry (measured: 52 MiB for 151,936)
 
 
@@ -372,7 +404,8 @@ def plan_model(name, lora_rank=0):
         if name == "tiny":
             model = build_tiny_model(build_tiny_tokenizer())
         else:
-            model = Qwen2_5_VLForConditionalGeneration(shape_config(name, build_tiny_tokenizer(vocab_size=151_936)))
+            config = shape_config(name, build_tiny_tokenizer(vocab_size=151_936))
+            model = FAMILIES[config.model_type].model(config)
         if lora_rank:
             lora.inject(model, lora_rank, 2 * lora_rank)
     return model
@@ -391,7 +424,7 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
     resident = {"weights": s.local * s.weight_bytes,
                 "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
                 "AdamW moments": 2 * s.trainable * s.grad_bytes,
-                "prompt pixels": s.B * s.patches * PIXELS_PER_PATCH * 4}
+                "prompt pixels": s.B * s.patches * pixels_per_patch(s.vision) * 4}
     gradients = {"gradients": s.trainable * s.grad_bytes}
     # torch's fused AdamW (start.optimizer_of) updates each tensor in place: no temporaries to plan for
     setup = {"weights": resident["weights"], "reference": resident["reference"],
@@ -444,7 +477,7 @@ def sampling_terms(s):
     # hidden states' dtype: the fp32 masters' under autocast, bf16 under FSDP2's mixed precision
     keys = s.act if s.fsdp else s.weight_bytes
     per_position = text.num_hidden_layers * text.num_key_value_heads * \
-        (text.hidden_size // text.num_attention_heads) * (keys + s.act)
+        head_dim(text) * (keys + s.act)
     length = -(-(s.L + s.T) // CACHE_BLOCK) * CACHE_BLOCK
     terms = {"KV cache": per_position * rows * length, "prompts' KV cache": per_position * s.B * s.L,
              "next-token logits": 5 * rows * text.vocab_size * 4}
@@ -462,7 +495,7 @@ def scoring_terms(s, cfg):
     text, vision, act = s.text, s.vision, s.act
     h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
     groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
-    per_token = 6 * h + 2 * (h // heads) + 5 * heads * (h // heads) + 4 * text.intermediate_size + S
+    per_token = 6 * h + 2 * head_dim(text) + 5 * heads * head_dim(text) + 4 * text.intermediate_size + S
     per_patch = 11 * vision.hidden_size + 2 * (vision.hidden_size // vision.num_heads) \
         + 4 * vision.intermediate_size + s.patches
     if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time

@@ -43,8 +43,9 @@ def configure(argv):
     does not see it) or fails a check stops every rank with one line naming it, instead of leaving
     the others to a traceback in the rendezvous."""
     world, given, problem, cfg = int(os.environ.get("WORLD_SIZE", "1")), parse_args(argv), None, None
+    attempt = dist.join(bool(given.get("fsdp")), given.get("dist_timeout", 600))  # before the config: see load_config
     try:
-        cfg = load_config(given)
+        cfg = load_config(given, restarted=attempt > 0)
         check(cfg, world)  # torchrun's process count
     except RunError as e:
         if world == 1:

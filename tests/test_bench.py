@@ -80,3 +80,16 @@ def test_the_plans_kv_cache_is_the_cache_the_sampler_allocates(precision):
     cfg = Config(batch_prompts=2, group_size=3, max_new_tokens=20, precision=precision)
     plan = measure.memory_plan(measure.plan_model("tiny"), cfg, batch["input_ids"].shape[1], 16, device="cpu")
     assert plan["sampling"]["KV cache"] == held
+
+
+def test_the_qwen3_vl_4b_plan_counts_its_heads_by_head_dim_and_its_patches_of_16():
+    model = measure.plan_model("qwen3-vl-4b")
+    assert model.config.model_type == "qwen3_vl" and model.config.vision_config.patch_size == 16
+    cfg = Config(batch_prompts=4, group_size=8, max_new_tokens=256, micro_batch=8, precision="bf16-mixed")
+    plan = measure.memory_plan(model, cfg, 320, 256)
+    # 36 layers x 8 KV heads x head_dim 128 (not 2560 / 32 = 80) x (fp32 keys + bf16 values), 32 rows,
+    # prompt + new tokens (576) rounded up to the cache block (640)
+    assert plan["sampling"]["KV cache"] == 36 * 8 * 128 * (4 + 2) * 32 * 640
+    assert plan["sampling"]["prompt pixels"] == 4 * (4 * 256) * (3 * 2 * 16 * 16) * 4  # patches of 16, not 14
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert plan["set-up"]["weights"] == 4 * params and 4.3e9 < params < 4.6e9  # Qwen3-VL-4B: 4.44 B

@@ -199,6 +199,28 @@ def test_an_elastic_restart_resumes_by_itself_and_ends_as_if_never_stopped(tmp_p
     assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
 
 
+def c10d_nodes(tmp_path, out, env, restarts=1):
+    """Two launchers as two nodes under c10d (elastic) rendezvous, one process each; their processes."""
+    port = free_port()
+    cmd = lambda k: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",  # noqa: E731
+                     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "medloc",
+                     "--max-restarts", str(restarts), LOSING_A_NODE, *FLAGS, "--out", str(out)]
+    return [subprocess.Popen(cmd(k), cwd=tmp_path / f"node{k}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **env}, start_new_session=True) for k in (0, 1)]
+
+
+def test_rank_0_killed_after_a_checkpoint_under_c10d_restarts_ends_every_time_bit_identical(nodes, uninterrupted):
+    """torchrun counts a restart only on the node whose worker died: the ranks must still agree to
+    resume (dist.join counts the attempt in the store), or one resumes at step 2 while the other
+    starts afresh and the run never ends (2 of 4 tries hung before). Repeated: it was a race."""
+    for k in range(3):
+        out = nodes / f"shared{k}"
+        results = [finish(p, timeout=150) for p in c10d_nodes(nodes, out, {"MEDLOC_TEST_KILL": "2:0"})]
+        assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
+        assert any(f"resumed {out} at step 2" in text for _, text in results)
+        assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
+
+
 def test_sharded_checkpoints_of_four_processes_resume_in_two_in_one_and_on_another_mesh(tmp_path, capsys):
     """--checkpoint sharded: each of 4 --fsdp processes writes its own shards; copies of the run
     resume in 2 processes, in 1 and in 4 under --fsdp hybrid, and each ends where one process's
