@@ -39,6 +39,7 @@ import trackers
 import train
 from config import Config
 from data import load_dataset
+from files import RunError, make_folder
 from measure import (GiB, IMAGE_TOKENS, MEASURED_PHASES, PHASES, PROMPT_TEXT_TOKENS, SETTINGS, Naive, build, cannot_fit,
                      checkpoint_plan, matmul_rate, memory_plan, phase_peaks, phase_utilisation, plan_model, reset_peak,
                      resident, step_plan, step_runs, time_runs)
@@ -445,8 +446,10 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine (use --device cpu)")
     if a.gpu_check:
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            p.error(f"--out {a.out}: a file, not a folder (the check writes gpu_check.json and .md into it)")
+        try:  # a file there, under a file, or a read-only disk: one line before the check starts
+            make_folder(a.out)
+        except RunError as e:
+            p.error(f"{e} (the check writes gpu_check.json and .md into it)")
         import gpu_check
         return gpu_check.run_check(a.out, a.device, a.quick)
     torch.set_num_threads(a.threads)

@@ -91,3 +91,6 @@ def test_an_out_that_is_a_file_is_one_line_before_anything_runs(tmp_path, capsys
     with pytest.raises(SystemExit):
         bench.main(["--gpu-check", "--device", "cpu", "--quick", "--out", str(tmp_path / "f")])
     assert f"--out {tmp_path / 'f'}: a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # under a file: not a traceback from makedirs
+        bench.main(["--gpu-check", "--device", "cpu", "--quick", "--out", str(tmp_path / "f" / "check")])
+    assert f"--out {tmp_path / 'f' / 'check'}: cannot create it" in capsys.readouterr().err
