@@ -59,11 +59,16 @@ def join(fsdp=False, timeout=600):
     config is read, since a restarted worker resumes the run only if every rank does. Returns the
     attempt (0 outside torchrun)."""
     global _joined, _attempt
-    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or _joined:
-        return _attempt
+    if (int(os.environ.get("WORLD_SIZE", "1")) == 1 and not fsdp) or _joined or "MASTER_ADDR" not in os.environ:
+        return _attempt  # one process, or no launcher's rendezvous to meet
     store, rank_, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
     _joined, _attempt = (store, rank_, size), attempt_of(store, size)
     return _attempt
+
+
+def joined():
+    """True once this process has met torchrun's rendezvous (join)."""
+    return _joined is not None
 
 
 def setup(device, fsdp=False, timeout=600):

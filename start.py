@@ -48,7 +48,7 @@ def configure(argv):
         cfg = load_config(given, restarted=attempt > 0)
         check(cfg, world)  # torchrun's process count
     except RunError as e:
-        if world == 1:
+        if world == 1 or not dist.joined():  # no other rank to tell
             raise
         problem = str(e)
     launch = cfg or Config(**{k: given[k] for k in ("device", "fsdp", "dist_timeout") if k in given})
