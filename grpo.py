@@ -16,6 +16,7 @@ class Rollout:
     mask: torch.Tensor            # (N, T) 1 up to and including the first end-of-turn token
     texts: list                   # decoded completions
     logps: torch.Tensor = None    # (N, T) log pi of each sampled token, as drawn (0 after the end)
+    entropy: torch.Tensor = None  # (N, T) entropy of pi where each token was drawn (0 after the end)
 
 
 def completion_mask(completion_ids, eos_ids):
@@ -44,20 +45,30 @@ def sample_groups(policy, images, prompts, group_size, temperature=0.9, max_new_
     state, logits = policy.prefill(batch, group_size, max_new_tokens)
     stops = torch.as_tensor(policy.eos_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    tokens, logps = [], []
+    tokens, logps, entropies = [], [], []
     for _ in range(max_new_tokens):
         logp = policy.policy_logprobs(logits, temperature)
-        token = logp.argmax(-1) if greedy else draw(logp.exp())
+        probs = logp.exp()
+        token = logp.argmax(-1) if greedy else draw(probs)
         token = token.masked_fill(done, policy.pad_id)
         tokens.append(token)
         logps.append(logp.gather(-1, token[:, None])[:, 0].masked_fill(done, 0.0))
+        entropies.append(entropy(probs, logp).masked_fill(done, 0.0))
         done |= torch.isin(token, stops)
         if len(tokens) == max_new_tokens or finished(done):
             break
         logits = policy.decode_step(state, token)
     policy.model.train(was_training)
     ids = torch.stack(tokens, 1)
-    return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids), torch.stack(logps, 1))
+    return Rollout(batch, ids, completion_mask(ids, policy.eos_ids), policy.decode(ids), torch.stack(logps, 1),
+                   torch.stack(entropies, 1))
+
+
+def entropy(probs, logp):
+    """H(pi) = -sum_v pi_v log pi_v of each row, from the distribution the sampler draws from: the
+    logits it already holds, one decoding step at a time (never a vocabulary-sized tensor kept per
+    token). Suppressed tokens (pi_v = 0, log pi_v = -inf) add 0."""
+    return -torch.where(probs > 0, probs * logp, 0.0).sum(-1)
 
 
 def draw(probs):

@@ -359,7 +359,7 @@ def running_mean(values, k=10):
 def plot_curves(run_dir, margin=None):
     """RUN/curves.png from metrics.jsonl: what the curriculum saw and did, step by step (tau and
     the hit rate; the window's r_bar and sigma against P(tau) and S(tau); m_bar against the margin
-    Delta; the reward and the KL), or the loss of an SFT run. Written to a temp file, then renamed."""
+    Delta; the reward and the KL; the sampled tokens' entropy), or the loss of an SFT run. Written to a temp file, then renamed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -372,19 +372,19 @@ def plot_curves(run_dir, margin=None):
     def series(key):
         return [r.get(key) if r.get(key) is not None else math.nan for r in log]
     panels = [p for p in (("tau", "hit_rate", "acc_mean"), ("r_bar", "sigma"), ("m_bar",), ("reward_mean", "kl"),
-                          ("loss",)) if any(k in log[-1] for k in p)]
+                          ("entropy",), ("loss",)) if any(k in log[-1] for k in p)]
     if "reward_mean" in log[-1]:
         panels = [p for p in panels if p != ("loss",)]  # a GRPO run's loss is not what to watch
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     titles = {"tau": "the curriculum", "r_bar": "window: reward and stability checks", "m_bar": "window: margin check",
-              "reward_mean": "reward and KL", "loss": "loss"}
+              "reward_mean": "reward and KL", "entropy": "entropy of the sampled tokens (nats)", "loss": "loss"}
     for ax, keys in zip(axes[0], panels):
         ax.set_title(titles[keys[0]], fontsize=9)
         for key in keys:
             if key not in log[-1]:
                 continue
             values = series(key)
-            smoothed = key in ("hit_rate", "acc_mean", "reward_mean", "kl", "loss")
+            smoothed = key in ("hit_rate", "acc_mean", "reward_mean", "kl", "entropy", "loss")
             line, = ax.plot(steps, running_mean(values) if smoothed else values,
                             label=key + (" (10-step mean)" if smoothed else ""), drawstyle="steps-post" if key == "tau" else "default")
             bar = {"r_bar": "P", "sigma": "S"}.get(key)

@@ -56,7 +56,9 @@ def grpo_step(run, samples, phases):
               "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
               "parse_fail": scores["parse_fail"].mean().item(),
               "completion_len": dist.gather(rollout.mask.sum(1).cpu()).mean().item(),
-              "completion_tokens": int(dist.total(rollout.mask.sum().item())), **update}
+              "completion_tokens": int(dist.total(rollout.mask.sum().item())),
+              "entropy": dist.total((rollout.entropy * rollout.mask).sum().item()) / dist.total(rollout.mask.sum().item()),
+              **update}
     if task.has_tau:  # 6. the curriculum sees every rank's IoUs: one tau everywhere (section 6)
         record = {"tau": tau, **record, "tau_changed": run.schedule.update(scores["iou"]),
                   **getattr(run.schedule, "seen", {})}  # MedLoc-R1's window statistics

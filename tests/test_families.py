@@ -41,10 +41,11 @@ def sampled(vlm, group_size=2, max_new_tokens=7, seed=0):
     return r.batch, ids, grpo.completion_mask(ids, vlm.eos_ids)
 
 
-def alone(vlm, completion_ids, temperature):
-    """log pi of each completion token, every prompt scored alone with the model's own forward:
-    its own rotary positions, masks and token types from the processor's inputs (completion
-    tokens are text, type 0), the logits at temperature T with the vision tokens removed."""
+def alone_logp(vlm, completion_ids, temperature):
+    """log pi over the vocabulary (N, T, V) before each completion token, every prompt scored alone
+    with the model's own forward: its own rotary positions, masks and token types from the
+    processor's inputs (completion tokens are text, type 0), the logits at temperature T with the
+    vision tokens removed."""
     G = completion_ids.shape[0] // len(QUERIES)
     out = []
     for i, (picture, query) in enumerate(zip(images(*PICTURES), QUERIES)):
@@ -57,8 +58,13 @@ def alone(vlm, completion_ids, temperature):
             inputs = {k: torch.cat([v, tail[k]], 1) if k in tail else v for k, v in one.items()}
             logits = vlm.model(**inputs, use_cache=False).logits[0, L - 1:-1].float() / temperature
             logits[:, vlm.suppress_ids] = float("-inf")
-            out.append(logits.log_softmax(-1).gather(-1, ids[0][:, None])[:, 0])
+            out.append(logits.log_softmax(-1))
     return torch.stack(out)
+
+
+def alone(vlm, completion_ids, temperature):
+    """log pi of each completion token, every prompt scored alone (alone_logp)."""
+    return alone_logp(vlm, completion_ids, temperature).gather(-1, completion_ids[..., None])[..., 0]
 
 
 def test_the_families_table_names_each_family_once():
@@ -217,3 +223,16 @@ def test_a_family_not_trained_here_is_one_line_naming_those_that_are_before_anyt
     assert str(e.value) == (f"error: --model {folder}: model type {model_type!r} is not supported; the families trained "
                             f"here: {', '.join(sorted(FAMILIES))} (README, Model families)")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_logged_entropy_is_that_of_whole_logits_at_every_drawn_token(family):
+    """METHOD.md 5.1: H(pi) at each sampled position, from the sampler's own step logits, equals the
+    entropy of the whole teacher-forced logits at temperature T (vision tokens removed)."""
+    vlm = load_vlm(family[1])
+    torch.manual_seed(3)
+    r = grpo.sample_groups(vlm, images(*PICTURES), QUERIES, 2, 1.3, 6)
+    logp = alone_logp(vlm, r.completion_ids, 1.3)
+    reference = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    m = r.mask.bool()
+    assert torch.allclose(r.entropy[m], reference[m], atol=1e-5) and (r.entropy[~m] == 0).all()
+    assert r.entropy[m].min() > 0  # a random model's distribution is far from a point mass
