@@ -66,8 +66,9 @@ class Config:
     beta: float = knob(0.04, "KL weight; 0 loads no reference model")
     eps: float = knob(0.2, "clip range below 1 (and above, unless --eps-high)")
     eps_high: float = knob(None, "clip range above 1 (DAPO clip-higher); default eps")
-    loss_type: str = knob("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T)",
-                           ("grpo", "bnpo", "dr_grpo"))
+    loss_type: str = knob("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T) (Dr. GRPO, "
+                                  "arXiv 2503.20783); cispo: the clipped ratio as a stop-gradient weight on log pi, "
+                                  "token mean (CISPO, MiniMax-M1, arXiv 2506.13585)", ("grpo", "bnpo", "dr_grpo", "cispo"))
     adv_scale: str = knob("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
     lr: float = knob(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
     weight_decay: float = knob(0.0, "AdamW weight decay")

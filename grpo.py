@@ -102,9 +102,10 @@ def frac_equal_groups(rewards, group_size):
     return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
 
-def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, beta=0.04):
+def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, beta=0.04, loss_type="grpo"):
     """l_t, the loss of each token (METHOD.md 5.3): clipped surrogate + beta * k3 KL. All arguments
-    have logp's shape (advantages broadcast); old_logp None means pi_old = pi (the first update)."""
+    have logp's shape (advantages broadcast); old_logp None means pi_old = pi (the first update).
+    loss_type "cispo" (METHOD.md 5.7): the clipped ratio as a constant weight on log pi instead."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp from a reference model")
     eps_high = eps if eps_high is None else eps_high
@@ -112,7 +113,10 @@ def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, 
     old_logp = (logp if old_logp is None else old_logp).detach()
     ratio = torch.exp(logp - old_logp)  # 1 in value when mu = 1, but carries the gradient
     A = advantages.detach()
-    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps, 1 + eps_high) * A)
+    if loss_type == "cispo":  # every token keeps its gradient, scaled by its clipped ratio
+        per_token = -torch.clamp(ratio, 1 - eps, 1 + eps_high).detach() * A * logp
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps, 1 + eps_high) * A)
     if beta > 0:
         per_token = per_token + beta * k3(logp, ref_logp.detach())
     return per_token
@@ -125,24 +129,25 @@ def k3(logp, ref_logp):
 
 def token_weights(mask, loss_type, max_new_tokens=None):
     """w_t with loss = sum_t w_t l_t (METHOD.md 5.4), 0 where mask is 0. grpo: the mean of sequence
-    means, 1 / (N |o_i|); bnpo: the token mean, 1 / sum(mask); dr_grpo: 1 / (N T_max). Computed on
+    means, 1 / (N |o_i|); bnpo and cispo: the token mean, 1 / sum(mask); dr_grpo: 1 / (N T_max). Computed on
     the whole step's mask, they make micro-batches' and ranks' losses add up to the step's."""
     if loss_type == "grpo":
         return mask / (mask.sum(1, keepdim=True).clamp(min=1) * mask.shape[0])
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "cispo"):
         return mask / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         if not max_new_tokens:
             raise ValueError("loss_type 'dr_grpo' needs max_new_tokens")
         return mask / (mask.shape[0] * max_new_tokens)
-    raise ValueError(f"unknown loss_type {loss_type!r}: expected 'grpo', 'bnpo' or 'dr_grpo'")
+    raise ValueError(f"unknown loss_type {loss_type!r}: expected 'grpo', 'bnpo', 'dr_grpo' or 'cispo'")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=None, beta=0.04,
               loss_type="grpo", max_new_tokens=None):
     """The GRPO loss of whole (N, T) log-probs, as METHOD.md 5.3-5.4 write it, and its statistics.
     The training step computes the same sum chunk by chunk inside the output layer (`objective`)."""
-    per_token = token_loss(logp, old_logp, ref_logp, advantages[:, None], eps=eps, eps_high=eps_high, beta=beta)
+    per_token = token_loss(logp, old_logp, ref_logp, advantages[:, None], eps=eps, eps_high=eps_high, beta=beta,
+                           loss_type=loss_type)
     loss = (per_token * token_weights(mask, loss_type, max_new_tokens)).sum()
     return loss, loss_stats(logp.detach(), old_logp, ref_logp, advantages, mask, eps, eps_high)
 

@@ -79,7 +79,7 @@ def policy_update(run, rollout, advantages, phases):
         ref_logps = [None if run.ref is None else run.ref.completion_logps(rows, ids, cfg.temperature, mask)
                      for rows, ids, mask, _, _ in parts]
     policy.model.train()
-    loss_args = dict(eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta)
+    loss_args = dict(eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type)
     old_logps, stats = [None] * len(parts), {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
     for _ in range(cfg.updates_per_rollout):
         logps = []
@@ -108,8 +108,8 @@ def policy_update(run, rollout, advantages, phases):
 
 
 def share(cfg, mask):
-    """This rank's part of the whole step: its tokens (bnpo's token mean) or its sequences."""
-    local = mask.sum().item() if cfg.loss_type == "bnpo" else mask.shape[0]
+    """This rank's part of the whole step: its tokens (a token mean: bnpo, cispo) or its sequences."""
+    local = mask.sum().item() if cfg.loss_type in ("bnpo", "cispo") else mask.shape[0]
     return local / dist.total(local)
 
 

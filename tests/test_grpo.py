@@ -91,6 +91,24 @@ def test_on_policy_loss_value_and_gradient_flow_only_through_logp():
     assert logp.grad[1].tolist() == pytest.approx([0.25, 0.25])
 
 
+def test_cispo_weights_log_pi_by_the_clipped_ratio_hand_computed():
+    """CISPO (METHOD.md 5.7) on a 2 x 3 example, beta 0: ratios 1.5, 1, 0.5 in each row, clipped to
+    [0.8, 1.28]: weights 1.28, 1, 0.8, constants; l = -w A log pi, so d l / d log pi = -w A for
+    every token, the clipped ones included (the clipped surrogate gives those 0)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0]], requires_grad=True)
+    ratio = torch.tensor([[1.5, 1.0, 0.5], [1.5, 1.0, 0.5]])
+    old, adv = logp.detach() - ratio.log(), torch.tensor([1.0, -2.0])
+    per_token = token_loss(logp, old, None, adv[:, None], eps=0.2, eps_high=0.28, beta=0.0, loss_type="cispo")
+    assert per_token.tolist() == [pytest.approx([1.28, 2.0, 0.4]), pytest.approx([-0.768, -2.0, -3.2])]
+    per_token.sum().backward()
+    assert logp.grad.tolist() == [pytest.approx([-1.28, -1.0, -0.8]), pytest.approx([2.56, 2.0, 1.6])]
+    clipped = token_loss(logp, old, None, adv[:, None], eps=0.2, eps_high=0.28, beta=0.0)  # GRPO's surrogate
+    grad, = torch.autograd.grad(clipped.sum(), logp)
+    assert grad[0, 0] == 0 and grad[1, 2] == 0  # where CISPO keeps the gradient, the clip drops it
+    loss, _ = grpo_loss(logp, old, None, adv, torch.ones(2, 3), eps=0.2, eps_high=0.28, beta=0.0, loss_type="cispo")
+    assert loss.item() == pytest.approx((1.28 + 2 + 0.4 - 0.768 - 2 - 3.2) / 6)  # the token mean
+
+
 def test_beta_zero_needs_no_reference_and_beta_positive_does():
     logp = torch.zeros(2, 3, requires_grad=True)
     loss, stats = grpo_loss(logp, None, None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), beta=0.0)
@@ -112,7 +130,7 @@ def test_token_weights_hand_computed_and_their_errors():
         token_weights(mask, "sum")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "cispo"])
 def test_objective_in_chunks_gives_the_loss_and_its_gradient(loss_type):
     """The output layer's view of the loss (objective(logp, start, stop) on the scored tokens in
     chunks) adds up to grpo_loss, value and gradient."""
@@ -124,7 +142,7 @@ def test_objective_in_chunks_gives_the_loss_and_its_gradient(loss_type):
     args = dict(eps=0.2, eps_high=0.3, beta=0.04)
     loss, _ = grpo_loss(logp, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=6, **args)
     whole, = torch.autograd.grad(loss, logp)
-    f = objective(old, ref, adv, token_weights(mask, loss_type, 6), mask, **args)
+    f = objective(old, ref, adv, token_weights(mask, loss_type, 6), mask, loss_type=loss_type, **args)
     scored = logp.detach()[mask.bool()].requires_grad_()
     parts = sum(f(scored[s:s + 3], s, s + 3).sum() for s in range(0, len(scored), 3))
     part_grad, = torch.autograd.grad(parts, scored)

@@ -75,7 +75,8 @@ def test_shared_prefix_logps_and_gradients_equal_separate_forwards(family, reque
 
 
 @pytest.mark.parametrize("loss_type, micro_batch, adapters", [("grpo", 3, False), ("bnpo", 0, False),
-                                                             ("dr_grpo", 3, False), ("grpo", 3, True)])
+                                                             ("dr_grpo", 3, False), ("grpo", 3, True),
+                                                             ("cispo", 3, False)])
 def test_policy_update_gradients_equal_the_grpo_loss_of_whole_logits(loss_type, micro_batch, adapters, monkeypatch):
     """train.policy_update (micro-batches, the loss's gradient taken in the output layer) against
     grpo.grpo_loss on whole (N, T, vocab) logits through autograd, over mu = 2 updates with an SGD
