@@ -281,7 +281,7 @@ def test_a_folder_without_its_tokenizer_or_with_broken_json_names_the_folder(tmp
         f"error: {folder}: cannot be loaded (ValueError: ")
     (folder / "config.json").write_text("{broken")
     text = error_of(["--model", str(folder), "--out", str(tmp_path / "s")])
-    assert text.startswith(f"error: {folder}: not a model folder (") and "hub id" not in text
+    assert text.startswith(f"error: --model {folder}: not a model folder (") and "hub id" not in text  # read before anything loads
 
 # ----------------------------------------------------------------------------- the run folder
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
