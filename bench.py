@@ -4,6 +4,7 @@
     python bench.py --naive                 # + the straightforward step, interleaved, with ratios
     python bench.py --model proxy --naive   # random-init Qwen2.5-VL, 151,936 vocab, ~256 image tokens
     python bench.py --model clone --naive   # the output layer dominates: hidden 256, 2 layers, 12 image tokens
+    python bench.py --model qwen3-clone --naive   # the same for Qwen3-VL (also qwen3-moe-clone)
     python bench.py --compile               # + the step with a compiled decoding step, interleaved
     python bench.py --model 3b              # Qwen2.5-VL-3B dimensions (random init; for a GPU)
     python bench.py --memory                # peak memory of one log-prob pass, each path in a fresh process
@@ -397,7 +398,7 @@ def show_plan(a, p):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b", "qwen3-vl-4b"))
+    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b", "qwen3-vl-4b", "qwen3-clone", "qwen3-moe-clone"))
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")

@@ -17,14 +17,15 @@ import time
 import types
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 import lora
 import start
 import train
 from config import Config
 from data import load_dataset
-from model import (CACHE_BLOCK, FAMILIES, LOGIT_CHUNK, PRECISIONS, VLM, build_tiny_model, build_tiny_processor,
+from model import (CACHE_BLOCK, FAMILIES, LOGIT_CHUNK, PRECISIONS, TINY_CHAT_TEMPLATE, VLM, build_tiny_model, build_tiny_processor,
                    build_tiny_tokenizer, checkpoint_activations, load_vlm, weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
@@ -55,15 +56,27 @@ SHAPES = {
                         mrope=[24, 20, 20], theta=5e6,
                         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
                                     deepstack_visual_indexes=[5, 11, 17], num_position_embeddings=2304)),
+    # clones of the other families, shaped as "clone" (the output layer dominates): their lean step
+    # against their straightforward one (python bench.py --model qwen3-clone --naive)
+    "qwen3-clone": dict(family="qwen3_vl", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
+                        mrope=[16, 24, 24], theta=5e6, vision=dict(depth=4, hidden_size=256, intermediate_size=512,
+                                                                   num_heads=4, deepstack_visual_indexes=[1])),
+    "qwen3-moe-clone": dict(family="qwen3_vl_moe", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
+                            experts=8, experts_per_token=2, expert_mlp=256, mrope=[16, 24, 24], theta=5e6,
+                            vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
+                                        deepstack_visual_indexes=[1])),
 }
-TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False, "qwen3-vl-4b": True}  # 3B ties its output layer to the input embeddings, 7B does not
+TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False, "qwen3-vl-4b": True, "qwen3-clone": True,
+        "qwen3-moe-clone": True}  # 3B ties its output layer to the input embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
 SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new=128, micro=8),
             "clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),  # the synthetic images at Qwen's smallest size
             "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8),
-            "32b": dict(B=4, G=8, new=256, micro=8), "qwen3-vl-4b": dict(B=4, G=8, new=256, micro=8)}
+            "32b": dict(B=4, G=8, new=256, micro=8), "qwen3-vl-4b": dict(B=4, G=8, new=256, micro=8),
+            "qwen3-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
+            "qwen3-moe-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12)}
 PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
 
 
@@ -73,9 +86,11 @@ def shape_config(name, tok):
     s = SHAPES[name]
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    if s.get("family") == "qwen3_vl":
-        return Qwen3VLConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+    if s.get("family", "").startswith("qwen3_vl"):
+        moe = dict(num_experts=s["experts"], num_experts_per_tok=s["experts_per_token"],
+                   moe_intermediate_size=s["expert_mlp"], decoder_sparse_step=1) if "experts" in s else {}
+        return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
+            text_config=dict(**moe, vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
                              num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=s["head_dim"],
                              num_key_value_heads=s["kv_heads"], eos_token_id=ids["<|im_end|>"],
                              pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=TIED[name],
@@ -120,9 +135,19 @@ def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
         model = FAMILIES[config.model_type].model(config).to(device=device, dtype=dtype)
     if device == "cuda":
         checkpoint_activations(model)
+    return VLM(model, shape_processor(config, tok, image_tokens), template="r1", amp_dtype=amp)
+
+
+def shape_processor(config, tok, image_tokens):
+    """The family's real processor around `tok`, resizing every image to `image_tokens` merged tokens."""
     cell = 2 * config.vision_config.patch_size  # a merged 2 x 2 block of patches
     pixels = image_tokens * cell * cell
-    return VLM(model, build_tiny_processor(tok, pixels, pixels), template="r1", amp_dtype=amp)
+    if not config.model_type.startswith("qwen3_vl"):
+        return build_tiny_processor(tok, pixels, pixels)
+    images = Qwen2VLImageProcessor(patch_size=config.vision_config.patch_size, merge_size=2, min_pixels=pixels,
+                                   max_pixels=pixels)
+    return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
+                            chat_template=TINY_CHAT_TEMPLATE)
 
 
 def materialised(model, device, dtype, std=0.02):

@@ -93,3 +93,15 @@ def test_the_qwen3_vl_4b_plan_counts_its_heads_by_head_dim_and_its_patches_of_16
     assert plan["sampling"]["prompt pixels"] == 4 * (4 * 256) * (3 * 2 * 16 * 16) * 4  # patches of 16, not 14
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert plan["set-up"]["weights"] == 4 * params and 4.3e9 < params < 4.6e9  # Qwen3-VL-4B: 4.44 B
+
+
+@pytest.mark.parametrize("shape, family", [("qwen3-clone", "qwen3_vl"), ("qwen3-moe-clone", "qwen3_vl_moe")])
+def test_the_family_clones_are_built_with_their_own_processor(shape, family):
+    """bench.py --model qwen3-clone --naive: the family's classes and its processor (patch 16, its
+    pixel budget: at most 12 merged tokens of 2 x 2 patches, the aspect ratio kept)."""
+    vlm = measure.build(shape, "cpu", "fp32", image_tokens=12)
+    assert vlm.model.config.model_type == family and vlm.patch == 16
+    batch = vlm.encode(images((300, 200), (90, 400)), ["q", "q"])
+    grids = batch["image_grid_thw"]
+    assert (grids.prod(-1) <= 4 * 12).all() and (grids[:, 1:] % 2 == 0).all()
+    assert batch["pixel_values"].shape == (grids.prod(-1).sum(), 3 * 2 * 16 * 16)
