@@ -43,7 +43,7 @@ def configure(argv):
     does not see it) or fails a check stops every rank with one line naming it, instead of leaving
     the others to a traceback in the rendezvous."""
     world, given, problem, cfg = int(os.environ.get("WORLD_SIZE", "1")), parse_args(argv), None, None
-    attempt = dist.join(bool(given.get("fsdp")), given.get("dist_timeout", 600))  # before the config: see load_config
+    attempt = dist.join(bool(given.get("fsdp")), given.get("dist_timeout", Config.dist_timeout))  # before load_config
     try:
         cfg = load_config(given, restarted=attempt > 0)
         check(cfg, world)  # torchrun's process count
@@ -223,14 +223,13 @@ def check_models(cfg):
     (a reference with another vocabulary would otherwise fail at its first forward, after the
     set-up and any warm start)."""
     start, flag = cfg.init or cfg.model, "--init" if cfg.init else "--model"
-    if start != "tiny":  # the built-in model is a Qwen2.5-VL
-        family = config_of(start, flag).model_type
-        if family not in FAMILIES:
-            raise RunError(f"{flag} {start}: model type {family!r} is not supported; the families trained here: "
-                           f"{', '.join(sorted(FAMILIES))} (README, Model families)")
+    policy_config = None if start == "tiny" else config_of(start, flag)  # the built-in model is a Qwen2.5-VL
+    if policy_config is not None and policy_config.model_type not in FAMILIES:
+        raise RunError(f"{flag} {start}: model type {policy_config.model_type!r} is not supported; the families "
+                       f"trained here: {', '.join(sorted(FAMILIES))} (README, Model families)")
     if cfg.ref_model in (None, "none"):
         return
-    policy_config, ref_config = config_of(start, flag), config_of(cfg.ref_model, "--ref-model")
+    policy_config, ref_config = policy_config or config_of(start, flag), config_of(cfg.ref_model, "--ref-model")
     for field in READ_ALIKE:
         mine, theirs = (functools.reduce(lambda c, key: getattr(c, key, None), field.split("."), config)
                         for config in (policy_config, ref_config))
