@@ -5,6 +5,7 @@
     python ablate.py --study rules     # MedLoc-R1's rule ablation, in the same regime
     python ablate.py --study loose     # the comparison from a start whose boxes are found but loose
     python ablate.py --study vrft      # VRFT-Aug's augmentations on synth:grade and synth:type
+    python ablate.py --study multi     # several boxes per query: fixed 0.5, soft F1, MedLoc-R1 on F1 at tau, SFT
     python ablate.py --study compare --quick   # 1 seed, a third of the steps: a smoke test
     python ablate.py --study compare --dataset TRAIN --eval-dataset TEST --model M --gpus 0,1 -- --lora-rank 64
                                                # on your data and model, rows queued over your GPUs
@@ -66,6 +67,11 @@ RULES = {
 LOOSE = {**COMPARE, "without-margin": ["--schedule", "medloc", "--no-margin-check"]}
 LOOSE_SCALE, LOOSE_WARM_STEPS = "1.15,1.35", 1000  # chosen before the rows ran (results/README.md)
 TINY_WARM_START = os.path.join(HERE, "tiny-warmstart")
+# Several boxes per query (METHOD.md 4.2; results/multi-protocol.md): MedLoc-R1's curriculum on F1 at
+# tau against the fixed threshold, the soft F1 (RadVLM-GRPO's reward: --schedule raw-iou) and SFT
+MULTI = {"sft": ["--algo", "sft"], "fixed": ["--schedule", "fixed", "--tau", "0.5"],
+         "soft-f1": ["--schedule", "raw-iou"], "medloc": ["--schedule", "medloc"]}
+MULTI_METRICS = ("F1@0.5", "F1@0.8", "soft_F1", "mAP@0.5")
 # VRFT-Aug (METHOD.md section 10) on the built-in classification sets, every row with the r1 template (so there is reasoning to recite)
 VRFT_SETS = ("grade", "type")
 VRFT = {
@@ -132,12 +138,13 @@ def default_stages(args, root, cells):
     return [[(cell_dir(root, cell, "medloc"), ["--seed", str(cell[1]), "--threads", "1"]) for cell in cells]]
 
 
-def from_warm_start(rows, loose=False):
+def from_warm_start(rows, loose=False, warm_set="mix"):
     """Stages of a study whose rows all start from one model and run --steps steps with B prompts
     x G completions (the SFT row: B supervised answers per step, at the GRPO lr). The model is
     --init if given, else an SFT warm start of --warm-steps on synth:mix (seed 0), run first: one
     starting model for every seed, as a pretrained VLM is for the paper's. `loose`: the shipped
-    warm start, then --loose-warm-steps of SFT on the true boxes loosened by --loose-scale (METHOD.md 8)."""
+    warm start, then --loose-warm-steps of SFT on the true boxes loosened by --loose-scale (METHOD.md 8).
+    `warm_set`: the synthetic set of the warm start (multi: the study of several boxes)."""
     def stages(args, root, cells):
         warm = os.path.join(root, "warmstart")
         steps, lr, start = args.warm_steps, ["--lr", "1e-3"], []
@@ -145,7 +152,8 @@ def from_warm_start(rows, loose=False):
             steps, lr, start = args.loose_warm_steps, ["--lr", "3e-4"], ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale]
         if args.model:  # a pretrained model: its own learning rate (train.py's default), its own start
             lr, start = [], ["--model", args.model] + start[2:]
-        data = ["--dataset", args.dataset, "--eval-dataset", args.eval_dataset] if args.dataset else ["--dataset", "synth:mix"]
+        data = (["--dataset", args.dataset, "--eval-dataset", args.eval_dataset] if args.dataset
+                else ["--dataset", f"synth:{warm_set}"])
         first = [] if args.init else [(warm, ["--algo", "sft"] + data + ["--steps", str(steps), "--batch-prompts", "16"]
                                        + lr + ["--seed", "0", "--threads", "1", "--eval-n", str(args.eval_n),
                                                "--save-every", "500"] + start)]
@@ -219,6 +227,10 @@ STUDIES = {
     "loose": Study(("derm", "us"), LOOSE, from_warm_start(LOOSE, loose=True), GROUNDING + ("box_area_ratio",),
                    tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in LOOSE if o != "medloc"),
                    CURRICULUM + (("box_area_ratio", "rollout box area / true box area", 10),)),
+    "multi": Study(("multi",), MULTI, from_warm_start(MULTI, warm_set="multi"), MULTI_METRICS,
+                   tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in MULTI if o != "medloc"),
+                   (("tau", "IoU threshold tau", 1), ("hit_rate", "F1 at tau (group mean)", 10),
+                    ("frac_equal_groups", "all-equal-reward groups", 10), ("boxes_mean", "boxes per answer", 10))),
     "vrft": Study(VRFT_SETS, VRFT, vrft_stages, CLASSIFICATION,
                   (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
                    ("+PA_pi", "rft", "grounding SFT + RL first"), ("+ground-sft", "rft", "grounding SFT first"),

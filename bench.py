@@ -41,9 +41,9 @@ import train
 from config import Config
 from data import load_dataset
 from files import RunError, make_folder
-from measure import (GiB, IMAGE_TOKENS, MEASURED_PHASES, PHASES, PROMPT_TEXT_TOKENS, SETTINGS, Naive, build, cannot_fit,
-                     checkpoint_plan, matmul_rate, memory_plan, phase_peaks, phase_utilisation, plan_model, reset_peak,
-                     resident, step_plan, step_runs, time_runs)
+from measure import (GiB, IMAGE_TOKENS, MEASURED_PHASES, PHASES, PROMPT_TEXT_TOKENS, SETTINGS, SHAPES, Naive, build,
+                     cannot_fit, checkpoint_plan, matmul_rate, memory_plan, phase_peaks, phase_utilisation, plan_model,
+                     reset_peak, resident, step_plan, step_runs, time_runs)
 from model import OutputLayer, reuse_freed_memory
 
 UTILISATION_TARGETS = {"proxy": 0.5}  # the lean step's FLOP rate over the square-matmul rate (1 thread, CPU)
@@ -380,7 +380,7 @@ def show_plan(a, p):
     cfg = Config(batch_prompts=(a.batch_prompts or s["B"]) * ranks, group_size=a.group_size or s["G"],
                  max_new_tokens=a.max_new_tokens or s["new"], micro_batch=s["micro"], lora_rank=a.lora_rank,
                  precision=a.precision, gradient_checkpointing=checkpointing)
-    image = 16 if a.model == "tiny" else IMAGE_TOKENS
+    image = 16 if a.model == "tiny" else SHAPES[a.model].get("image_tokens", IMAGE_TOKENS)
     model = plan_model(a.model, a.lora_rank)
     plan = memory_plan(model, cfg, image + PROMPT_TEXT_TOKENS, image, ranks, bool(a.fsdp), device, a.shard_size or None)
     how = f"--fsdp over {a.fsdp} processes" if a.fsdp else f"{ranks} data-parallel process(es)"
@@ -397,8 +397,12 @@ def show_plan(a, p):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=("tiny", "proxy", "clone", "3b", "7b", "32b", "qwen3-vl-4b", "qwen3-clone", "qwen3-moe-clone"))
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=("tiny", *SHAPES),
+                   help="tiny, a benchmark shape (proxy, clone, qwen3-clone, qwen3-moe-clone, gemma3-clone) or a real "
+                        "model's dimensions for --memory-plan (3b, 7b, 32b: Qwen2.5-VL; qwen3-vl-4b/8b/32b/30b-a3b; "
+                        "medgemma-4b/27b)")
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
@@ -470,6 +474,9 @@ def main(argv=None):
         return None
     if a.prepare:
         return time_prepare(*a.prepare)
+    if a.image_tokens and "image_tokens" in SHAPES.get(a.model, {}) and SHAPES[a.model].get("family") == "gemma3":
+        p.error(f"--image-tokens: {a.model} resizes every image to one size, and its config sets its "
+                f"{SHAPES[a.model]['image_tokens']} tokens")
     if a.memory_plan:
         return show_plan(a, p)
     return run_bench(a)

@@ -46,8 +46,10 @@ class Config:
     min_pixels: int = knob(None, "processor min_pixels (default: the model's; tiny: 56*56)")
     max_pixels: int = knob(None, "processor max_pixels (default: the model's; tiny: 112*112)")
     # classification (VRFT-Aug, METHOD.md section 10)
-    task: str = knob("ground", "ground: one box per query (MedLoc-R1); classify: one class per image (VRFT-Aug)",
-                      ("ground", "classify"))
+    task: str = knob("ground", "ground: grounding (MedLoc-R1), one box per query, or several where the data gives "
+                               "a record's boxes as a list (then ground-multi, said at the start); ground-multi: "
+                               "several boxes per query (METHOD.md 4.2); classify: one class per image (VRFT-Aug)",
+                      ("ground", "ground-multi", "classify"))
     labels: str = knob(None, "classify: labels file (class names in order, descriptions, ordinal); "
                              "synth:grade|type carry their own")
     knowledge: bool | str = knob(False, "classify, PA_p: put each class's description in the prompt; alone: "
@@ -250,8 +252,10 @@ def check(cfg, processes=1):
     if cfg.recite_weight and not cfg.knowledge:
         problems.append(f"--recite-weight {cfg.recite_weight} needs --knowledge: it scores the reasoning "
                         "against the injected class descriptions")
-    if cfg.task == "ground" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
+    if cfg.task != "classify" and (cfg.labels or cfg.knowledge or cfg.mfrs_weight or cfg.recite_weight):
         problems.append("--labels, --knowledge, --mfrs-weight and --recite-weight belong to --task classify")
+    if cfg.task == "ground-multi" and (cfg.sft_box_scale or cfg.reward == "giou"):
+        problems.append("--sft-box-scale and --reward giou have no several-box form (--task ground-multi)")
     for name in ("labels", "knowledge"):  # --knowledge alone is True: the descriptions of --labels
         if isinstance(getattr(cfg, name), str):
             try:

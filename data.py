@@ -5,7 +5,7 @@ files become such JSONL through prepare.py.
 
 A dataset is a list of `Sample`s: an image (loaded on demand), a text query, the GT box in
 original-image pixels and where it came from (file:line). `load_dataset(spec)` takes a JSONL path
-or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix; `load_class_dataset` the same for
+or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix, multi (several boxes); `load_class_dataset` the same for
 classification (`synth:grade|type`). Data sets are written by prepare.py, never here.
 """
 import functools
@@ -21,9 +21,10 @@ from PIL import Image
 
 from config import BOX_FORMATS
 from files import regular_file
-from reward import normalise, parse_box
-from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_sample
+from reward import normalise, parse_box, parse_boxes
+from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_multi_sample, synth_sample
 
+GROUNDING_KINDS = KINDS + ("mix", "multi")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -35,9 +36,15 @@ class DataError(ValueError):
 class Sample:
     load: Callable[[], Image.Image]  # RGB image, true size
     query: str
-    box: tuple                       # (x1, y1, x2, y2) in original-image pixels
+    box: tuple                       # (x1, y1, x2, y2) in original-image pixels; None for several
     image_size: tuple                # (W, H)
     source: str                      # "file:line" or "synth:kind:split:index"
+    boxes: tuple = None              # a record of several boxes (field 'boxes'): all of them, in pixels
+    path: str = ""                   # the image file (a JSONL record's)
+
+    def truth(self):
+        """Every GT box of the sample: its several, or its one."""
+        return self.boxes if self.boxes is not None else (self.box,)
 
     def image(self):
         return self.load()
@@ -61,11 +68,17 @@ def read_image(path):
 
 # ----------------------------------------------------------------------------- JSONL
 def _record_fields(obj):
-    """(image, query, box) of one record in either METHOD.md section 9 shape; raises ValueError."""
+    """(image, query, boxes as written, several) of one record in a METHOD.md section 9 shape;
+    raises ValueError. `several`: the record gives its boxes as a list (field 'boxes')."""
     if not isinstance(obj, dict):
         raise ValueError("record is not a JSON object")
     if not isinstance(obj.get("image"), str) or not obj["image"]:
         raise ValueError("field 'image': missing or not a string")
+    if "boxes" in obj:
+        query = obj.get("problem")
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("field 'problem': missing or empty query")
+        return obj["image"], query.strip(), _boxes_field(obj["boxes"]), True
     if "conversations" in obj:
         turns = obj["conversations"]
         try:
@@ -81,7 +94,7 @@ def _record_fields(obj):
         raise ValueError(f"field {missing[0]!r}: missing (or give 'conversations')")
     if not isinstance(query, str) or not query.strip():
         raise ValueError("field 'problem': missing or empty query")
-    return obj["image"], query.strip(), _box_field(answer)
+    return obj["image"], query.strip(), [_box_field(answer)], False
 
 
 MAX_QUERY_CHARS = 2000      # a grounding query is a sentence; beyond this it is a data error
@@ -93,8 +106,13 @@ MAX_IMAGE_PIXELS = 100_000_000  # decoding time per image is bounded by this
 
 
 def _box_field(answer):
-    """The 4 numbers of the answer field, as written (not yet converted to pixels)."""
+    """The 4 numbers of the answer field, as written (not yet converted to pixels). An answer of
+    several boxes is refused, not cut to its first: such a record gives them as field 'boxes'."""
     if isinstance(answer, str):
+        several = parse_boxes(answer)
+        if several is not None and len(several) > 1:
+            raise ValueError(f"field 'solution': holds {len(several)} boxes; give a record's several boxes as "
+                             "field 'boxes': [[x1, y1, x2, y2], ...] (METHOD.md 9)")
         box = parse_box(answer)
         if box is None:
             raise ValueError(f"field 'solution': no box in {answer[:60]!r}")
@@ -102,23 +120,41 @@ def _box_field(answer):
         box = answer
     else:
         raise ValueError("field 'solution': expected [x1, y1, x2, y2] or a string holding one")
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                and math.isfinite(v) for v in box):
-        raise ValueError(f"field 'solution': box is not 4 finite numbers: {box}")
+    return _four_numbers(box, "field 'solution': box")
+
+
+def _four_numbers(box, what):
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        raise ValueError(f"{what} is not 4 finite numbers: {box}")
     return tuple(float(v) for v in box)
 
 
-def _to_pixels(raw, box_format, W, H):
+MAX_BOXES = 100  # boxes of one record: beyond this the answer would not fit a completion
+
+
+def _boxes_field(boxes):
+    """The boxes of field 'boxes', as written: a list of one to MAX_BOXES boxes. No empty list:
+    a record says where a finding is; images without it are not trained (METHOD.md 4.2)."""
+    if not isinstance(boxes, list) or not boxes:
+        raise ValueError("field 'boxes': expected a list of one or more [x1, y1, x2, y2] (a record without "
+                         "the finding is not trained: METHOD.md 4.2)")
+    if len(boxes) > MAX_BOXES:
+        raise ValueError(f"field 'boxes': {len(boxes)} boxes, at most {MAX_BOXES}")
+    return [_four_numbers(b, f"field 'boxes' (box {k + 1}): box") for k, b in enumerate(boxes)]
+
+
+def _to_pixels(raw, box_format, W, H, field="field 'solution'"):
     """[x1, y1, x2, y2] in pixels of the W x H image from the box as the file holds it."""
     x1, y1, x2, y2 = BOX_FORMATS[box_format](raw, W, H)
     if x2 <= x1 or y2 <= y1:
         hint = " (if the file holds [x, y, w, h], pass --box-format xywh)" if box_format == "xyxy" else ""
-        raise ValueError(f"field 'solution': need x2 > x1 and y2 > y1, got {list(raw)}{hint}")
+        raise ValueError(f"{field}: need x2 > x1 and y2 > y1, got {list(raw)}{hint}")
     if x1 < 0 or y1 < 0 or x2 > W or y2 > H:
-        raise ValueError(f"field 'solution': box {list(raw)} ({box_format}) is outside the {W}x{H} image")
+        raise ValueError(f"{field}: box {list(raw)} ({box_format}) is outside the {W}x{H} image")
     if x2 - x1 < 1 or y2 - y1 < 1:  # among pixel boxes, such a box is almost surely a normalised one
         hint = "; it looks normalised (pass --box-format norm1 if the file holds 0..1 boxes)" if box_format in ("xyxy", "xywh") else ""
-        raise ValueError(f"field 'solution': box {list(raw)} ({box_format}) is {x2 - x1:.3g} x {y2 - y1:.3g} pixels, "
+        raise ValueError(f"{field}: box {list(raw)} ({box_format}) is {x2 - x1:.3g} x {y2 - y1:.3g} pixels, "
                          f"under one pixel wide or high{hint}")
     return (x1, y1, x2, y2)
 
@@ -191,13 +227,17 @@ def read_records(path, parse, skip_invalid):
 
 
 def _parse_record(obj, image_root, box_format):
-    """One grounding record -> (Sample, the box as written); raises ValueError with the reason."""
-    image, query, box = _record_fields(obj)
+    """One grounding record -> (Sample, its boxes as written); raises ValueError with the reason."""
+    image, query, boxes, several = _record_fields(obj)
     if len(query) > MAX_QUERY_CHARS:
         raise ValueError(f"field 'problem': query is {len(query):,} characters, at most {MAX_QUERY_CHARS:,}")
     path = image if os.path.isabs(image) else os.path.join(image_root, image)
     W, H = _image_size(path)
-    return Sample(lambda p=path: read_image(p), query, _to_pixels(box, box_format, W, H), (W, H), ""), box
+    load = lambda p=path: read_image(p)  # noqa: E731
+    if not several:
+        return Sample(load, query, _to_pixels(boxes[0], box_format, W, H), (W, H), "", path=path), boxes
+    pixels = tuple(_to_pixels(b, box_format, W, H, f"field 'boxes' (box {k + 1})") for k, b in enumerate(boxes))
+    return Sample(load, query, None, (W, H), "", boxes=pixels, path=path), boxes
 
 
 def check_not_normalised(path, samples, raw_boxes, box_format):
@@ -216,10 +256,10 @@ def load_jsonl(path, image_root=None, skip_invalid=False, box_format="xyxy"):
     image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
     records = read_records(path, lambda obj: _parse_record(obj, image_root, box_format), skip_invalid)
     samples, raw_boxes = [], []
-    for (sample, box), where in records:
+    for (sample, boxes), where in records:
         sample.source = where
         samples.append(sample)
-        raw_boxes.append(box)
+        raw_boxes += boxes
     check_not_normalised(path, samples, raw_boxes, box_format)
     return samples
 
@@ -262,16 +302,20 @@ class MadeOnAccess(Sequence):
 
 
 class SynthSet(MadeOnAccess):
-    """`n` synthetic grounding samples of `kind` (derm, xray, us or mix: the three interleaved)."""
+    """`n` synthetic grounding samples of `kind` (derm, xray, us or mix: the three interleaved;
+    multi: one to three skin lesions an image, several boxes per query)."""
 
     def __init__(self, kind, split="train", n=None, seed=0):
-        if kind not in KINDS + ("mix",):
+        if kind not in GROUNDING_KINDS:
             hint = " (a classification set: train with --task classify)" if kind in SYNTH_LABELS else ""
-            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {KINDS + ('mix',)}{hint}")
+            raise DataError(f"unknown synthetic kind {kind!r}: expected one of {GROUNDING_KINDS}{hint}")
         self.kind, self.split, self.seed = kind, split, seed
         super().__init__(SYNTH_SIZES[split] if n is None else n)
 
     def make(self, i):
+        if self.kind == "multi":
+            image, query, boxes = synth_multi_sample(self.split, i, self.seed)
+            return Sample(lambda: image, query, None, image.size, f"synth:multi:{self.split}:{i}", boxes=tuple(boxes))
         k, j = (KINDS[i % 3], i // 3) if self.kind == "mix" else (self.kind, i)
         image, query, box = synth_sample(k, self.split, j, self.seed)
         return Sample(lambda: image, query, box, image.size, f"synth:{k}:{self.split}:{j}")
@@ -295,6 +339,13 @@ def load_dataset(spec, default_split="train", image_root=None, skip_invalid=Fals
         raise DataError(f"{spec}: no such file (and not a synth:KIND spec)")
     samples = load_jsonl(spec, image_root, skip_invalid, box_format)
     return samples[:n] if n else samples
+
+
+def several_boxes(samples):
+    """Whether a grounding set gives its records' boxes as lists (synth:multi, field 'boxes')."""
+    if isinstance(samples, SynthSet):
+        return samples.kind == "multi"
+    return any(s.boxes is not None for s in samples)
 
 
 # ----------------------------------------------------------------------------- classification (VRFT-Aug)
@@ -387,6 +438,7 @@ class ClassSample:
     label: int                       # index into Labels.names
     image_size: tuple
     source: str
+    path: str = ""                   # the image file (a JSONL record's)
 
     def image(self):
         return self.load()
@@ -412,7 +464,7 @@ def load_class_jsonl(path, labels, image_root=None, skip_invalid=False):
             raise ValueError(f"field 'problem': empty, not a string or over {MAX_QUERY_CHARS} characters")
         image = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(image_root, obj["image"])
         size = _image_size(image)
-        return ClassSample(lambda p=image: read_image(p), query.strip(), y, size, "")
+        return ClassSample(lambda p=image: read_image(p), query.strip(), y, size, "", path=image)
 
     samples = []
     for sample, where in read_records(path, parse, skip_invalid):
@@ -438,7 +490,7 @@ class SynthClassSet(MadeOnAccess):
 
     def __init__(self, kind, split="train", n=None, seed=0):
         if kind not in SYNTH_LABELS:
-            hint = " (a grounding set: drop --task classify)" if kind in KINDS + ("mix",) else ""
+            hint = " (a grounding set: drop --task classify)" if kind in GROUNDING_KINDS else ""
             raise DataError(f"unknown synthetic classification set {kind!r}: expected one of "
                             f"{list(SYNTH_LABELS)}{hint}")
         self.kind, self.split, self.seed, self.labels = kind, split, seed, SYNTH_LABELS[kind]

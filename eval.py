@@ -5,9 +5,12 @@ confusion-matrix PNG (section 10).
 
     python eval.py --model runs/x/final --dataset synth:derm --out metrics.json --save-vis 8
 
-Greedy decoding, one box per sample, the training prompt and parser; an unparsable answer is IoU 0.
+Greedy decoding, the training prompt and parser; an unparsable answer is IoU 0. A model trained on
+several boxes per query is scored by F1@0.5, F1@0.8, soft F1, matched IoU and mAP@0.5 (METHOD.md 7).
+`--predictions FILE.jsonl` writes every sample's answer, what was read from it and its scores.
 """
 import argparse
+import json
 import os
 
 import torch
@@ -16,7 +19,7 @@ from tqdm import tqdm
 import dist
 import tasks
 from config import BOX_FORMATS, device_problems
-from data import KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, synth_spec, to_rgb
+from data import GROUNDING_KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, several_boxes, synth_spec, to_rgb
 from files import write_json
 from grpo import sample_groups
 from model import load_vlm
@@ -51,23 +54,25 @@ HIT_THRESHOLDS = (0.3, 0.45, 0.5, 0.6, 0.7, 0.8)
 @torch.no_grad()
 def sampled_hits(vlm, task, samples, group_size, temperature=0.9, max_new_tokens=None, batch_size=8, seed=0):
     """What the curriculum's window sees (METHOD.md 6): G completions per image sampled as in
-    training, their mean IoU and the fraction at or above each tau of HIT_THRESHOLDS, and the
-    fraction of groups whose rewards at that tau would all be equal (no gradient)."""
+    training, their mean IoU and the mean hit at each tau of HIT_THRESHOLDS (1[IoU >= tau]; with
+    several boxes the F1 at tau, and the soft F1 as the IoU), and the fraction of groups whose
+    rewards at that tau would all be equal (no gradient)."""
     max_new_tokens = token_budget(vlm, task, max_new_tokens)
     torch.manual_seed(seed)
-    ious = []
+    preds = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         out = sample_groups(vlm, [s.image() for s in chunk], [task.prompt(s) for s in chunk], group_size,
                             temperature, max_new_tokens)
         sizes = [size for size in vlm.input_sizes(out.batch) for _ in range(group_size)]
         rows = [s for s in chunk for _ in range(group_size)]
-        ious += [task.predict(text, s, size)["iou"] for text, s, size in zip(out.texts, rows, sizes)]
-    groups = [ious[i:i + group_size] for i in range(0, len(ious), group_size)]
-    result = {"mean_iou": sum(ious) / len(ious), "completions": len(ious)}
+        preds += [task.predict(text, s, size) for text, s, size in zip(out.texts, rows, sizes)]
+    result = {"mean_iou": sum(p["iou"] for p in preds) / len(preds), "completions": len(preds)}
     for t in HIT_THRESHOLDS:
-        result[f"hit@{t}"] = sum(v >= t for v in ious) / len(ious)
-        result[f"all_equal@{t}"] = sum(len({v >= t for v in g}) == 1 for g in groups) / len(groups)
+        hits = [task.hit(p, t) for p in preds]
+        groups = [hits[i:i + group_size] for i in range(0, len(hits), group_size)]
+        result[f"hit@{t}"] = sum(hits) / len(hits)
+        result[f"all_equal@{t}"] = sum(len(set(g)) == 1 for g in groups) / len(groups)
     return result
 
 
@@ -78,20 +83,27 @@ def evaluate(vlm, task, samples, batch_size=32, max_new_tokens=None):
 
 
 def save_visualisations(samples, preds, n, folder):
-    """N PNGs with the GT box (green) and the predicted box (red) drawn on the original image."""
+    """N PNGs with the GT boxes (green) and the predicted boxes (red) drawn on the original image."""
     from torchvision.transforms.functional import pil_to_tensor, to_pil_image
     from torchvision.utils import draw_bounding_boxes
     os.makedirs(folder, exist_ok=True)
     for i, (s, p) in enumerate(list(zip(samples, preds))[:n]):
-        boxes, colors = [s.box], ["lime"]
-        box = p["box"]
-        if box is not None and box[2] > box[0] and box[3] > box[1]:  # drawable prediction
-            boxes.append(box)
-            colors.append("red")
+        boxes, colors = list(s.truth()), ["lime"] * len(s.truth())
+        for box in p.get("boxes", [p.get("box")]):  # several boxes, or the one
+            if box is not None and box[2] > box[0] and box[3] > box[1]:  # drawable prediction
+                boxes.append(box)
+                colors.append("red")
         img = pil_to_tensor(to_rgb(s.image()))
         drawn = draw_bounding_boxes(img, torch.tensor(boxes, dtype=torch.float32), colors=colors, width=2)
         to_pil_image(drawn).save(os.path.join(folder, f"{i:04d}_iou{p['iou']:.2f}.png"))
 
+
+
+def write_predictions(path, lines):
+    """The lines of --predictions as JSONL, whole or not at all (written beside it, then renamed)."""
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -118,12 +130,20 @@ def main(argv=None):
                         "and all-equal groups at each tau (what the curriculum will see)")
     p.add_argument("--temperature", type=float, default=0.9, help="with --sample: the rollout temperature")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="write every sample's line here: its image and query, the answer, what was read from it "
+                        "(boxes in original-image pixels, or the class), the truth and the scores (the matching's "
+                        "IoUs with several boxes)")
     a = p.parse_args(argv)
     lowest = {"n": 1, "batch_size": 1, "max_new_tokens": 1, "save_vis": 0, "min_pixels": 28 * 28,
               "max_pixels": 28 * 28, "sample": 0, "threads": 0}
     problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
                 if getattr(a, k) is not None and getattr(a, k) < lo]
     problems += device_problems(a.device)
+    for flag, path in (("--out", a.out), ("--predictions", a.predictions)):  # said now, not after the evaluation
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            problems.append(f"{flag} {path}: its folder {folder} does not exist or cannot be written")
     if a.sample == 1 or not 0 < a.temperature <= 10:
         problems.append(f"--sample {a.sample} --temperature {a.temperature}: a group needs G >= 2 and T in (0, 10]")
     if problems:
@@ -134,7 +154,7 @@ def main(argv=None):
     try:
         labels = tasks.saved_labels(a.model)  # before any weights: the data must fit the model
         kind = synth_spec(a.dataset, "test")[0] if a.dataset.startswith("synth:") else None
-        if kind in SYNTH_LABELS and not labels or kind in KINDS + ("mix",) and labels:
+        if kind in SYNTH_LABELS and not labels or kind in GROUNDING_KINDS and labels:
             names = ("grounding", "classification") if not labels else ("classification", "grounding")
             raise SystemExit(f"error: {a.model} is a {names[0]} model and {a.dataset} a {names[1]} set")
         if labels:
@@ -147,6 +167,9 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if a.sample and not task.has_tau:
         raise SystemExit(f"error: --sample {a.sample}: hit rates under tau are for grounding models")
+    if task.name == "ground" and several_boxes(samples):
+        raise SystemExit(f"error: {a.model} answers one box per query, and {a.dataset} gives several: "
+                         "evaluate a model trained on several boxes (--task ground-multi)")
     metrics, preds = evaluate(vlm, task, samples, a.batch_size, a.max_new_tokens)
     print(task.table(metrics))
     if a.sample:
@@ -156,6 +179,9 @@ def main(argv=None):
     if a.out:
         write_json(metrics, a.out)
         task.save_plots(metrics, os.path.splitext(a.out)[0])
+    if a.predictions:
+        write_predictions(a.predictions, [task.record(s, pred) for s, pred in zip(samples, preds)])
+        print(f"wrote {len(preds)} predictions to {a.predictions}")
     if a.save_vis:
         folder = os.path.splitext(a.out)[0] + "_vis" if a.out else "vis"
         save_visualisations(samples, preds, a.save_vis, folder)

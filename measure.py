@@ -17,7 +17,8 @@ import time
 import types
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor
+from transformers import (Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Qwen2_5_VLConfig, Qwen2VLImageProcessor,
+                          Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor)
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 import lora
@@ -25,8 +26,9 @@ import start
 import train
 from config import Config
 from data import load_dataset
-from model import (CACHE_BLOCK, FAMILIES, LOGIT_CHUNK, PRECISIONS, TINY_CHAT_TEMPLATE, VLM, build_tiny_model, build_tiny_processor,
-                   build_tiny_tokenizer, checkpoint_activations, load_vlm, weights_on_meta)
+from model import (CACHE_BLOCK, FAMILIES, GEMMA_VISION, LOGIT_CHUNK, PRECISIONS, TINY_CHAT_TEMPLATE, VLM, build_tiny_model,
+                   build_tiny_processor, build_tiny_tokenizer, char_tokenizer, checkpoint_activations, load_vlm,
+                   weights_on_meta)
 from scheduler import make_schedule
 from tasks import Grounding
 
@@ -36,6 +38,10 @@ PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optim
 # and image-token count; clone: Qwen-shaped with the body small next to the output layer (hidden
 # 256, 2 layers: the head is 6x the body per token); 3b: Qwen2.5-VL-3B-Instruct's config.json dimensions.
 SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[3])
+QWEN3_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                    deepstack_visual_indexes=[8, 16, 24], num_position_embeddings=2304)
+SIGLIP_400M = dict(num_hidden_layers=27, hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
+GEMMA_VOCAB = 262_208  # Gemma 3's (MedGemma's) vocabulary
 SHAPES = {
     "proxy": dict(hidden=512, layers=8, heads=4, kv_heads=2, mlp=1536, mrope=[16, 24, 24], theta=1e6,
                   vision=SMALL_VISION),
@@ -65,9 +71,31 @@ SHAPES = {
                             experts=8, experts_per_token=2, expert_mlp=256, mrope=[16, 24, 24], theta=5e6,
                             vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4,
                                         deepstack_visual_indexes=[1])),
+    # the larger Qwen3-VL checkpoints (their config.json: Qwen3-VL-8B/32B-Instruct, Qwen3-VL-30B-A3B-Instruct's
+    # 128 experts of which 8 per token), one vision tower of 27 blocks with deepstack after 8, 16, 24
+    "qwen3-vl-8b": dict(family="qwen3_vl", hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, mlp=12288,
+                        mrope=[24, 20, 20], theta=5e6, vision=QWEN3_VISION),
+    "qwen3-vl-32b": dict(family="qwen3_vl", hidden=5120, layers=64, heads=64, kv_heads=8, head_dim=128, mlp=25600,
+                         mrope=[24, 20, 20], theta=5e6, vision=QWEN3_VISION),
+    "qwen3-vl-30b-a3b": dict(family="qwen3_vl_moe", hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128,
+                             mlp=6144, experts=128, experts_per_token=8, expert_mlp=768, mrope=[24, 20, 20], theta=5e6,
+                             vision=QWEN3_VISION),
+    # Gemma 3 (MedGemma 4B and 27B multimodal): its config.json; a SigLIP tower on 896 x 896 images in
+    # patches of 14 (64 x 64), pooled to 256 image tokens; 5 sliding-window layers (1024) to 1 full
+    "medgemma-4b": dict(family="gemma3", hidden=2560, layers=34, heads=8, kv_heads=4, head_dim=256, mlp=10240,
+                        query_scale=256, window=1024, vision=SIGLIP_400M, image_size=896, image_tokens=256),
+    "medgemma-27b": dict(family="gemma3", hidden=5376, layers=62, heads=32, kv_heads=16, head_dim=128, mlp=21504,
+                         query_scale=168, window=1024, vision=SIGLIP_400M, image_size=896, image_tokens=256),
+    # Gemma 3 shaped as "clone": 224 x 224 images in patches of 14 pooled to 16 tokens, window 64
+    "gemma3-clone": dict(family="gemma3", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
+                         query_scale=128, window=64, image_size=224, image_tokens=16,
+                         vision=dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                                     num_attention_heads=4)),
 }
 TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False, "qwen3-vl-4b": True, "qwen3-clone": True,
-        "qwen3-moe-clone": True}  # 3B ties its output layer to the input embeddings, 7B does not
+        "qwen3-moe-clone": True, "qwen3-vl-8b": False, "qwen3-vl-32b": False, "qwen3-vl-30b-a3b": False,
+        "medgemma-4b": True, "medgemma-27b": True, "gemma3-clone": True}  # 3B ties its output layer to the input
+        # embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
 # straightforward path's (8, T, 151,936) float32 logits alone are 0.6 GiB for 128 tokens)
@@ -76,14 +104,61 @@ SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new
             "3b": dict(B=4, G=8, new=256, micro=8), "7b": dict(B=4, G=8, new=256, micro=8),
             "32b": dict(B=4, G=8, new=256, micro=8), "qwen3-vl-4b": dict(B=4, G=8, new=256, micro=8),
             "qwen3-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
-            "qwen3-moe-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12)}
+            "qwen3-moe-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
+            "gemma3-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=16),
+            **{name: dict(B=4, G=8, new=256, micro=8) for name in ("qwen3-vl-8b", "qwen3-vl-32b", "qwen3-vl-30b-a3b",
+                                                                   "medgemma-4b", "medgemma-27b")}}
 PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
+
+
+# Gemma 3's special tokens and chat format: <bos> from the template, the assistant's turn called
+# "model", an image as <start_of_image> (the processor expands it into its block of soft tokens)
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *GEMMA_VISION]
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def gemma_tokenizer(vocab_size=None):
+    """A character tokenizer with Gemma 3's special tokens, named as its processor needs them, that
+    puts <bos> before every text as Gemma's does."""
+    tok = char_tokenizer(GEMMA_SPECIAL, vocab_size, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"})
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return tok
+
+
+def shape_tokenizer(name):
+    """The tokenizer a SHAPES entry is built around, with its family's real vocabulary size."""
+    if SHAPES.get(name, {}).get("family") == "gemma3":
+        return gemma_tokenizer(GEMMA_VOCAB)
+    return build_tiny_tokenizer(vocab_size=151_936)
+
+
+def gemma_config(s, tok, tied):
+    """A Gemma3Config of a SHAPES entry: every sixth layer full attention, the rest sliding."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA_SPECIAL}
+    kinds = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(s["layers"] - 1)]
+    text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                head_dim=s["head_dim"], query_pre_attn_scalar=s["query_scale"], sliding_window=s["window"],
+                layer_types=kinds + ["full_attention"], pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], tie_word_embeddings=tied)
+    return Gemma3Config(text_config=text, vision_config=dict(**s["vision"], image_size=s["image_size"], patch_size=14),
+                        mm_tokens_per_image=s["image_tokens"], boi_token_index=ids["<start_of_image>"],
+                        eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+                        tie_word_embeddings=tied)
 
 
 def shape_config(name, tok):
     """The config of a SHAPES entry (a Qwen2.5-VL unless it names its family) around the tokenizer
-    `tok` (151,936 tokens)."""
+    `tok` (shape_tokenizer)."""
     s = SHAPES[name]
+    if s.get("family") == "gemma3":
+        return gemma_config(s, tok, TIED[name])
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     if s.get("family", "").startswith("qwen3_vl"):
@@ -123,7 +198,7 @@ def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
     in float32, nor through torch's slow default initialisation)."""
     if name == "tiny":
         return load_vlm("tiny", device, precision, gradient_checkpointing=device == "cuda")
-    tok = build_tiny_tokenizer(vocab_size=151_936)
+    tok = shape_tokenizer(name)
     torch.manual_seed(0)
     dtype, amp = train_precision(device, precision)
     config = shape_config(name, tok)
@@ -139,7 +214,13 @@ def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
 
 
 def shape_processor(config, tok, image_tokens):
-    """The family's real processor around `tok`, resizing every image to `image_tokens` merged tokens."""
+    """The family's real processor around `tok`, resizing every image to `image_tokens` merged tokens
+    (Gemma 3: to its one image size, whose tokens its config sets)."""
+    if config.model_type == "gemma3":
+        side = config.vision_config.image_size
+        return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": side, "width": side}),
+                               tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
+                               image_seq_length=config.mm_tokens_per_image)
     cell = 2 * config.vision_config.patch_size  # a merged 2 x 2 block of patches
     pixels = image_tokens * cell * cell
     if not config.model_type.startswith("qwen3_vl"):
@@ -204,14 +285,13 @@ class Naive(VLM):
         N, T = completion_ids.shape
         rows = repeat_rows(batch, N // batch["input_ids"].shape[0])
         ones = torch.ones_like(completion_ids)
-        extra = {}
-        if "mm_token_type_ids" in rows:
-            extra["mm_token_type_ids"] = torch.cat([rows["mm_token_type_ids"], 0 * ones], 1)
+        # the completion tokens are text: token type 0
+        types = {k: torch.cat([rows[k], 0 * ones], 1) for k in ("mm_token_type_ids", "token_type_ids") if k in rows}
         with self.context():
             logits = self.model(input_ids=torch.cat([rows["input_ids"], completion_ids], 1),
                                 attention_mask=torch.cat([rows["attention_mask"], ones], 1),
-                                pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"],
-                                logits_to_keep=T + 1, use_cache=False, **extra).logits[:, :-1]
+                                **{**self.vision_inputs(rows), **types},
+                                logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
         return self.policy_logprobs(logits, temperature, sampling).gather(-1, completion_ids[..., None])[..., 0]
 
     def completion_loss(self, batch, completion_ids, objective, temperature=1.0, mask=None, sampling=True):
@@ -230,10 +310,13 @@ class WorkCounter:
         self.images = self.prompt_tokens = 0
         self.prompt_len = 0
         for vlm in vlms:
-            vlm.model.model.visual.register_forward_pre_hook(self.vision, with_kwargs=True)
+            getattr(vlm.model.model, vlm.family.vision[0]).register_forward_pre_hook(self.vision, with_kwargs=True)
             vlm.model.model.language_model.register_forward_pre_hook(self.language, with_kwargs=True)
 
     def vision(self, module, args, kwargs):
+        if "pixel_values" in kwargs:  # a "fixed" family: one (3, H, W) image per row
+            self.images += kwargs["pixel_values"].shape[0]
+            return
         grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
         self.images += grid_thw.shape[0]  # one (t, h, w) row per image
 
@@ -332,18 +415,41 @@ def phase_utilisation(policy, samples, task, results, B, G, new, rate):
 
 
 # ----------------------------------------------------------------------------- FLOPs and utilisation
-def linear_flops(config):
+def tower(config, image_tokens):
+    """The vision encoder as the plan and the FLOPs count it, for either kind: Qwen's (any image
+    size; 2 x 2 patches merged into one image token, `image_tokens` of them) or Gemma 3's SigLIP
+    (one image size; its patches pooled to the config's tokens per image). depth, hidden, heads,
+    mlp: its blocks; patches: per image; pixels: numbers per patch; merged: the width the merger
+    or projector reads per image token; window: the patches a windowed block attends over; full:
+    the blocks in full attention."""
+    v = config.vision_config
+    if config.model_type == "gemma3":
+        side = v.image_size // v.patch_size
+        return types.SimpleNamespace(depth=v.num_hidden_layers, hidden=v.hidden_size, heads=v.num_attention_heads,
+                                     mlp=v.intermediate_size, patches=side * side, pixels=3 * v.patch_size ** 2,
+                                     merged=v.hidden_size, window=side * side, full=v.num_hidden_layers)
+    patches = 4 * image_tokens
+    # Qwen2.5-VL windows most blocks; Qwen3-VL attends over the whole image in every block
+    window = min(patches, (v.window_size // v.patch_size) ** 2) if hasattr(v, "window_size") else patches
+    return types.SimpleNamespace(depth=v.depth, hidden=v.hidden_size, heads=v.num_heads, mlp=v.intermediate_size,
+                                 patches=patches, pixels=pixels_per_patch(v), merged=v.hidden_size * 4,
+                                 window=window, full=len(getattr(v, "fullatt_block_indexes", range(v.depth))))
+
+
+def linear_flops(config, image_tokens=IMAGE_TOKENS):
     """Matmul FLOPs per token of one language layer, per patch of one vision block, per merged
-    image token of the merger, per patch of the patch embedding, per position of the output layer
-    (2 x multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
-    text, vision = config.text_config, config.vision_config
+    image token of the merger (Qwen's 2-layer MLP, Gemma's one projection), per patch of the patch
+    embedding, per position of the output layer (2 x multiply-adds; biases, norms and activations
+    are left out: a fraction of a percent)."""
+    text, vision = config.text_config, tower(config, image_tokens)
     h, m = text.hidden_size, text.intermediate_size
     q, kv = text.num_attention_heads * head_dim(text), text.num_key_value_heads * head_dim(text)
-    hv, mv, merged = vision.hidden_size, vision.intermediate_size, vision.hidden_size * vision.spatial_merge_size ** 2
+    hv, mv, merged = vision.hidden, vision.mlp, vision.merged
+    out = getattr(config.vision_config, "out_hidden_size", h)  # Gemma's projector maps to the text width
+    merger = merged * h if config.model_type == "gemma3" else merged * merged + merged * out
     return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
-            "block": 2 * (hv * 3 * hv + hv * hv + 3 * hv * mv),
-            "merger": 2 * (merged * merged + merged * vision.out_hidden_size),
-            "patch": 2 * pixels_per_patch(vision) * hv, "head": 2 * h * text.vocab_size}
+            "block": 2 * (hv * 3 * hv + hv * hv + (3 if config.model_type != "gemma3" else 2) * hv * mv),
+            "merger": 2 * merger, "patch": 2 * vision.pixels * hv, "head": 2 * h * text.vocab_size}
 
 
 def head_dim(text):
@@ -366,14 +472,12 @@ def attention_flops(config, queries, keys):
 def vision_flops(config, images, image_tokens, attention=True):
     """The vision encoder on `images` images of `image_tokens` merged tokens: patch embedding,
     blocks, merger; windowed attention except in the full-attention blocks."""
-    vision, f = config.vision_config, linear_flops(config)
-    patches = 4 * image_tokens
+    vision, f = tower(config, image_tokens), linear_flops(config, image_tokens)
+    patches = vision.patches
     total = images * (patches * (f["patch"] + vision.depth * f["block"]) + image_tokens * f["merger"])
     if attention:
-        # Qwen2.5-VL windows most blocks; Qwen3-VL attends over the whole image in every block
-        window = min(patches, (vision.window_size // vision.patch_size) ** 2) if hasattr(vision, "window_size") else patches
-        full = len(getattr(vision, "fullatt_block_indexes", range(vision.depth)))
-        total += images * 4 * patches * vision.hidden_size * (full * patches + (vision.depth - full) * window)
+        windowed = vision.depth - vision.full
+        total += images * 4 * patches * vision.hidden * (vision.full * patches + windowed * vision.window)
     return total
 
 
@@ -385,7 +489,7 @@ def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
     forward also takes the output layer's gradients (dX and dW: twice its forward, model.OutputLayer);
     the backward costs twice the forward's other matmuls and 2.5x its attention (flash backward:
     five matmuls)."""
-    f, layers = linear_flops(config), config.text_config.num_hidden_layers
+    f, layers = linear_flops(config, image_tokens), config.text_config.num_hidden_layers
     N, S, L = B * G, prompt_tokens + G * (T - 1), prompt_tokens
     vision = vision_flops(config, B, image_tokens, attention)
     prefill = vision + B * L * layers * f["layer"] + B * f["head"]
@@ -399,7 +503,7 @@ def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
     forward = score_linear + score_attention
     head = N * T * f["head"]
     return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward + 2 * head,
-            "backward": 2 * (score_linear - head) - B * 4 * image_tokens * f["patch"]
+            "backward": 2 * (score_linear - head) - B * tower(config, image_tokens).patches * f["patch"]
             + 2.5 * (score_attention + vision_attention)}
 
 
@@ -429,7 +533,7 @@ def plan_model(name, lora_rank=0):
         if name == "tiny":
             model = build_tiny_model(build_tiny_tokenizer())
         else:
-            config = shape_config(name, build_tiny_tokenizer(vocab_size=151_936))
+            config = shape_config(name, shape_tokenizer(name))
             model = FAMILIES[config.model_type].model(config)
         if lora_rank:
             lora.inject(model, lora_rank, 2 * lora_rank)
@@ -449,7 +553,7 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
     resident = {"weights": s.local * s.weight_bytes,
                 "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
                 "AdamW moments": 2 * s.trainable * s.grad_bytes,
-                "prompt pixels": s.B * s.patches * pixels_per_patch(s.vision) * 4}
+                "prompt pixels": s.B * s.vision.patches * s.vision.pixels * 4}
     gradients = {"gradients": s.trainable * s.grad_bytes}
     # torch's fused AdamW (start.optimizer_of) updates each tensor in place: no temporaries to plan for
     setup = {"weights": resident["weights"], "reference": resident["reference"],
@@ -467,14 +571,13 @@ def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, sha
     params = list({id(p): p for p in model.parameters()}.values())                # tied tensors once
     split = lambda p: p.numel() / (shard or ranks) if fsdp and p is not head else p.numel()  # the head stays whole
     return types.SimpleNamespace(
-        text=model.config.text_config, vision=model.config.vision_config, model=model, head=head,
+        text=model.config.text_config, vision=tower(model.config, image_tokens), model=model, head=head,
         params=params, fsdp=fsdp,
         weight_bytes=weights_dtype.itemsize,                 # fp32 masters unless pure bf16
         act=(amp or weights_dtype).itemsize,                 # what activations and the KV cache are computed in
         grad_bytes=4 if cfg.lora_rank else weights_dtype.itemsize,  # LoRA's adapters are float32 on any base
         local=sum(split(p) for p in params), trainable=sum(split(p) for p in params if p.requires_grad),
-        B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens,
-        patches=4 * image_tokens)  # before the 2x2 merge
+        B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens)
 
 
 def checkpoint_plan(model, cfg, ranks, fsdp, shard=None, device="cuda"):
@@ -521,13 +624,12 @@ def scoring_terms(s, cfg):
     h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
     groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
     per_token = 6 * h + 2 * head_dim(text) + 5 * heads * head_dim(text) + 4 * text.intermediate_size + S
-    per_patch = 11 * vision.hidden_size + 2 * (vision.hidden_size // vision.num_heads) \
-        + 4 * vision.intermediate_size + s.patches
+    per_patch = 11 * vision.hidden + 2 * (vision.hidden // vision.heads) + 4 * vision.mlp + vision.patches
     if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
         kept = groups * act * (S * (layers * h + per_token)
-                               + s.patches * (vision.depth * vision.hidden_size + per_patch))
+                               + vision.patches * (vision.depth * vision.hidden + per_patch))
     else:
-        kept = groups * act * (S * layers * per_token + s.patches * vision.depth * per_patch)
+        kept = groups * act * (S * layers * per_token + vision.patches * vision.depth * per_patch)
     V = text.vocab_size
     chunk = min(max(1, LOGIT_CHUNK // V), groups * s.G * s.T) * V * 4  # float32 log-probs of one chunk
     terms = {"activations": kept, "one layer's backward": groups * S * per_token * act, "log-prob chunk": 3 * chunk}

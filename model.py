@@ -21,12 +21,14 @@ from itertools import accumulate
 import torch
 from huggingface_hub import snapshot_download
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, StaticCache,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+from transformers import (AutoConfig, DynamicCache, Gemma3ForConditionalGeneration, Gemma3Processor, GenerationConfig,
+                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLForConditionalGeneration,
                           Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.utils import logging as hf_logging
 
 import lora
@@ -36,16 +38,41 @@ hf_logging.disable_progress_bar()  # our own tqdm bars are the ones worth watchi
 
 
 
+# Checkpoint names: (prefix in a save_pretrained folder, prefix in the model). Hub folders of the
+# Qwen2(.5)-VL generation call the text layers model.* and the vision tower visual.*; Gemma 3's
+# (saved by transformers 4) nest the text layers in language_model.model.*; transformers 5 nests
+# both under model.*. Qwen3-VL's folders already use the model's names.
+QWEN_KEYS = (("visual.", "model.visual."), ("model.", "model.language_model."))
+GEMMA_KEYS = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+              ("multi_modal_projector.", "model.multi_modal_projector."), ("language_model.lm_head.", "lm_head."))
+QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+GEMMA_VISION = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
 @dataclass(frozen=True)
 class Family:
-    """What differs between the model families a run can train, in one place.
+    """What differs between the model families a run can train, in one place (README, Model families).
     coord: the frame its answers' boxes are in (METHOD.md section 2: "abs", pixels of the resized
     input; "norm1000", 0..1000 of the image); units: the class names of its decoder layer and its
-    vision block, FSDP's units (dist.shard)."""
+    vision block, FSDP's units (dist.shard); vision: the modules of `model.model` that
+    --freeze-vision freezes; turn_end: the token an answer ends with (SFT's last target, the first
+    stop token); vision_tokens: never sampled (a vision token in a completion breaks the next
+    forward, METHOD.md 3); images: "grid" (Qwen: any size, resized to whole patches, `image_grid_thw`
+    in the batch) or "fixed" (Gemma 3: every image resized to the image processor's one size);
+    positions: "mrope" (Qwen's (t, h, w) rotary positions, get_rope_index) or "text" (1-D, the
+    token count); bidirectional_images: the image tokens of one image see each other (Gemma 3),
+    in the scoring mask too; keys: checkpoint names (file prefix, model prefix)."""
     model: type
     processor: type
     coord: str
     units: tuple
+    vision: tuple = ("visual",)
+    turn_end: str = "<|im_end|>"
+    vision_tokens: tuple = QWEN_VISION
+    images: str = "grid"
+    positions: str = "mrope"
+    bidirectional_images: bool = False
+    keys: tuple = QWEN_KEYS
 
 
 FAMILIES = {
@@ -57,7 +84,37 @@ FAMILIES = {
                        ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")),
     "qwen3_vl_moe": Family(Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, "norm1000",
                            ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")),
+    # Gemma 3 and MedGemma: no box format of its own, so Qwen2/3-VL's 0-1000 of the image (METHOD.md 2)
+    "gemma3": Family(Gemma3ForConditionalGeneration, Gemma3Processor, "norm1000",
+                     ("Gemma3DecoderLayer", "SiglipEncoderLayer"), vision=("vision_tower", "multi_modal_projector"),
+                     turn_end="<end_of_turn>", vision_tokens=GEMMA_VISION, images="fixed", positions="text",
+                     bidirectional_images=True, keys=GEMMA_KEYS),
 }
+
+
+def layer_kinds(text_config):
+    return set(getattr(text_config, "layer_types", None) or ["full_attention"])
+
+
+def unsupported(config):
+    """Why a model of this config cannot be trained here, in one line, or None. Its family must be
+    in FAMILIES; its layers full attention, or sliding-window attention where positions are 1-D
+    (Gemma 3: the sampler and the scorer build the window into their masks by rotary position,
+    VLM.attention_masks); its output layer plain: the hand-written one (OutputLayer) computes
+    softmax(h W^T / T), and a softcapped head (tanh on the logits) would need its own derivative."""
+    if config.model_type not in FAMILIES:
+        return (f"model type {config.model_type!r} is not supported; the families trained here: "
+                f"{', '.join(sorted(FAMILIES))} (README, Model families)")
+    text = config.get_text_config()
+    windowed = FAMILIES[config.model_type].positions == "text"  # a window counts 1-D positions
+    supported = {"full_attention", "sliding_attention"} if windowed else {"full_attention"}
+    if not layer_kinds(text) <= supported:
+        return (f"layers of kind {sorted(layer_kinds(text) - supported)} are not supported for {config.model_type} "
+                "(set use_sliding_window false in its config.json, if it has it)")
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        return (f"final_logit_softcapping {text.final_logit_softcapping} is not supported by the hand-written "
+                "output layer (METHOD.md 5.5)")
+    return None
 
 
 def fsdp_units(model):
@@ -65,8 +122,9 @@ def fsdp_units(model):
     family's class names, in the model's order)."""
     names = FAMILIES[model.config.model_type].units
     return [m for name in names for m in model.modules() if type(m).__name__ == name]
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *QWEN_VISION]
 # Whole-word tokens of the answer templates, so the tiny model writes "<answer>" in one step.
 TEMPLATE_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 ROPE_THETA = 20.0  # tiny model only; see build_tiny_model
@@ -106,22 +164,31 @@ def reuse_freed_memory():
 
 
 # ----------------------------------------------------------------------------- the tiny model
-def build_tiny_tokenizer(vocab_size=None):
-    """Character-level tokenizer with the Qwen special tokens (no files needed).
-
-    `vocab_size` pads the vocabulary with unused tokens, e.g. to Qwen's 151,936, so a test or
-    benchmark model has real-sized embeddings and logits."""
+def char_tokenizer(special, vocab_size=None, bos_token=None, **named):
+    """A character-level tokenizer made in code (no files): the `special` tokens, the answer
+    template's words, then every printable character. `vocab_size` pads the vocabulary with unused
+    tokens, e.g. to Qwen's 151,936, so a test or benchmark model has real-sized embeddings and
+    logits; a `bos_token` is put before every text, as Gemma's tokenizer does; `named`: the
+    tokenizer's named tokens (eos_token=..., pad_token=...)."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    words = SPECIAL_TOKENS + TEMPLATE_TOKENS + ["<unk>"] + chars
+    words = special + TEMPLATE_TOKENS + ["<unk>"] + chars
     words += [f"<|unused_{i}|>" for i in range((vocab_size or 0) - len(words))]
     vocab = {tok: i for i, tok in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    if bos_token is not None:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A",
+                                                            special_tokens=[(bos_token, vocab[bos_token])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=bos_token, **named)
+    tok.add_special_tokens({"additional_special_tokens": special})
     tok.add_tokens(TEMPLATE_TOKENS)  # matched whole before the character split
+    return tok
+
+
+def build_tiny_tokenizer(vocab_size=None):
+    """The tiny model's tokenizer: characters, with the Qwen special tokens and chat format."""
+    tok = char_tokenizer(SPECIAL_TOKENS, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
@@ -174,9 +241,8 @@ class VLM:
 
     def __init__(self, model, processor, template=None, amp_dtype=None):
         model_type = model.config.model_type
-        if model_type not in FAMILIES:
-            raise ValueError(f"model type {model_type!r} has no known coordinate frame; "
-                             f"supported: {sorted(FAMILIES)} (METHOD.md section 2)")
+        if unsupported(model.config):
+            raise ValueError(unsupported(model.config))
         self.model, self.processor = model, processor
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
@@ -184,8 +250,9 @@ class VLM:
         self.published_dtype = None  # the dtype its folder was published in: final/'s default (load_vlm sets it)
         self.run_fields = {}        # what the run writes into config.json: the task's (tasks.of_config reads
                                     # them back) and the completion length eval.py decodes to
-        self.coord = FAMILIES[model_type].coord
-        self.patch = processor.image_processor.patch_size  # pixels per side of one grid cell
+        self.family = FAMILIES[model_type]
+        self.coord = self.family.coord
+        self.patch = getattr(processor.image_processor, "patch_size", None)  # pixels per side of a grid cell
         self.cache_arg = cache_arg(model.model.language_model)
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
@@ -195,15 +262,12 @@ class VLM:
         # turn first: it is the token an SFT answer ends with
         stops = model.generation_config.eos_token_id
         stops = stops if isinstance(stops, list) else [stops]
-        self.eos_ids = list(dict.fromkeys(i for i in [tok.convert_tokens_to_ids("<|im_end|>"),
+        self.eos_ids = list(dict.fromkeys(i for i in [tok.convert_tokens_to_ids(self.family.turn_end),
                                                       tok.eos_token_id, *stops] if i is not None))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
-        # never sampled: a vision token in a completion breaks the next forward (METHOD.md 3)
-        self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in VISION_TOKENS])
-        kinds = set(getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:  # the sampler's cache and the scoring mask are full attention
-            raise ValueError(f"layers of kind {sorted(kinds - {'full_attention'})} (sliding-window attention) "
-                             "are not supported: set use_sliding_window false in the model's config.json")
+        self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in self.family.vision_tokens])
+        text = model.config.get_text_config()
+        self.window = text.sliding_window if "sliding_attention" in layer_kinds(text) else None
 
     @property
     def device(self):
@@ -223,13 +287,25 @@ class VLM:
         texts = [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
             tokenize=False, add_generation_prompt=True) for p in prompts]
-        batch = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+        # the rendered template is the whole text: Gemma's tokenizer would add a second <bos>; one
+        # image per prompt, as a list of its own (Gemma 3's processor wants a list per prompt)
+        batch = self.processor(text=texts, images=[[image] for image in images], padding=True,
+                               add_special_tokens=False, return_tensors="pt")
         return batch.to(self.device)
 
     def input_sizes(self, batch):
-        """(width, height) of each processor-resized image: grid_thw times the patch (14 for
-        Qwen2/2.5-VL, 16 for Qwen3-VL; METHOD.md section 2)."""
+        """(width, height) of each processor-resized image (METHOD.md section 2): grid_thw times the
+        patch (14 for Qwen2/2.5-VL, 16 for Qwen3-VL), or the one size a "fixed" family resizes to."""
+        if self.family.images == "fixed":
+            size = self.processor.image_processor.size
+            return [(size["width"], size["height"])] * len(batch["input_ids"])
         return [(int(w) * self.patch, int(h) * self.patch) for _, h, w in batch["image_grid_thw"].tolist()]
+
+    def vision_inputs(self, batch):
+        """The processor's image inputs the model's forward takes: the pixels and Qwen's grid; the
+        token types tell Gemma 3 which tokens form an image (bidirectional there: its prefill)."""
+        names = ("pixel_values", "image_grid_thw", "token_type_ids")
+        return {k: batch[k] for k in names if k in batch}
 
     # ------------------------------------------------------------------ the policy distribution
     def policy_logprobs(self, logits, temperature, sampling=True):
@@ -244,11 +320,16 @@ class VLM:
         return logits.log_softmax(-1)
 
     def prompt_positions(self, batch):
-        """Rotary positions (3, B, L) of the left-padded prompts and the next free position (B,).
+        """Rotary positions of the left-padded prompts, (3, B, L) for Qwen's multimodal rope and
+        (B, L) for a "text" family, and the next free position (B,).
 
         Qwen's multimodal rope gives the image tokens (t, h, w) positions, so text after an image
-        continues from max(position) + 1, not from the token count (METHOD.md section 5)."""
+        continues from max(position) + 1, not from the token count (METHOD.md section 5); a text
+        family counts the real tokens, padding left out."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.family.positions == "text":
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            return positions, positions[:, -1] + 1
         types = batch.get("mm_token_type_ids")
         if types is None:  # older processors: image placeholders are type 1, everything else text
             types = (ids == self.model.config.image_token_id).int()
@@ -267,9 +348,11 @@ class VLM:
         prompt. grpo.sample_groups decodes from here, one token at a time with `decode_step`."""
         positions, start = self.prompt_positions(batch)
         with self.context():
+            # a cache that keeps every key (a sliding layer's own would keep only its window; the
+            # decoding masks apply the window)
             out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=positions, pixel_values=batch["pixel_values"],
-                                   image_grid_thw=batch["image_grid_thw"], use_cache=True)
+                                   position_ids=positions, **self.vision_inputs(batch), use_cache=True,
+                                   **{self.cache_arg: DynamicCache()})
             prompt_cache = getattr(out, self.cache_arg)
             logits = self.model.lm_head(out.last_hidden_state[:, -1])
         B, L = batch["input_ids"].shape
@@ -278,13 +361,16 @@ class VLM:
         mask[:, :L] = batch["attention_mask"].bool().repeat_interleave(copies, 0)
         state = {"cache": self.static_cache(prompt_cache, copies, length), "mask": mask, "length": L,
                  "next": start.repeat_interleave(copies)}
+        if self.window is not None:  # each column's rotary position, for the sliding window
+            state["positions"] = torch.zeros(B * copies, length, dtype=torch.long, device=mask.device)
+            state["positions"][:, :L] = positions.repeat_interleave(copies, 0)
         return state, logits.float().repeat_interleave(copies, 0)
 
     def static_cache(self, prompt_cache, copies, length):
         """The prompts' KV cache, each row copied `copies` times (the G rows of a group share one
         prefill), in a cache preallocated to `length` positions: decoding then writes each token
         into its column in place, and every step has the same shapes (what --compile needs)."""
-        cache = StaticCache(config=self.model.config.text_config, max_cache_len=length)
+        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in prompt_cache.layers])
         for static, prompt in zip(cache.layers, prompt_cache.layers):
             keys, values = prompt.keys.repeat_interleave(copies, 0), prompt.values.repeat_interleave(copies, 0)
             # each in its own dtype: under bf16 autocast the keys come out of the rotary embedding
@@ -306,12 +392,17 @@ class VLM:
     def decode_step(self, state, tokens):
         """Feed one token per row (N,) and return the next-token logits (N, V). The token goes
         into the cache's next free column, which the rows' attention mask opens."""
-        n = tokens.shape[0]
-        state["mask"][:, state["length"]] = True
+        n, column = tokens.shape[0], state["length"]
+        state["mask"][:, column] = True
         state["length"] += 1
-        positions = state["next"].view(1, n, 1).expand(3, n, 1)
+        query = state["next"].view(n, 1)
         state["next"] = state["next"] + 1
-        return self.next_logits(tokens, positions, self.attention_form(state["mask"][:, None, None]), state["cache"])
+        if self.window is not None:
+            state["positions"][:, column] = query[:, 0]
+        masks = self.attention_masks(state["mask"][:, None, None], query[:, None, :, None],
+                                     state.get("positions", state["mask"])[:, None, None])
+        positions = query if self.family.positions == "text" else query[None].expand(3, n, 1)
+        return self.next_logits(tokens, positions, masks, state["cache"])
 
     def next_logits(self, tokens, positions, mask, cache):
         """The language model on one token per row: next-token logits (N, V), float32. With
@@ -364,14 +455,14 @@ class VLM:
         G = N // B
         mask = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask.bool()
         body = completion_ids[:, :-1].reshape(B, G * (T - 1))  # (B, G*(T-1)); the last token predicts nothing
-        positions, start = self.prompt_positions(batch)  # (3, B, L), (B,)
+        positions, start = self.prompt_positions(batch)  # (3, B, L) or (B, L), (B,)
         block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)  # (B, G*(T-1))
-        positions = torch.cat([positions, block[None].expand(3, B, -1)], 2)  # (3, B, L + G*(T-1))
+        positions = torch.cat([positions, block.expand(*positions.shape[:-1], -1)], -1)  # (.., B, L + G*(T-1))
         with self.context():
             hidden = self.model.model(input_ids=torch.cat([batch["input_ids"], body], 1),
-                                      attention_mask=self.group_mask(batch["attention_mask"], G, T - 1),
-                                      position_ids=positions, pixel_values=batch["pixel_values"],
-                                      image_grid_thw=batch["image_grid_thw"], use_cache=False).last_hidden_state
+                                      attention_mask=self.group_mask(batch, G, T - 1, positions),
+                                      position_ids=positions, **self.vision_inputs(batch),
+                                      use_cache=False).last_hidden_state
         # hidden: (B, L + G*(T-1), H). Token t of completion g is predicted by the prompt's last
         # position for t = 0, else by position L + g*(T-1) + (t-1) of the row
         t = torch.arange(T, device=hidden.device)  # (T,)
@@ -380,22 +471,42 @@ class VLM:
         hidden = hidden[:, source.flatten()].reshape(N, T, -1)  # (B, G*T, H) -> (N, T, H), group after group
         return hidden[mask], completion_ids[mask], mask
 
-    def group_mask(self, prompt_mask, copies, length):
-        """4-D attention mask (B, 1, S, S) of a [prompt | copies x completion] row.
+    def group_mask(self, batch, copies, length, positions):
+        """The attention mask (B, 1, S, S) of a [prompt | copies x completion] row (a dict of them,
+        one per kind of layer, for a family with sliding-window layers: `attention_masks`).
 
         Query q may see key k when k <= q, k is a real (not padding) token, and k is in the prompt
-        or in q's own completion. Every token sees itself, so padding rows stay finite."""
+        or in q's own completion; in Gemma 3 the tokens of one image also see each other, later
+        ones included. Every token sees itself, so padding rows stay finite. `positions`: the
+        row's rotary positions, by which a sliding window counts."""
+        prompt_mask = batch["attention_mask"]
         B, L = prompt_mask.shape
         S = L + copies * length
         dev = prompt_mask.device
         segment = torch.cat([torch.zeros(L, dtype=torch.long, device=dev),
                              torch.arange(1, copies + 1, device=dev).repeat_interleave(length)])
         index = torch.arange(S, device=dev)
-        visible = (index[None, :] <= index[:, None]) & (
-            (segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+        visible = ((index[None, :] <= index[:, None]) & (
+            (segment[None, :] == 0) | (segment[None, :] == segment[:, None])))[None]
+        if self.family.bidirectional_images:
+            image = batch["token_type_ids"] == 1  # (B, L), one image per prompt: one block of tokens
+            image = torch.cat([image, image.new_zeros(B, S - L)], 1)
+            visible = visible | (image[:, :, None] & image[:, None, :])
         real = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, S - L, dtype=torch.bool)], 1)
-        allowed = (visible[None] & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=dev)
-        return self.attention_form(allowed[:, None])
+        allowed = (visible & real[:, None, :]) | torch.eye(S, dtype=torch.bool, device=dev)
+        text = positions if positions.dim() == 2 else positions[0]  # a window counts text positions
+        return self.attention_masks(allowed[:, None], text[:, None, :, None], text[:, None, None, :])
+
+    def attention_masks(self, allowed, query, keys):
+        """The model's attention masks from a 4-D boolean one (True: may attend): the same for
+        every layer, or with sliding-window layers {"full_attention": ..., "sliding_attention": ...},
+        the latter also hiding keys `window` or more positions before the query (rotary positions
+        `query` and `keys`, broadcast against `allowed`): Gemma 3's window, which a completion
+        laid out after the other completions of its group keeps by position, not by column."""
+        if self.window is None:
+            return self.attention_form(allowed)
+        return {"full_attention": self.attention_form(allowed),
+                "sliding_attention": self.attention_form(allowed & (keys > query - self.window))}
 
     def attention_form(self, allowed):
         """A 4-D boolean mask (True: may attend) as the model's attention takes it, which then uses
@@ -421,7 +532,10 @@ class VLM:
 
     @staticmethod
     def select_rows(batch, start, end):
-        """Rows start:end of a processor batch (pixel_values hold t*h*w patch rows per image)."""
+        """Rows start:end of a processor batch (Qwen's pixel_values hold t*h*w patch rows per image,
+        a "fixed" family's one image each)."""
+        if "image_grid_thw" not in batch:
+            return {k: v[start:end] for k, v in batch.items()}
         offsets = [0] + list(accumulate(batch["image_grid_thw"].prod(-1).tolist()))
         rows = {k: v[start:end] for k, v in batch.items() if k != "pixel_values"}
         rows["pixel_values"] = batch["pixel_values"][offsets[start]:offsets[end]]
@@ -534,11 +648,15 @@ class OutputLayer(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None, None
 
 
-def check_chat_template(processor):
+def check_processor(processor):
     """Render one prompt now: a chat template that fails (or that the jinja sandbox stops) is a
-    one-line error at load time, not a traceback at the first step."""
+    one-line error at load time, not a traceback at the first step. Gemma 3's pan and scan would
+    crop an image into several (several image blocks a prompt): the prompts here hold one image."""
     processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}],
                                   tokenize=False, add_generation_prompt=True)
+    if getattr(processor.image_processor, "do_pan_and_scan", None):
+        raise ValueError("the image processor's do_pan_and_scan is on: one image per prompt is what is scored here; "
+                         "set it false in its processor config")
 
 
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
@@ -585,7 +703,8 @@ def training_setup(model, gradient_checkpointing, freeze_vision):
     if gradient_checkpointing:
         checkpoint_activations(model)
     if freeze_vision:
-        model.model.visual.requires_grad_(False)
+        for name in FAMILIES[model.config.model_type].vision:
+            getattr(model.model, name).requires_grad_(False)
 
 
 @contextlib.contextmanager
@@ -605,24 +724,17 @@ def weights_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def model_key(key):
-    """A weight's name in a Qwen2(.5)-VL folder -> its name in the model. The hub's folders (and
-    save_pretrained's) call the text layers model.* and the vision tower visual.*; transformers 5
-    nests both in model.language_model and model.visual."""
-    if key.startswith("visual."):
-        return "model." + key
-    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + key.removeprefix("model.")
-    return key
+def model_key(key, keys):
+    """A weight's name in a folder -> its name in the model, by the family's `keys` (file prefix,
+    model prefix): a name already the model's stays as it is (QWEN_KEYS, GEMMA_KEYS)."""
+    if key.startswith(tuple(inside for _, inside in keys)):
+        return key
+    return next((inside + key[len(stored):] for stored, inside in keys if key.startswith(stored)), key)
 
 
-def file_key(name):
+def file_key(name, keys):
     """A weight's name in the model -> its name in a save_pretrained folder (model_key's inverse)."""
-    if name.startswith("model.visual."):
-        return name.removeprefix("model.")
-    if name.startswith("model.language_model."):
-        return "model." + name.removeprefix("model.language_model.")
-    return name
+    return next((stored + name[len(inside):] for stored, inside in keys if name.startswith(inside)), name)
 
 
 def weight_files(name):
@@ -697,7 +809,7 @@ def load_sharded(model_cls, config, name, dtype, compute_dtype, device, shard, g
     folder, files = weight_files(name)
     for path in files:
         for stored, shape, read in read_safetensors(path):
-            key = model_key(stored)
+            key = model_key(stored, FAMILIES[config.model_type].keys)
             if key not in owners:
                 raise ValueError(f"{path}: weight {stored} belongs to no parameter of {model_cls.__name__}")
             old = model.get_parameter(key)
@@ -758,13 +870,12 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
     else:
         config = model_config(name)
         model_type = config.model_type
-        if model_type not in FAMILIES:
-            raise ValueError(f"{name}: model type {model_type!r} is not supported; "
-                             f"expected one of {sorted(FAMILIES)}")
+        if unsupported(config):
+            raise ValueError(f"{name}: {unsupported(config)}")
         model_cls, processor_cls = FAMILIES[model_type].model, FAMILIES[model_type].processor
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)
-            check_chat_template(processor)
+            check_processor(processor)
         except Exception as e:  # missing or broken tokenizer files, a template that fails or the sandbox stops
             raise unloadable(name, e)
         published = config.dtype  # read before from_pretrained's dtype= overrides it

@@ -42,9 +42,9 @@ import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from data import DataError, IMAGE_EXTS, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
+from data import DataError, GROUNDING_KINDS, IMAGE_EXTS, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
 from files import Lock, RunError, first_line, make_folder, regular_file, why, write_json
-from synth import KINDS, SPLITS, tight_box
+from synth import SPLITS, tight_box
 
 SPLIT_NAMES = ("train", "val", "test")
 DICOM_EXTS = (".dcm", ".dicom")
@@ -58,7 +58,8 @@ MULTI_FRAME, AMBIGUOUS = "multi-frame DICOM (choose a frame with --frame)", "ima
 OUTSIDE_IMAGES = "image outside --images (a path or a link that leads out of it)"
 TOO_LARGE = f"image over {MAX_IMAGE_PIXELS:,} pixels (as its header declares: never decoded)"
 NO_MASK, UNKNOWN_ID = "no mask for this image", "annotation names no known image or category"
-NEGATIVE, SEVERAL, CROWD = "negative (no box)", "several boxes for one query (--multi-box skip)", "crowd annotation (iscrowd)"
+NEGATIVE, SEVERAL, CROWD = ("negative (no box)", "several boxes for one query (--multi-box skip; keep trains them)",
+                            "crowd annotation (iscrowd)")
 POLICY = (NEGATIVE, SEVERAL, CROWD)
 
 
@@ -660,14 +661,15 @@ def fuse(rows, fuse_iou):
     return [(tuple(float(np.mean([r.box[k] for r in g])) for k in range(4)), g) for g in groups.values()]
 
 
-def one_box(boxes, rule):
-    """The multi-box rule: None (skip), the union of the boxes, or the largest one."""
-    if len(boxes) == 1:
-        return boxes[0]
+def record_boxes(boxes, rule):
+    """The multi-box rule: every box ("keep": a record of several boxes, METHOD.md 4.2), or one box:
+    the only one, the union of the boxes, the largest one; None when several are skipped."""
+    if rule == "keep" or len(boxes) == 1:
+        return list(boxes)
     if rule == "union":
-        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+        return [(min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))]
     if rule == "largest":
-        return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        return [max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))]
     return None
 
 
@@ -675,7 +677,7 @@ def one_box(boxes, rule):
 class Record:
     image: str
     query: str
-    box: tuple
+    boxes: list             # one box, or with --multi-box keep all of the query's
     patient: str
     split: str
     rows: list
@@ -702,12 +704,12 @@ def image_records(rows, answer, opts, tally, fused):
     for query, group in by_query.items():
         lesions = fuse(group, opts.fuse_iou)
         fused[0] += len(group) - len(lesions)
-        box = one_box([b for b, _ in lesions], opts.multi_box)
-        if box is None:
+        boxes = record_boxes([b for b, _ in lesions], opts.multi_box)
+        if boxes is None:
             for r in group:
                 tally.add(r.where, SEVERAL)
             continue
-        scaled = [round(v * s, 2) for v, s in zip(box, (sx, sy, sx, sy))]
+        scaled = [[round(v * s, 2) for v, s in zip(box, (sx, sy, sx, sy))] for box in boxes]
         records.append(Record(relative(answer["image"], opts.out), query, scaled, group[0].patient,
                               group[0].split, [r.where for r in group]))
     return records
@@ -767,13 +769,20 @@ def convert(fmt, annotations, opts):
               "records": {s: len(out[s]) for s in SPLIT_NAMES},
               "patients": {s: len({r.patient for r in out[s]}) for s in SPLIT_NAMES},
               "left_out": tally.to_json(), "boxes_fused": fused[0],
+              "boxes_per_record": boxes_per_record(len(r.boxes) for r in records),
               "images": {k: made.get(k, 0) for k in ("converted", "reused", "as is", "left out")},
               "settings": settings_of(opts)}
-    write_splits(out, report, opts.out)
+    write_splits(out, report, opts.out, opts.multi_box == "keep")
     return report
 
 
-def write_splits(out, report, out_dir):
+def answer_field(boxes, keep):
+    """A record's boxes as the loader reads them: field 'boxes' with --multi-box keep (every record:
+    one data set, one task), else its one box as 'solution'."""
+    return {"boxes": boxes} if keep else {"solution": boxes[0]}
+
+
+def write_splits(out, report, out_dir, keep=False):
     """train/val/test.jsonl and report.json as one set: each written whole to a temporary file, and
     all renamed only once every one is written, so a full disk leaves an earlier conversion's set as
     it was (never a new train.jsonl beside old val, test and report)."""
@@ -781,8 +790,8 @@ def write_splits(out, report, out_dir):
     try:
         for s, path in zip(SPLIT_NAMES, paths):
             with open(path + ".tmp", "w") as f:  # streamed: one line at a time
-                f.writelines(json.dumps({"image": r.image, "problem": r.query, "solution": r.box, "patient": r.patient,
-                                         "rows": r.rows}) + "\n" for r in out[s])
+                f.writelines(json.dumps({"image": r.image, "problem": r.query, **answer_field(r.boxes, keep),
+                                         "patient": r.patient, "rows": r.rows}) + "\n" for r in out[s])
         with open(paths[-1] + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
     except OSError as e:
@@ -792,6 +801,11 @@ def write_splits(out, report, out_dir):
         raise PrepareError(f"{out_dir}: could not write the splits ({why(e)}); what was there before is as it was")
     for path in paths:
         os.replace(path + ".tmp", path)
+
+
+def boxes_per_record(counts):
+    """{"1": records of one box, "2": of two, ...}, in order of the count."""
+    return {str(k): v for k, v in sorted(Counter(counts).items())}
 
 
 def settings_of(opts):
@@ -804,6 +818,7 @@ def summary_lines(report):
     lines = [f"{report['format']}: {report['rows_read']:,} rows read, {report['rows_in_records']:,} in records",
              "records  " + ", ".join(f"{s} {r[s]:,} ({n[s]:,} patients)" for s in SPLIT_NAMES),
              "images   " + ", ".join(f"{k} {v:,}" for k, v in report["images"].items())]
+    lines.append("boxes    " + ", ".join(f"{v:,} records of {k}" for k, v in report["boxes_per_record"].items()))
     if report["boxes_fused"]:
         lines.append(f"fused    {report['boxes_fused']:,} readers' boxes into the mean of an overlapping one")
     for reason, v in report["left_out"].items():
@@ -838,15 +853,17 @@ def quantiles(values):
 
 def file_summary(seen):
     samples = [x.sample for x in seen]
-    W = [s.image_size[0] for s in samples]
-    H = [s.image_size[1] for s in samples]
-    w = [(s.box[2] - s.box[0]) for s in samples]
-    h = [(s.box[3] - s.box[1]) for s in samples]
-    border = sum(1 for s in samples if min(s.box[:2]) <= 0 or s.box[2] >= s.image_size[0] or s.box[3] >= s.image_size[1])
+    boxes = [(box, s.image_size) for s in samples for box in s.truth()]  # every box, with its image's size
+    W = [size[0] for _, size in boxes]
+    H = [size[1] for _, size in boxes]
+    w = [(b[2] - b[0]) for b, _ in boxes]
+    h = [(b[3] - b[1]) for b, _ in boxes]
+    border = sum(1 for b, size in boxes if min(b[:2]) <= 0 or b[2] >= size[0] or b[3] >= size[1])
     return {"records": len(samples), "images": len({x.path for x in seen}),
+            "boxes_per_record": boxes_per_record(len(s.truth()) for s in samples),
             "patients": len({x.patient for x in seen}) if all(x.patient for x in seen) else None,
             "queries": dict(Counter(s.query for s in samples).most_common()),
-            "image_sizes": dict(Counter(f"{a}x{b}" for a, b in zip(W, H)).most_common()),
+            "image_sizes": dict(Counter(f"{a}x{b}" for a, b in (s.image_size for s in samples)).most_common()),
             "box_area_over_image": quantiles([a * b / (c * d) for a, b, c, d in zip(w, h, W, H)]),
             "box_width_over_image": quantiles([a / c for a, c in zip(w, W)]),
             "box_height_over_image": quantiles([b / d for b, d in zip(h, H)]),
@@ -875,7 +892,8 @@ def draw_samples(seen, path, n, seed):
         img, s = x.sample.image(), x.sample
         scale = side / max(img.size)
         thumb = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
-        ImageDraw.Draw(thumb).rectangle([v * scale for v in s.box], outline=(255, 0, 0), width=2)
+        for box in s.truth():
+            ImageDraw.Draw(thumb).rectangle([v * scale for v in box], outline=(255, 0, 0), width=2)
         left_x, top = (i % cols) * side, (i // cols) * (side + text_h)
         grid.paste(thumb, (left_x, top))
         for k in range(2):  # the query on two lines of 42 characters
@@ -902,7 +920,8 @@ def write_synth(kind, n, out_dir, split="train", seed=0):
     for i, s in enumerate(SynthSet(kind, split, n, seed)):
         rel = os.path.join("images", f"{kind}_{split}_{i:05d}.png")
         s.image().save(os.path.join(out_dir, rel))
-        records.append({"image": rel, "problem": s.query, "solution": [round(v) for v in s.box]})
+        boxes = [[round(v) for v in box] for box in s.truth()]
+        records.append({"image": rel, "problem": s.query, **answer_field(boxes, s.boxes is not None)})
     return write_jsonl(records, out_dir)
 
 
@@ -1045,8 +1064,10 @@ def parser():
                         help="train,val,test fractions of the patients (default 0.8,0.1,0.1), or official (" + ", ".join(OFFICIAL) + ")")
     common.add_argument("--seed", type=int, default=0, help="which patients go where (the same seed, the same split)")
     common.add_argument("--group-by", help="the field that names the patient (a column; a COCO image field); default: per format")
-    common.add_argument("--multi-box", choices=("skip", "union", "largest"), default="skip",
-                        help="a query with several boxes: left out (default), their union, or the largest")
+    common.add_argument("--multi-box", choices=("skip", "union", "largest", "keep"), default="skip",
+                        help="a query with several boxes: left out (default: the one-box task of MedLoc-R1), their "
+                             "union, the largest, or all kept (records of field 'boxes', trained as several boxes "
+                             "per query: METHOD.md 4.2)")
     common.add_argument("--fuse-iou", type=bounded(float, 0.0, 1.0), default=0.5,
                         help="readers' boxes of one finding with IoU at least this are one lesion, their mean (VinDr)")
     common.add_argument("--window", type=window_flag, default="auto",
@@ -1065,7 +1086,7 @@ def parser():
     i.add_argument("--samples", type=bounded(int, 1, 64), default=16)
     i.add_argument("--seed", type=int, default=0)
     y = sub.add_parser("synth", help="a built-in synthetic set (synth:KIND) as PNGs + OUT/data.jsonl, to look at or to edit")
-    y.add_argument("--kind", default="mix", choices=KINDS + ("mix",))
+    y.add_argument("--kind", default="mix", choices=GROUNDING_KINDS)
     y.add_argument("--n", type=bounded(int, 1), default=200)
     y.add_argument("--split", default="train", choices=tuple(SPLITS))
     y.add_argument("--seed", type=int, default=0)

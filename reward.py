@@ -3,6 +3,8 @@
 METHOD.md sections 2 (coordinates), 3 (answer syntax) and 4 (rewards). Everything here is plain
 Python on floats; `score_completions` turns a batch of completions into reward tensors.
 """
+import json
+import math
 import re
 from collections import Counter
 
@@ -128,6 +130,125 @@ def score_completions(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mod
         area = area_ratio(box, gt)
         for key, value in (("iou", overlap), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
                            ("parse_fail", float(raw is None)), ("area", float("nan") if area is None else area)):
+            cols[key].append(value)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
+
+
+# ----------------------------------------------------------------------------- several boxes (METHOD.md 4.2)
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+_MULTI_FORMATS = {  # the answer structure; the box list itself is checked by parse_boxes
+    "r1": re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL),
+    "short": re.compile(r"\s*<answer>[^<]*</answer>\s*"),
+}
+
+
+def _box_of(item):
+    """A box from one JSON item: [x1, y1, x2, y2] or {"bbox_2d": [...]} of finite numbers; else None."""
+    if isinstance(item, dict):
+        item = item.get("bbox_2d")
+    ok = isinstance(item, list) and len(item) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in item)
+    return tuple(float(v) for v in item) if ok else None
+
+
+def parse_boxes(text):
+    """The boxes of the first <answer> block (the whole text if none), in the order written, or None
+    when it is not one box or a JSON list of boxes (METHOD.md 3): `[{"bbox_2d": [...]}, ...]`,
+    `[[x1, y1, x2, y2], ...]`, one such box alone, or `[]` for none. Strict: one malformed item
+    makes the whole answer unparsed (scored 0), as does anything around the list but a code fence."""
+    answer = _ANSWER.search(text)
+    body = answer.group(1) if answer else text
+    fenced = _FENCE.match(body)
+    try:
+        value = json.loads(fenced.group(1) if fenced else body)
+    except ValueError:
+        return None
+    one = _box_of(value)
+    if one is not None:
+        return [one]
+    if not isinstance(value, list):
+        return None
+    boxes = [_box_of(item) for item in value]
+    return None if any(b is None for b in boxes) else boxes
+
+
+def best_assignment(weights):
+    """The one-to-one assignment of rows to columns of `weights` (a list of rows) with the largest
+    total weight: the Hungarian method with row and column potentials, O(n^3) for n = max(rows,
+    columns), the matrix padded to a square with zeros. Returns {row: column}."""
+    rows, cols = len(weights), len(weights[0]) if weights else 0
+    n = max(rows, cols)
+    cost = [[-(weights[i][j] if i < rows and j < cols else 0.0) for j in range(n)] for i in range(n)]
+    u, v = [0.0] * (n + 1), [0.0] * (n + 1)      # potentials: u[i] + v[j] <= cost, equal on assigned pairs
+    owner = [0] * (n + 1)                       # owner[j]: the row (1-based) assigned to column j; 0 none
+    for i in range(1, n + 1):                    # add row i, then grow an alternating path to a free column
+        owner[0], j0 = i, 0
+        slack, back, used = [math.inf] * (n + 1), [0] * (n + 1), [False] * (n + 1)
+        while owner[j0]:
+            used[j0] = True
+            i0, delta, j1 = owner[j0], math.inf, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    reduced = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if reduced < slack[j]:
+                        slack[j], back[j] = reduced, j0
+                    if slack[j] < delta:
+                        delta, j1 = slack[j], j
+            for j in range(n + 1):               # shift the potentials so one more edge becomes tight
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            j0 = j1
+        while j0:                                # flip the path: every row on it takes the next column
+            j1 = back[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    return {owner[j] - 1: j - 1 for j in range(1, n + 1) if owner[j] - 1 < rows and j - 1 < cols}
+
+
+def match_boxes(pred, true):
+    """IoUs of the predicted-true pairs of the assignment with the largest total IoU (METHOD.md 4.2),
+    pairs that do not overlap left out: a duplicate prediction finds no second partner."""
+    if not pred or not true:
+        return []
+    overlap = [[iou(p, t) for t in true] for p in pred]
+    return [overlap[i][j] for i, j in sorted(best_assignment(overlap).items()) if overlap[i][j] > 0]
+
+
+def f1_at(matched, n_pred, n_true, tau):
+    """F1 at tau: 2 TP / (P + T), a matched pair a true positive when its IoU >= tau (MedLoc-R1's
+    threshold reward for several boxes; 1[IoU >= tau] for one box each)."""
+    return 2 * sum(v >= tau for v in matched) / (n_pred + n_true) if n_pred + n_true else 0.0
+
+
+def soft_f1(matched, n_pred, n_true):
+    """The matched IoU mass over the mean count, 2 sum(IoU) / (P + T): Raw-IoU's analogue (the IoU
+    itself for one box each)."""
+    return 2 * sum(matched) / (n_pred + n_true) if n_pred + n_true else 0.0
+
+
+def score_multi(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="threshold", template="short",
+                w_fmt=1.0):
+    """Per-completion rewards for several boxes (METHOD.md 4.2): r_acc = F1 at tau ("threshold") or
+    the soft F1 ("iou"), r = r_acc + w_fmt * r_fmt. Columns: iou (the soft F1, what the curriculum's
+    margin reads), hit (F1 at tau: its hit rate), acc, fmt, reward, parse_fail, boxes (how many)."""
+    if mode not in ("threshold", "iou"):
+        raise ValueError(f"reward mode {mode!r} has no several-box form: expected 'threshold' or 'iou'")
+    if mode == "threshold" and tau is None:
+        raise ValueError("reward mode 'threshold' needs a tau; use --reward iou with raw-iou")
+    cols = {k: [] for k in ("iou", "hit", "acc", "fmt", "reward", "parse_fail", "boxes")}
+    for text, truth, size, in_size in zip(texts, gt_boxes, image_sizes, input_sizes, strict=True):
+        raw = parse_boxes(text)
+        boxes = [to_image_frame(b, coord, size, in_size) for b in raw or []]
+        matched = match_boxes(boxes, truth)
+        soft = soft_f1(matched, len(boxes), len(truth)) if raw is not None else 0.0
+        hit = f1_at(matched, len(boxes), len(truth), tau) if raw is not None and tau is not None else 0.0
+        fmt = 1.0 if raw is not None and _MULTI_FORMATS[template].fullmatch(text) else 0.0
+        acc = hit if mode == "threshold" else soft
+        for key, value in (("iou", soft), ("hit", hit), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
+                           ("parse_fail", float(raw is None)), ("boxes", float(len(boxes)))):
             cols[key].append(value)
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
 

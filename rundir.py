@@ -261,12 +261,13 @@ def save_streamed(policy, folder, dtype=None):
     if not everywhere(all_finite(policy.model)):
         raise RunError(f"the weights are not finite; {folder} not written")
     tmp, state, groups = folder + ".tmp", policy.model.state_dict(), units(policy.model)
+    keys = policy.family.keys  # the names save_pretrained writes
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save(tmp, weights=False, dtype=dtype)
     index = {}
     for k, names in enumerate(groups, 1):
-        whole = {file_key(n): gathered_tensor(state[n], dtype) for n in names}  # every rank: a collective
+        whole = {file_key(n, keys): gathered_tensor(state[n], dtype) for n in names}  # every rank: a collective
         if is_main():
             path = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
             save_file(whole, os.path.join(tmp, path), metadata={"format": "pt"})

@@ -2,8 +2,9 @@
 
 METHOD.md section 6. Every schedule has the same small interface:
   .tau                  current threshold (None for Raw-IoU: the reward is the IoU itself)
-  .update(ious) -> bool called once per training step with the IoUs of all B*G completions;
-                        True when tau changed
+  .update(ious, hits=None) -> bool   called once per training step with the IoUs of all B*G
+                        completions (with several boxes: their soft F1) and, with several boxes,
+                        each one's F1 at tau (its hit; 1[IoU >= tau] with one box); True when tau changed
   .state_dict() / .load_state_dict(d)   so a resumed run continues with the same tau and window
 """
 import math
@@ -75,12 +76,14 @@ class MedLocScheduler:
         return ((not self.use_reward or r_bar >= P) and (not self.use_stability or sigma <= S)
                 and (not self.use_margin or m_bar >= self.margin))
 
-    def update(self, ious):
-        """METHOD.md 6: record (hit rate at the current tau, mean IoU); raise tau when ready."""
+    def update(self, ious, hits=None):
+        """METHOD.md 6: record (hit rate at the current tau, mean IoU); raise tau when ready.
+        `hits`: each completion's hit at the current tau when it is not 1[IoU >= tau] (several
+        boxes: F1 at tau, with `ious` their soft F1)."""
         ious = _as_floats(ious)
         if not ious:
             raise ValueError("update() needs the IoUs of at least one completion")
-        hit_rate = sum(v >= self.tau for v in ious) / len(ious)
+        hit_rate = sum(v >= self.tau for v in ious) / len(ious) if hits is None else sum(_as_floats(hits)) / len(ious)
         self.entries.append((hit_rate, sum(ious) / len(ious)))
         P, S = _stage(self.readiness_stages, self.tau)  # what this decision saw and its bars (logged)
         self.seen = {**dict(zip(("r_bar", "sigma", "m_bar"), self.readiness())), "P": P, "S": S}
@@ -106,7 +109,7 @@ class FixedSchedule:
     def __init__(self, tau=0.5):
         self.tau = tau
 
-    def update(self, ious):
+    def update(self, ious, hits=None):
         return False
 
     def state_dict(self):
@@ -133,7 +136,7 @@ class StagedSchedule:
         self.total_steps, self.step = total_steps, 0
         self.tau = self.stages[0][1]
 
-    def update(self, ious):
+    def update(self, ious, hits=None):
         """Count the step; tau is the last stage whose fraction was reached (METHOD.md 6)."""
         self.step += 1
         old = self.tau

@@ -17,8 +17,9 @@ import lora
 import rundir
 import tasks
 from config import PATH_KEYS, Config, check, load_config, parse_args, parse_box_scale, parse_stages, to_config_path
-from data import DataError, labels_from_json, load_class_dataset, load_dataset, synth_spec, with_knowledge
-from model import FAMILIES, TINY_WARM_START, load_vlm, model_config
+from data import (DataError, labels_from_json, load_class_dataset, load_dataset, several_boxes, synth_spec,
+                  with_knowledge)
+from model import TINY_WARM_START, load_vlm, model_config, unsupported
 from files import RunError, write_json
 from scheduler import make_schedule
 
@@ -85,6 +86,16 @@ def load_data(cfg):
     train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid, box_format=cfg.box_format)
     eval_set = None if spec == "none" else load_dataset(spec, "test", cfg.image_root, cfg.skip_invalid,
                                                          cfg.eval_n, box_format=cfg.box_format)
+    if cfg.task == "ground" and several_boxes(train_set):
+        if cfg.sft_box_scale or cfg.reward == "giou":
+            raise DataError(f"{cfg.dataset} gives several boxes per query: --sft-box-scale and --reward giou have "
+                            "no several-box form (METHOD.md 4.2)")
+        cfg.task = "ground-multi"
+        print(f"{cfg.dataset} gives its records' boxes as lists: several boxes per query (--task ground-multi, "
+              "METHOD.md 4.2)")
+    if cfg.task == "ground" and eval_set is not None and several_boxes(eval_set):
+        raise DataError(f"--eval-dataset {spec}: several boxes per query, and {cfg.dataset} one: pass "
+                        "--task ground-multi to train on several")
     return train_set, eval_set, spec, None
 
 
@@ -117,6 +128,8 @@ def settle(cfg, vlm, labels):
     if cfg.task == "classify":
         task = tasks.Classification(labels, cfg.knowledge, vlm.template, cfg.w_fmt, cfg.mfrs_weight,
                                     cfg.mfrs_decay, cfg.recite_weight)
+    elif cfg.task == "ground-multi":
+        task = tasks.MultiGrounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt)
     else:
         task = tasks.Grounding(vlm.template, vlm.coord, cfg.reward, cfg.w_fmt, parse_box_scale(cfg.sft_box_scale))
     cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens(vlm.is_tiny)
@@ -131,7 +144,7 @@ def new_policy(cfg, device, labels):
     if cfg.model == "tiny" and cfg.init is None and cfg.sft_steps is None and cfg.algo == "grpo" and cfg.task == "ground":
         cfg.init, cfg.sft_steps = TINY_WARM_START, 0
     policy = load_policy(cfg, cfg.init or cfg.model, device)
-    if cfg.task == "ground" and getattr(policy.model.config, "medloc_task", "ground") == "classify":
+    if cfg.task != "classify" and getattr(policy.model.config, "medloc_task", "ground") == "classify":
         raise RunError(f"{cfg.init or cfg.model} is a classification model (trained with --task classify); "
                        "a grounding run starts from a grounding model, or from --model")
     if cfg.lora_rank:  # a --lora-targets that matches nothing is said now, not after the warm start
@@ -224,9 +237,8 @@ def check_models(cfg):
     set-up and any warm start)."""
     start, flag = cfg.init or cfg.model, "--init" if cfg.init else "--model"
     policy_config = None if start == "tiny" else config_of(start, flag)  # the built-in model is a Qwen2.5-VL
-    if policy_config is not None and policy_config.model_type not in FAMILIES:
-        raise RunError(f"{flag} {start}: model type {policy_config.model_type!r} is not supported; the families "
-                       f"trained here: {', '.join(sorted(FAMILIES))} (README, Model families)")
+    if policy_config is not None and unsupported(policy_config):
+        raise RunError(f"{flag} {start}: {unsupported(policy_config)}")
     if cfg.ref_model in (None, "none"):
         return
     policy_config, ref_config = policy_config or config_of(start, flag), config_of(cfg.ref_model, "--ref-model")

@@ -2,7 +2,8 @@
 (grounding), and skin images with graded or typed spots (classification). Plain numpy and PIL; a
 sample is a pure function of (kind, split, index, seed), so every run and machine sees the same set.
 
-data.py wraps these into data sets (`synth:derm|xray|us|mix`, `synth:grade|type`).
+data.py wraps these into data sets (`synth:derm|xray|us|mix`, `synth:multi` with one to three lesions
+an image, `synth:grade|type`).
 """
 import math
 
@@ -112,6 +113,45 @@ def synth_sample(kind, split, index, seed=0):
     image, mask = GENERATORS[kind](rng, W, H)
     query = QUERIES[kind]
     return image, query, tight_box(mask)
+
+
+# ----------------------------------------------------------------------------- several lesions
+MULTI_QUERY = "Locate every skin lesion."
+MULTI_MAX = 3  # lesions per image: 1 to 3
+
+
+def _apart(box, others, gap=4):
+    """True when `box` keeps `gap` pixels from every box of `others` (lesions never touch)."""
+    return all(box[2] + gap <= o[0] or o[2] + gap <= box[0] or box[3] + gap <= o[1] or o[3] + gap <= box[1]
+               for o in others)
+
+
+def _derm_multi(rng, W, H):
+    """A skin image with one to three separate lesions (smaller than the one-lesion set's, so that
+    three fit), their tight boxes left to right."""
+    skin = np.array([rng.uniform(190, 235), rng.uniform(140, 185), rng.uniform(110, 155)], np.float32)
+    img = skin + 18 * _smooth_noise(rng, W, H, 6)[..., None] + rng.normal(0, 4, (H, W, 1))
+    boxes = []
+    for _ in range(int(rng.integers(1, MULTI_MAX + 1))):
+        for _ in range(50):  # a place apart from the lesions already drawn
+            mask = _blob_mask(rng, W, H, math.exp(rng.uniform(math.log(0.01), math.log(0.06))), 0.15)
+            if _apart(tight_box(mask), boxes):
+                break
+        else:
+            continue
+        boxes.append(tight_box(mask))
+        lesion = np.array([rng.uniform(60, 120), rng.uniform(35, 75), rng.uniform(25, 55)], np.float32)
+        alpha = _blur(mask * rng.uniform(0.8, 0.95), 1.5)[..., None]
+        img = img * (1 - alpha) + lesion * alpha
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), sorted(boxes)
+
+
+def synth_multi_sample(split, index, seed=0):
+    """(image, query, boxes) of one deterministic several-lesion sample (`synth:multi`)."""
+    rng = np.random.default_rng([seed, 20, SPLITS[split], index])
+    W = int(rng.integers(160, 400))
+    image, boxes = _derm_multi(rng, W, round(W * 3 / 4))
+    return image, MULTI_QUERY, boxes
 
 
 # ----------------------------------------------------------------------------- classification

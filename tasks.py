@@ -3,6 +3,8 @@ rewarded, what a step logs, and how a model is scored on a test set.
 
 - `Grounding` (MedLoc-R1, METHOD.md sections 3, 4 and 7): one box per image and query, rewarded
   under the schedule's threshold tau; scored by A@0.5, A@0.8, pseudo-mAP and mIoU.
+- `MultiGrounding` (section 4.2): several boxes per query, matched one to one; F1 at tau, the
+  soft F1, mAP@0.5.
 - `Classification` (VRFT-Aug, section 10): one class per image, among `Labels`; rewarded by
   R_acc, R_format, R_MFRS and R_recite; scored by accuracy, macro-F1 and, on grades, QWK.
 
@@ -14,8 +16,8 @@ import zlib
 
 from data import labels_from_json
 from model import model_config
-from reward import (area_ratio, from_image_frame, iou, parse_box, parse_class, score_classes, score_completions,
-                    to_image_frame)
+from reward import (area_ratio, f1_at, from_image_frame, iou, match_boxes, parse_box, parse_boxes, parse_class,
+                    score_classes, score_completions, score_multi, soft_f1, to_image_frame)
 
 # METHOD.md section 3: the R1 template asks for reasoning, then the answer.
 R1_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
@@ -122,6 +124,19 @@ class Grounding:
         box = to_image_frame(parse_box(text), self.coord, sample.image_size, input_size)
         return {"text": text, "box": box, "iou": iou(box, sample.box), "parse_fail": box is None}
 
+    @staticmethod
+    def hit(pred, tau):
+        """A predicted answer's hit at tau, what the threshold reward gives it (METHOD.md 4, 6)."""
+        return float(pred["iou"] >= tau)
+
+    @staticmethod
+    def record(sample, pred):
+        """One line of eval.py --predictions: the sample, the answer, what was read from it (boxes in
+        original-image pixels) and its scores; the metrics can be recomputed from these lines."""
+        return {"source": sample.source, "image": sample.path, "image_size": list(sample.image_size),
+                "query": sample.query, "answer": pred["text"], "truth": [list(b) for b in sample.truth()],
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in pred.items() if k != "text"}}
+
     def postfix(self, preds):
         return {"mIoU": sum(p["iou"] for p in preds) / len(preds)}
 
@@ -148,6 +163,123 @@ class Grounding:
 
     def save_plots(self, metrics, stem):
         pass  # eval.py --save-vis draws the boxes themselves
+
+
+# ----------------------------------------------------------------------------- several boxes
+R1_MULTI_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final"
+                   " answer in <answer> </answer> tags: a JSON list with one {\"bbox_2d\": [x1, y1, x2, y2]}"
+                   " object per finding.")
+
+
+def boxes_text(boxes, template):
+    """The ideal completion for several boxes (in the model's frame, rounded), METHOD.md 3: Qwen's
+    JSON list of {"bbox_2d": [...]} objects (r1), or a bare list of lists (short)."""
+    rounded = [[int(round(v)) for v in box] for box in boxes]
+    if template == "r1":
+        listed = ", ".join(f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}' for x1, y1, x2, y2 in rounded)
+        return f"<think>The findings are visible in the image.</think><answer>[{listed}]</answer>"
+    return "<answer>[" + ",".join(f"[{x1},{y1},{x2},{y2}]" for x1, y1, x2, y2 in rounded) + "]</answer>"
+
+
+def ap50(pred, true):
+    """RadVLM's per-sample AP at IoU 0.5, without confidences (METHOD.md 7): the predictions in the
+    order written, each a true positive when the unmatched true box it overlaps most has IoU >= 0.5
+    (greedy), AP = sum over true positives of precision at that rank / the number of true boxes.
+    An empty prediction or truth scores 0."""
+    if not pred or not true:
+        return 0.0
+    free, hits, total = list(true), 0, 0.0
+    for rank, box in enumerate(pred, 1):
+        best = max(free, key=lambda t: iou(box, t), default=None)
+        if best is not None and iou(box, best) >= 0.5:
+            free.remove(best)
+            hits += 1
+            total += hits / rank
+    return total / len(true)
+
+
+def summarize_multi(preds):
+    """F1@0.5, F1@0.8, soft F1, mean matched IoU, mAP@0.5 and parse failures over samples (METHOD.md 7)."""
+    n = len(preds)
+    mean = lambda key: sum(p[key] for p in preds) / n if n else 0.0  # noqa: E731
+    matched = [v for p in preds for v in p["matched"]]
+    return {"F1@0.5": mean("f1@0.5"), "F1@0.8": mean("f1@0.8"), "soft_F1": mean("soft_f1"),
+            "matched_IoU": sum(matched) / len(matched) if matched else 0.0, "mAP@0.5": mean("ap50"),
+            "parse_fail": mean("parse_fail"), "n": n}
+
+
+class MultiGrounding(Grounding):
+    """Several boxes per query (METHOD.md 4.2): the answer is a list of boxes, matched one to one to
+    the true boxes by the largest total IoU; rewarded by F1 at the curriculum's tau (or the soft
+    F1, Raw-IoU's analogue); scored by F1@0.5, F1@0.8, soft F1, matched IoU and mAP@0.5. With one
+    box on each side every number is the one-box task's."""
+    name = "ground-multi"
+
+    def __init__(self, template, coord, reward="threshold", w_fmt=1.0):
+        if reward not in ("threshold", "iou"):
+            raise ValueError(f"--reward {reward} has no several-box form: threshold (F1 at tau) or iou (soft F1)")
+        super().__init__(template, coord, reward, w_fmt)
+
+    def max_new_tokens(self, tiny):
+        return 64 if tiny else 512  # the tiny model's three boxes: up to 52 tokens
+
+    def prompt(self, sample):
+        return sample.query + (R1_MULTI_SUFFIX if self.template == "r1" else "")
+
+    def sft_answer(self, sample, i, input_size):
+        return boxes_text([from_image_frame(b, self.coord, sample.image_size, input_size) for b in sample.truth()],
+                          self.template)
+
+    def rewards(self, texts, samples, input_sizes, tau):
+        return score_multi(texts, [s.truth() for s in samples], [s.image_size for s in samples], input_sizes,
+                           self.coord, tau, self.reward, self.template, self.w_fmt)
+
+    def step_stats(self, scores, tau):
+        return {"hit_rate": scores["hit"].mean().item(), "iou_mean": scores["iou"].mean().item(),
+                "boxes_mean": scores["boxes"].mean().item()}
+
+    def predict(self, text, sample, input_size):
+        """The answer's boxes in original pixels, the matching's IoUs and the sample's scores."""
+        raw = parse_boxes(text)
+        boxes = [to_image_frame(b, self.coord, sample.image_size, input_size) for b in raw or []]
+        truth = sample.truth()
+        matched = match_boxes(boxes, truth)
+        P, T = len(boxes), len(truth)
+        return {"text": text, "boxes": boxes, "matched": matched, "parse_fail": raw is None, "truths": T,
+                "f1@0.5": f1_at(matched, P, T, 0.5), "f1@0.8": f1_at(matched, P, T, 0.8),
+                "soft_f1": soft_f1(matched, P, T), "ap50": ap50(boxes, truth),
+                "iou": soft_f1(matched, P, T)}  # what the curriculum's margin reads (eval.sampled_hits)
+
+    @staticmethod
+    def hit(pred, tau):
+        return f1_at(pred["matched"], len(pred["boxes"]), pred["truths"], tau) if not pred["parse_fail"] else 0.0
+
+    @staticmethod
+    def record(sample, pred):
+        line = Grounding.record(sample, pred)
+        line["boxes"] = [list(b) for b in pred["boxes"]]
+        return line
+
+    def postfix(self, preds):
+        return {"F1@0.5": sum(p["f1@0.5"] for p in preds) / len(preds)}
+
+    def metrics(self, samples, preds):
+        """METHOD.md section 7 for several boxes, overall and by the number of true boxes."""
+        metrics = summarize_multi(preds)
+        counts = sorted({len(s.truth()) for s in samples})
+        metrics["by_count"] = {str(k): summarize_multi([p for p, s in zip(preds, samples) if len(s.truth()) == k])
+                               for k in counts}
+        return metrics
+
+    @staticmethod
+    def table(metrics):
+        """Plain-text table: one row overall, one per number of true boxes, metrics in percent."""
+        cols = ("F1@0.5", "F1@0.8", "soft_F1", "matched_IoU", "mAP@0.5", "parse_fail")
+        rows = [("all", metrics)] + [(f"{k} box", v) for k, v in metrics["by_count"].items()]
+        lines = [f"{'subset':<8}{'n':>6}" + "".join(f"{c:>13}" for c in cols)]
+        for name, m in rows:
+            lines.append(f"{name:<8}{m['n']:>6}" + "".join(f"{100 * m[c]:>13.2f}" for c in cols))
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -294,6 +426,12 @@ class Classification:
     def predict(self, text, sample, input_size):
         return {"text": text, "class": parse_class(text, self.labels.names)}
 
+    def record(self, sample, pred):
+        """One line of eval.py --predictions: the sample, the answer, the class read from it and the truth."""
+        names = self.labels.names
+        return {"source": sample.source, "image": sample.path, "query": sample.query, "answer": pred["text"],
+                "class": None if pred["class"] is None else names[pred["class"]], "truth": names[sample.label]}
+
     def postfix(self, preds):
         return {}
 
@@ -314,9 +452,10 @@ class Classification:
 # ----------------------------------------------------------------------------- a saved model's task
 def of_config(config, template, coord, where="config.json"):
     """The task a model was trained for, from the fields its config.json carries (eval.py)."""
-    if getattr(config, "medloc_task", "ground") == "classify":
+    task = getattr(config, "medloc_task", "ground")
+    if task == "classify":
         return Classification(labels_from_json(config.medloc_labels, where), config.medloc_knowledge, template)
-    return Grounding(template, coord)
+    return MultiGrounding(template, coord) if task == MultiGrounding.name else Grounding(template, coord)
 
 
 def of_model(vlm, where="config.json"):

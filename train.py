@@ -60,7 +60,7 @@ def grpo_step(run, samples, phases):
               "entropy": dist.total((rollout.entropy * rollout.mask).sum().item()) / dist.total(rollout.mask.sum().item()),
               **update}
     if task.has_tau:  # 6. the curriculum sees every rank's IoUs: one tau everywhere (section 6)
-        record = {"tau": tau, **record, "tau_changed": run.schedule.update(scores["iou"]),
+        record = {"tau": tau, **record, "tau_changed": run.schedule.update(scores["iou"], scores.get("hit")),
                   **getattr(run.schedule, "seen", {})}  # MedLoc-R1's window statistics
         dist.check_same(run.schedule.tau, "tau")
     return record

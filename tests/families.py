@@ -1,11 +1,12 @@
 """Random-init tiny models of each supported family, saved like hub checkpoints: the real
-transformers classes and processor classes, around the tiny character tokenizer (the real
-151,936-token vocabulary with `vocab_size`). No downloads."""
+transformers classes and processor classes, around a character tokenizer with the family's special
+tokens and chat format (the real vocabulary size with `vocab_size`). No downloads."""
 import torch
-from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+from transformers import (Gemma3ForConditionalGeneration, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+from measure import gemma_config, gemma_tokenizer, shape_processor
 from model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 
 QWEN_IDS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")
@@ -35,4 +36,24 @@ def qwen3_vl_folder(path, moe=False, vocab_size=None, seed=0):
     images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=32 * 32 * 24)
     Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor(),
                      chat_template=TINY_CHAT_TEMPLATE).save_pretrained(path)
+    return str(path)
+
+
+def gemma3_folder(path, vocab_size=None, seed=0):
+    """Gemma 3 (MedGemma's class) as measure.gemma_config builds it: 3 text layers, sliding (window
+    6), sliding, full, so that long prompts and completions cross the window; a SigLIP tower on
+    56 x 56 images (4 x 4 patches of 14) pooled to 4 image tokens; a tokenizer that puts <bos>
+    first, as Gemma's does, and Gemma's chat format."""
+    tok = gemma_tokenizer(vocab_size)
+    shape = dict(hidden=64, layers=3, heads=2, kv_heads=1, head_dim=32, mlp=128, query_scale=32, window=6,
+                 image_size=56, image_tokens=4, vision=dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                            num_attention_heads=2))
+    config = gemma_config(shape, tok, tied=True)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # built from a config, the image projection is 0: images would change nothing
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.save_pretrained(path)
+    shape_processor(config, tok, shape["image_tokens"]).save_pretrained(path)
     return str(path)

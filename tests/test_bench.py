@@ -1,5 +1,6 @@
 """bench.py's memory plan against what a run on this CPU holds."""
 import pytest
+import torch
 
 import bench
 import measure
@@ -105,3 +106,37 @@ def test_the_family_clones_are_built_with_their_own_processor(shape, family):
     grids = batch["image_grid_thw"]
     assert (grids.prod(-1) <= 4 * 12).all() and (grids[:, 1:] % 2 == 0).all()
     assert batch["pixel_values"].shape == (grids.prod(-1).sum(), 3 * 2 * 16 * 16)
+
+
+def test_the_medgemma_4b_plan_counts_its_sliding_layers_cache_whole_and_its_896_pixel_images():
+    """Gemma 3's shapes: 34 layers x 4 KV heads x head_dim 256, every layer's cache at full length
+    (the sampler applies the sliding window by mask), pixel_values of one 896 x 896 image per prompt."""
+    model = measure.plan_model("medgemma-4b")
+    assert model.config.model_type == "gemma3" and model.config.text_config.layer_types.count("full_attention") == 6
+    cfg = Config(batch_prompts=4, group_size=8, max_new_tokens=256, micro_batch=8, precision="bf16-mixed")
+    plan = measure.memory_plan(model, cfg, 320, 256)
+    assert plan["sampling"]["KV cache"] == 34 * 4 * 256 * (4 + 2) * 32 * 640
+    assert plan["sampling"]["prompt pixels"] == 4 * 3 * 896 * 896 * 4
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert plan["set-up"]["weights"] == 4 * params and 4.2e9 < params < 4.4e9  # MedGemma 4B: 4.3 B
+    assert plan["set-up"]["processor"] == 262_208 * measure.TOKENIZER_BYTES_PER_ENTRY
+
+
+def test_the_gemma3_clone_steps_as_its_straightforward_path_does():
+    """bench.py --model gemma3-clone --naive: Gemma 3's processor (every image 224 x 224, 16 image
+    tokens) and the lean log-probs equal to measure.Naive's, the prompt longer than the window."""
+    vlm = measure.build("gemma3-clone", "cpu", "fp32")
+    batch = vlm.encode(images((300, 200), (90, 400)), ["q", "a much longer query " * 4])
+    assert batch["pixel_values"].shape == (2, 3, 224, 224) and (batch["token_type_ids"].sum(1) == 16).all()
+    assert batch["input_ids"].shape[1] > vlm.window
+    torch.manual_seed(0)
+    ids = torch.randint(20, 100, (4, 9))
+    lean = vlm.completion_logps(batch, ids, 0.9)
+    assert torch.allclose(lean, measure.Naive.of(vlm).completion_logps(batch, ids, 0.9), atol=1e-5)
+
+
+def test_image_tokens_of_a_fixed_size_family_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "gemma3-clone", "--image-tokens", "64"])
+    assert capsys.readouterr().err.splitlines()[-1] == ("bench.py: error: --image-tokens: gemma3-clone resizes every "
+                                                         "image to one size, and its config sets its 16 tokens")

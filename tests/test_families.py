@@ -10,7 +10,8 @@ import torch
 import eval as ev
 import grpo
 import train
-from families import qwen3_vl_folder
+from families import gemma3_folder, qwen3_vl_folder
+from measure import GEMMA_VOCAB
 from model import FAMILIES, load_vlm
 from reward import from_image_frame, to_image_frame
 from test_model import images, tiny_qwen2vl_folder
@@ -21,7 +22,8 @@ QUERIES = ["Find it.", "Where is the lesion?",
            "Locate the small, bright, round opacity in the upper part of the left lung, next to the rib, and "
            "answer with its box; ignore the other bright areas near the edges of the image."]
 FAMILY_FOLDERS = {"qwen2_vl": tiny_qwen2vl_folder, "qwen3_vl": qwen3_vl_folder,
-                  "qwen3_vl_moe": lambda path: qwen3_vl_folder(path, moe=True)}
+                  "qwen3_vl_moe": lambda path, **kw: qwen3_vl_folder(path, moe=True, **kw), "gemma3": gemma3_folder}
+REAL_VOCAB = {"gemma3": GEMMA_VOCAB}  # Qwen's 151,936 otherwise
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_FOLDERS))
@@ -91,7 +93,8 @@ def test_lean_logps_and_gradients_equal_each_prompt_scored_alone(family):
     m = mask.bool()
     assert torch.allclose(lean[m], reference[m], atol=1e-5), (lean[m] - reference[m]).abs().max()
     grads = {n: p.grad for n, p in vlm.model.named_parameters() if p.grad is not None}
-    assert any("visual" in n for n in grads) and lean_grads.keys() == grads.keys()
+    vision = FAMILIES[name].vision[0]
+    assert any(f".{vision}." in n for n in grads) and lean_grads.keys() == grads.keys()
     for n, g in grads.items():
         assert (lean_grads[n] - g).norm() <= 1e-5 * g.norm() + 1e-6, n
     assert torch.equal(vlm.completion_logps(batch, ids, 0.9, mask), lean.detach())
@@ -108,14 +111,14 @@ def test_greedy_sampling_is_transformers_generate_token_for_token(family):
 
 def test_sampled_first_tokens_follow_the_softmax_at_the_temperature(family):
     vlm = load_vlm(family[1])
-    with torch.no_grad():  # logits of std 3: a next-token distribution that other temperatures change clearly
-        spread = vlm.prefill(vlm.encode(images((200, 300)), ["q"]), 1, 1)[1][0].std()
-        vlm.model.lm_head.weight.mul_(3 / spread)
-    n, T = 4000, 0.9
+    logits = vlm.prefill(vlm.encode(images((200, 300)), ["q"]), 1, 1)[1][0]
+    # a temperature that puts the top token 4 units above the median: a spread that other
+    # temperatures change clearly (a random model's logits are small, and a tied one's favour the
+    # last input token: scaling its weights would scale its inputs too)
+    n, T = 4000, float(logits.max() - logits.median()) / 4
     torch.manual_seed(0)
     r = grpo.sample_groups(vlm, images((200, 300)), ["q"], n, T, max_new_tokens=1)
     counts = torch.bincount(r.completion_ids[:, 0], minlength=vlm.model.lm_head.out_features).double()
-    logits = vlm.prefill(r.batch, 1, 1)[1][0]
 
     def max_z(temperature):  # the largest standardised gap between a count and its expectation
         p = vlm.policy_logprobs(logits, temperature).exp().double()
@@ -129,9 +132,12 @@ def test_boxes_round_trip_through_the_frame_under_the_real_resize(family, size):
     vlm = load_vlm(family[1])
     batch = vlm.encode(images(size), ["q"])
     (w_in, h_in), = vlm.input_sizes(batch)
-    t, h, w = batch["image_grid_thw"][0].tolist()
-    assert batch["pixel_values"].shape == (t * h * w, 3 * 2 * vlm.patch ** 2)  # the processor's own patch: 14 or 16
-    assert (w_in, h_in) == (w * vlm.patch, h * vlm.patch)
+    if "image_grid_thw" in batch:
+        t, h, w = batch["image_grid_thw"][0].tolist()
+        assert batch["pixel_values"].shape == (t * h * w, 3 * 2 * vlm.patch ** 2)  # the processor's own patch: 14 or 16
+        assert (w_in, h_in) == (w * vlm.patch, h * vlm.patch)
+    else:  # Gemma 3: every image resized to the one size (no aspect kept)
+        assert batch["pixel_values"].shape == (1, 3, h_in, w_in)
     W, H = size
     unit = (W / 1000, H / 1000) if vlm.coord == "norm1000" else (W / w_in, H / h_in)  # one step of the frame
     for box in ([0, 0, W, H], [3, 5, W // 2, H // 3], [W // 3, H // 4, W - 1, H - 2]):
@@ -162,10 +168,11 @@ def test_two_grpo_steps_resume_bit_identical_and_eval_reads_the_frame(family, tm
 
 def test_fsdp_over_two_processes_trains_as_one_process_does(family, tmp_path):
     """SFT (a random model's GRPO rewards are all 0, so its gradients are too): the family's decoder
-    layers and vision blocks as FSDP's units, gloo, against one process. The Qwen3-VL families (the
-    Qwen2 ones: tests/test_dist.py, with the tiny Qwen2.5-VL; the suite's time is finite)."""
-    if not family[0].startswith("qwen3"):
-        pytest.skip("Qwen2-VL shares Qwen2.5-VL's sharding path, tested in tests/test_dist.py")
+    layers and vision blocks as FSDP's units, gloo, against one process. Qwen3-VL and Gemma 3 (the
+    Qwen2 ones: tests/test_dist.py, with the tiny Qwen2.5-VL; the MoE shares Qwen3-VL's path)."""
+    if family[0] in ("qwen2_vl", "qwen3_vl_moe"):  # the suite's time is finite
+        pytest.skip("its sharding path is another family's (Qwen2.5-VL's in tests/test_dist.py, Qwen3-VL's here); "
+                    "its units: test_fsdp_units_are_every_decoder_layer_and_vision_block")
     from test_dist import torchrun
     args = ["train.py", "--model", family[1], "--algo", "sft", "--dataset", "synth:derm", "--batch-prompts", "4",
             "--steps", "2", "--lr", "1e-3", "--eval-dataset", "none", "--threads", "1", "--device", "cpu"]
@@ -176,7 +183,22 @@ def test_fsdp_over_two_processes_trains_as_one_process_does(family, tmp_path):
         assert a["loss"] > 0 and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     x, y = (load_vlm(str(run / "final")).model.state_dict() for run in (one, two))
-    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+    # Adam's first steps move every weight by about lr = 1e-3 whatever its gradient's size: a
+    # gradient summed in another order may move one weight 2e-6 differently (seen: Gemma 3)
+    assert all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
+
+
+def test_fsdp_units_are_every_decoder_layer_and_vision_block(family):
+    """The family's unit class names (FAMILIES[...].units) find each decoder layer and each block of
+    its vision tower, in order: FSDP splits the model unit by unit (dist.shard)."""
+    from model import fsdp_units
+    model = load_vlm(family[1]).model
+    layers, vision = list(model.model.language_model.layers), model.config.vision_config
+    depth = getattr(vision, "depth", None) or vision.num_hidden_layers  # Qwen's blocks, SigLIP's layers
+    units = fsdp_units(model)
+    assert units[:len(layers)] == layers and len(units) == len(layers) + depth
+    tower = getattr(model.model, FAMILIES[family[0]].vision[0])
+    assert all(any(unit is m for m in tower.modules()) for unit in units[len(layers):])
 
 
 def test_lora_adapts_the_attention_and_dense_mlp_layers_and_loads_back_in_peft_layout(family, tmp_path):
@@ -204,19 +226,19 @@ def test_lora_adapts_the_attention_and_dense_mlp_layers_and_loads_back_in_peft_l
 
 
 def test_the_real_vocabulary_scores_as_each_prompt_alone(family, tmp_path):
-    """The same family with Qwen's 151,936-token vocabulary: chunked output layer, suppressed vision tokens."""
+    """The same family with its real vocabulary (Qwen's 151,936, Gemma 3's 262,208): chunked output
+    layer, suppressed vision tokens."""
     name, _ = family
-    folder = str(tmp_path / "real-vocab")
-    (tiny_qwen2vl_folder(folder, vocab_size=151_936) if name == "qwen2_vl" else
-     qwen3_vl_folder(folder, moe=name == "qwen3_vl_moe", vocab_size=151_936))
+    vocab = REAL_VOCAB.get(name, 151_936)
+    folder = FAMILY_FOLDERS[name](str(tmp_path / "real-vocab"), vocab_size=vocab)
     vlm = load_vlm(folder)
-    assert vlm.model.lm_head.out_features == 151_936
+    assert vlm.model.lm_head.out_features == vocab
     batch, ids, mask = sampled(vlm, max_new_tokens=5)
     m = mask.bool()
     assert torch.allclose(vlm.completion_logps(batch, ids, 0.9, mask)[m], alone(vlm, ids, 0.9)[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "smolvlm", "qwen3_5", "llava"])
+@pytest.mark.parametrize("model_type", ["smolvlm", "qwen3_5", "llava"])
 def test_a_family_not_trained_here_is_one_line_naming_those_that_are_before_anything_loads(model_type, tmp_path):
     folder = tmp_path / model_type
     folder.mkdir()
@@ -226,6 +248,26 @@ def test_a_family_not_trained_here_is_one_line_naming_those_that_are_before_anyt
     assert str(e.value) == (f"error: --model {folder}: model type {model_type!r} is not supported; the families trained "
                             f"here: {', '.join(sorted(FAMILIES))} (README, Model families)")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_softcapped_gemma_or_one_cropping_its_images_is_one_line_before_its_weights_load(tmp_path):
+    """Gemma 3's options that the lean paths do not serve: a softcapped output layer (config.json),
+    pan-and-scan crops (several images a prompt; preprocessor_config.json)."""
+    folder = gemma3_folder(tmp_path / "capped")
+    config = json.loads((tmp_path / "capped" / "config.json").read_text())
+    config["text_config"]["final_logit_softcapping"] = 30.0
+    (tmp_path / "capped" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", folder, "--dataset", "synth:derm", "--out", str(tmp_path / "run")])
+    assert str(e.value) == (f"error: --model {folder}: final_logit_softcapping 30.0 is not supported by the "
+                            "hand-written output layer (METHOD.md 5.5)")
+    folder = gemma3_folder(tmp_path / "crops")
+    images = json.loads((tmp_path / "crops" / "processor_config.json").read_text())
+    images["image_processor"]["do_pan_and_scan"] = True
+    (tmp_path / "crops" / "processor_config.json").write_text(json.dumps(images))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", folder, "--dataset", "synth:derm", "--out", str(tmp_path / "run")])
+    assert "do_pan_and_scan is on" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_logged_entropy_is_that_of_whole_logits_at_every_drawn_token(family):
