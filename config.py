@@ -77,6 +77,10 @@ class Config:
     grad_clip: float = knob(1.0, "max gradient norm")
     micro_batch: int = knob(0, "sequences per forward/backward (0: all B*G at once); whole groups")
     updates_per_rollout: int = knob(1, "mu: optimizer steps on each rollout (> 1 lets the ratio clip)")
+    dynamic_sampling: bool = knob(False, "DAPO's dynamic sampling (arXiv 2503.14476): drop the groups whose G rewards "
+                                         "are all equal, draw more prompts until B informative groups (METHOD.md 5.8)")
+    max_resample: int = knob(4, "--dynamic-sampling: extra rounds of B prompts at most, then the step trains on "
+                                "the informative groups it has")
     # reward (METHOD.md section 4) and schedule (section 6)
     schedule: str = knob("medloc", "tau schedule", ("medloc", "fixed", "raw-iou", "stages"))
     reward: str = knob(None, "accuracy reward (default: iou for raw-iou, else threshold)",
@@ -182,6 +186,7 @@ RANGES = {  # flag -> (test, allowed values in words); None means "the model's d
     "beta": _between(0, 100), "eps": _between(0, 1, lo_open=True, hi_open=True),
     "eps_high": _between(0, 10, lo_open=True), "lr": _positive(), "weight_decay": _between(0, 1),
     "grad_clip": _positive(), "micro_batch": _at_least(0), "updates_per_rollout": _between(1, 100),
+    "max_resample": _between(1, 100),
     "w_fmt": _between(0, 100), "tau": _between(0, 1), "tau0": _between(0, 1), "tau_target": _between(0, 1),
     "window": _at_least(2), "margin": _between(0, 1), "constant_delta": _between(0, 1, lo_open=True),
     "delta0": _between(0, 1, lo_open=True), "min_delta": _between(0, 1, lo_open=True),

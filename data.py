@@ -279,6 +279,15 @@ def prompt_indices(step, batch, n, seed):
     return rows
 
 
+def resample_indices(step, round, batch, n, seed, rank=0, world=1):
+    """Dataset rows of --dynamic-sampling's extra round `round` of `step` (METHOD.md 5.8): `batch`
+    rows drawn from a stream of their own seeded by (seed, step, round), so a resumed run draws the
+    same; this rank's share of them, as a step's rows are shared."""
+    rows = np.random.default_rng([seed, step, round]).choice(n, size=min(batch, n), replace=False)
+    per = len(rows) // world
+    return [int(i) for i in rows[rank * per:(rank + 1) * per]]
+
+
 # ----------------------------------------------------------------------------- synthetic data
 class MadeOnAccess(Sequence):
     """`n` synthetic samples, each made by `make(i)` on first access and kept (a few hundred kB

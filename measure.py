@@ -338,11 +338,11 @@ def step_once(run, samples, counter):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     phases = {}
-    logs = train.grpo_step(run, samples, phases)
+    logs = train.grpo_step(run, samples, samples, 1, phases)  # the samples are the whole set: no extra rounds
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     return {**{p: phases.get(p, 0.0) for p in PHASES}, "total": sum(phases.values()),
-            "completions": cfg.batch_prompts * cfg.group_size, "tokens": logs["completion_tokens"], "images": counter.images, "prompt_tokens": counter.prompt_tokens,
-            "peak_gib": peak}, logs
+            "completions": cfg.batch_prompts * cfg.group_size, "tokens": logs["completion_tokens"],
+            "images": counter.images, "prompt_tokens": counter.prompt_tokens, "peak_gib": peak}, logs
 
 
 def tracker_seconds(run, samples, tracker, step, logs):

@@ -541,6 +541,20 @@ class VLM:
         rows["pixel_values"] = batch["pixel_values"][offsets[start]:offsets[end]]
         return rows
 
+    @staticmethod
+    def concat_batches(batches, pad_id):
+        """Processor batches one after the other, as one batch: the shorter ones left-padded to the
+        longest (pad_id, attention 0, token type 0), as the processor pads its prompts; the images'
+        pixels and grids in the same order."""
+        length = max(b["input_ids"].shape[1] for b in batches)
+        fill = {"input_ids": pad_id}  # the rest (attention mask, token types): 0
+
+        def padded(key, t):
+            if key == "pixel_values" or key == "image_grid_thw":
+                return t
+            return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=fill.get(key, 0))
+        return {k: torch.cat([padded(k, b[k]) for b in batches]) for k in batches[0]}
+
     def frozen_copy(self):
         """A frozen reference policy (METHOD.md section 5, the KL anchor). With LoRA adapters it
         is the same model with the adapters off: no second copy in memory."""

@@ -27,6 +27,7 @@ import dist
 import grpo
 import lora
 import rundir
+import sampling
 import start
 import trackers
 from data import DataError, prompt_indices
@@ -37,29 +38,28 @@ from rundir import Diverged, Stopped, check_finite, timed
 
 
 # ----------------------------------------------------------------------------- one GRPO step
-def grpo_step(run, samples, phases):
+def grpo_step(run, train_set, samples, step, phases):
     """One GRPO step (METHOD.md section 5) on this rank's prompts; returns the step's log record."""
     cfg, task, policy, G = run.cfg, run.task, run.policy, run.cfg.group_size
     tau = run.schedule.tau if task.has_tau else None  # the threshold this step's rewards use
-    with timed(phases, "rollout"), dist.gathered(policy.model):  # 1. G completions per prompt (5.1)
-        rollout = grpo.sample_groups(policy, [s.image() for s in samples], [task.prompt(s) for s in samples], G,
-                                     cfg.temperature, cfg.max_new_tokens, finished=dist.all_done)
-    with timed(phases, "reward"):  # 2. rewards (section 4 or 10), advantages within each group (5.2)
-        per_row = [s for s in samples for _ in range(G)]  # N = B*G rows, group after group, as in the rollout
-        input_sizes = [size for size in policy.input_sizes(rollout.batch) for _ in range(G)]
-        scores = task.rewards(rollout.texts, per_row, input_sizes, tau)  # column -> (N,)
-        advantages = grpo.group_advantages(scores["reward"], G, cfg.adv_scale).to(policy.device)  # (N,)
-    update = policy_update(run, rollout, advantages, phases)  # 3-5. log-probs, loss, AdamW
-    scores = {k: dist.gather(v) for k, v in scores.items()}  # every rank's groups, in rank order
+    # 1-2. G completions per prompt (5.1) and their rewards (section 4 or 10); DAPO's rounds (5.8)
+    got = sampling.collect(run, train_set, samples, step, tau, phases)
+    if got.rollout is None:  # every group's rewards all equal, every round: nothing to learn from
+        print(f"step {step}: no informative group in {got.stats['resample_rounds'] + 1} rounds; no update")
+        update = {}
+    else:  # 3-5. advantages within each group (5.2), log-probs, loss, AdamW
+        advantages = grpo.group_advantages(got.scores["reward"], G, cfg.adv_scale).to(policy.device)  # (N,)
+        update = policy_update(run, got.rollout, advantages, phases)
+    scores, sampled = {k: dist.gather(v) for k, v in got.seen.items()}, got.sampled  # every rank's, in rank order
     record = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
               **task.step_stats(scores, tau), "fmt_mean": scores["fmt"].mean().item(),
               "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
               "parse_fail": scores["parse_fail"].mean().item(),
-              "completion_len": dist.gather(rollout.mask.sum(1).cpu()).mean().item(),
-              "completion_tokens": int(dist.total(rollout.mask.sum().item())),
-              "entropy": dist.total((rollout.entropy * rollout.mask).sum().item()) / dist.total(rollout.mask.sum().item()),
-              **update}
-    if task.has_tau:  # 6. the curriculum sees every rank's IoUs: one tau everywhere (section 6)
+              "completion_len": dist.gather(sampled.mask.sum(1).cpu()).mean().item(),
+              "completion_tokens": int(dist.total(sampled.mask.sum().item())),
+              "entropy": dist.total((sampled.entropy * sampled.mask).sum().item()) / dist.total(sampled.mask.sum().item()),
+              **got.stats, **update}
+    if task.has_tau:  # 6. the curriculum sees every sampled group of every rank: one tau everywhere (section 6)
         record = {"tau": tau, **record, "tau_changed": run.schedule.update(scores["iou"], scores.get("hit")),
                   **getattr(run.schedule, "seen", {})}  # MedLoc-R1's window statistics
         dist.check_same(run.schedule.tau, "tau")
@@ -167,7 +167,7 @@ def train_step(run, train_set, step):
         loss.backward()
         record["grad_norm"] = apply_update(run)
     else:
-        record.update(grpo_step(run, samples, phases))
+        record.update(grpo_step(run, train_set, samples, step, phases))
     record.update({f"seconds_{k}": v for k, v in phases.items()})
     record["step_seconds"] = time.time() - t0
     return record
