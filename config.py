@@ -71,6 +71,9 @@ class Config:
     loss_type: str = knob("grpo", "grpo: sequence mean; bnpo: token mean; dr_grpo: sum / (N*T) (Dr. GRPO, "
                                   "arXiv 2503.20783); cispo: the clipped ratio as a stop-gradient weight on log pi, "
                                   "token mean (CISPO, MiniMax-M1, arXiv 2506.13585)", ("grpo", "bnpo", "dr_grpo", "cispo"))
+    ratio: str = knob("token", "importance ratio: token (PPO's, per token); sequence: GSPO's s_i = exp(mean_t "
+                               "log pi - log pi_old), clipped per completion (arXiv 2507.18071; METHOD.md 5.9)",
+                      ("token", "sequence"))
     adv_scale: str = knob("group", "group: divide by group std; none: Dr. GRPO", ("group", "none"))
     lr: float = knob(None, "AdamW learning rate (default: 1e-6 as in the paper; 1e-4 for tiny)")
     weight_decay: float = knob(0.0, "AdamW weight decay")
@@ -79,6 +82,9 @@ class Config:
     updates_per_rollout: int = knob(1, "mu: optimizer steps on each rollout (> 1 lets the ratio clip)")
     dynamic_sampling: bool = knob(False, "DAPO's dynamic sampling (arXiv 2503.14476): drop the groups whose G rewards "
                                          "are all equal, draw more prompts until B informative groups (METHOD.md 5.8)")
+    recipe: str = knob(None, "a preset of the flags above, which flags given beside it override: dapo = clip-higher "
+                             "--eps-high 0.28, token-mean loss (bnpo), --dynamic-sampling, --beta 0 (DAPO, "
+                             "arXiv 2503.14476; METHOD.md 5.8)", ("dapo",))
     max_resample: int = knob(4, "--dynamic-sampling: extra rounds of B prompts at most, then the step trains on "
                                 "the informative groups it has")
     # reward (METHOD.md section 4) and schedule (section 6)
@@ -275,6 +281,9 @@ def check(cfg, processes=1):
     if cfg.fsdp and cfg.lora_rank:
         problems.append("--fsdp with --lora-rank: LoRA trains a few adapters on a frozen base that fits "
                         "each GPU; run it data parallel (without --fsdp)")
+    if cfg.ratio == "sequence" and cfg.loss_type == "cispo":
+        problems.append("--ratio sequence with --loss-type cispo: CISPO weights each token by its own clipped "
+                        "ratio; GSPO clips the sequence's (pick one)")
     if problems:
         raise RunError("\n       ".join(problems))
 
@@ -336,6 +345,7 @@ def parse_stages(text):
 
 
 # ----------------------------------------------------------------------------- new or resumed
+RECIPES = {"dapo": dict(eps_high=0.28, loss_type="bnpo", dynamic_sampling=True, beta=0.0)}
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "shard_size", "final_dtype", "report_to", "log_samples_every",
                         "run_group", "dist_timeout", "checkpoint")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
@@ -350,7 +360,7 @@ def load_config(given, restarted=False):
     if "resume" not in given and restarted and out and os.path.exists(os.path.join(out, "config.json")):
         given = {**given, "resume": out}
     if "resume" not in given:
-        return Config(**given)
+        return Config(**{**RECIPES.get(given.get("recipe"), {}), **given})  # the flags given win over the recipe
     run_dir = given["resume"]
     path = os.path.join(run_dir, "config.json")
     try:

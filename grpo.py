@@ -103,16 +103,21 @@ def frac_equal_groups(rewards, group_size):
     return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
 
-def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, beta=0.04, loss_type="grpo"):
+def token_loss(logp, old_logp, ref_logp, advantages, *, eps=0.2, eps_high=None, beta=0.04, loss_type="grpo",
+               seq_ratio=None):
     """l_t, the loss of each token (METHOD.md 5.3): clipped surrogate + beta * k3 KL. All arguments
     have logp's shape (advantages broadcast); old_logp None means pi_old = pi (the first update).
-    loss_type "cispo" (METHOD.md 5.7): the clipped ratio as a constant weight on log pi instead."""
+    loss_type "cispo" (METHOD.md 5.7): the clipped ratio as a constant weight on log pi instead.
+    seq_ratio (GSPO, METHOD.md 5.9): each token's sequence ratio s_i, a constant: the token's ratio
+    is then s_i in value with the gradient s_i d log pi_t, that of s_i through its mean over tokens."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp from a reference model")
     eps_high = eps if eps_high is None else eps_high
     # the gradient flows through logp alone: old policy, reference and advantages are constants
     old_logp = (logp if old_logp is None else old_logp).detach()
     ratio = torch.exp(logp - old_logp)  # 1 in value when mu = 1, but carries the gradient
+    if seq_ratio is not None:
+        ratio = seq_ratio.detach() * torch.exp(logp - logp.detach())
     A = advantages.detach()
     if loss_type == "cispo":  # every token keeps its gradient, scaled by its clipped ratio
         per_token = -torch.clamp(ratio, 1 - eps, 1 + eps_high).detach() * A * logp
@@ -143,35 +148,62 @@ def token_weights(mask, loss_type, max_new_tokens=None):
     raise ValueError(f"unknown loss_type {loss_type!r}: expected 'grpo', 'bnpo', 'dr_grpo' or 'cispo'")
 
 
+def sequence_ratio(logp, old_logp, mask):
+    """GSPO's s_i = exp(mean over completion i's tokens of log pi - log pi_old) (METHOD.md 5.9), (N,)."""
+    return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps=0.2, eps_high=None, beta=0.04,
-              loss_type="grpo", max_new_tokens=None):
+              loss_type="grpo", max_new_tokens=None, ratio="token"):
     """The GRPO loss of whole (N, T) log-probs, as METHOD.md 5.3-5.4 write it, and its statistics.
-    The training step computes the same sum chunk by chunk inside the output layer (`objective`)."""
+    The training step computes the same sum chunk by chunk inside the output layer (`objective`).
+    ratio "sequence" (GSPO, 5.9): every token of completion i carries -min(s_i A_i, clip(s_i) A_i),
+    the gradient flowing through s_i to all of its tokens."""
     per_token = token_loss(logp, old_logp, ref_logp, advantages[:, None], eps=eps, eps_high=eps_high, beta=beta,
                            loss_type=loss_type)
+    seq = None
+    if ratio == "sequence":  # the surrogate of s_i in place of the tokens' ratios; the KL as it is
+        seq = sequence_ratio(logp, logp.detach() if old_logp is None else old_logp, mask)[:, None]
+        A, high = advantages[:, None], 1 + (eps if eps_high is None else eps_high)
+        per_token = -torch.min(seq * A, torch.clamp(seq, 1 - eps, high) * A).expand_as(logp)
+        per_token = per_token + (beta * k3(logp, ref_logp.detach()) if beta > 0 else 0.0)
     loss = (per_token * token_weights(mask, loss_type, max_new_tokens)).sum()
-    return loss, loss_stats(logp.detach(), old_logp, ref_logp, advantages, mask, eps, eps_high)
+    return loss, loss_stats(logp.detach(), old_logp, ref_logp, advantages, mask, eps, eps_high,
+                            None if seq is None else seq.detach())
 
 
-def objective(old_logp, ref_logp, advantages, weights, mask, **loss_args):
+def objective(old_logp, ref_logp, advantages, weights, mask, seq_ratio=None, **loss_args):
     """The loss as a function of the scored tokens' log-probs, for the output layer to take its
     gradient chunk by chunk (VLM.completion_loss): f(logp, start, stop) = w_t l_t of the tokens
     start:stop among those where mask is 1, in row-major order. Arguments as in grpo_loss, with
-    `weights` from token_weights."""
+    `weights` from token_weights; `seq_ratio` (N,): GSPO's s_i, computed before (sequence_ratios)."""
     m = mask.bool()
     pick = lambda x: None if x is None else x[m]  # noqa: E731
     old, ref, A, w = pick(old_logp), pick(ref_logp), advantages[:, None].expand(m.shape)[m], weights[m]
+    seq = None if seq_ratio is None else seq_ratio[:, None].expand(m.shape)[m]
 
     def f(logp, start, stop):
         part = lambda x: None if x is None else x[start:stop]  # noqa: E731
-        return w[start:stop] * token_loss(logp, part(old), part(ref), A[start:stop], **loss_args)
+        return w[start:stop] * token_loss(logp, part(old), part(ref), A[start:stop], seq_ratio=part(seq), **loss_args)
     return f
 
 
-def loss_stats(logp, old_logp, ref_logp, advantages, mask, eps=0.2, eps_high=None):
-    """Token means of the KL (k3), the clipped fraction and the ratio pi / pi_old."""
+@torch.no_grad()
+def sequence_ratios(policy, batch, completion_ids, mask, old_logp, temperature):
+    """GSPO's s_i under the policy as it is now, before a forward that takes the loss's gradient
+    token by token (METHOD.md 5.9): 1 at the first update (pi is pi_old), else from a scoring pass
+    without gradient, since s_i needs all of completion i's tokens before any of them."""
+    if old_logp is None:
+        return torch.ones(completion_ids.shape[0], device=completion_ids.device)
+    return sequence_ratio(policy.completion_logps(batch, completion_ids, temperature, mask), old_logp, mask)
+
+
+def loss_stats(logp, old_logp, ref_logp, advantages, mask, eps=0.2, eps_high=None, seq_ratio=None):
+    """Token means of the KL (k3), the clipped fraction and the ratio pi / pi_old (GSPO: s_i)."""
     eps_high = eps if eps_high is None else eps_high
     ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
+    if seq_ratio is not None:
+        ratio = seq_ratio.reshape(-1, 1).expand_as(logp)
     kl = torch.zeros_like(logp) if ref_logp is None else k3(logp, ref_logp)
     A = advantages[:, None]
     was_clipped = ((ratio < 1 - eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))

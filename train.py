@@ -82,19 +82,22 @@ def policy_update(run, rollout, advantages, phases):
     loss_args = dict(eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type)
     old_logps, stats = [None] * len(parts), {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "loss": 0.0}
     for _ in range(cfg.updates_per_rollout):
-        logps = []
+        logps, seqs = [], []
         for k, (rows, ids, mask, adv, w) in enumerate(parts):
             with timed(phases, "policy_forward"):  # the output layer takes the loss's gradient here
-                objective = grpo.objective(old_logps[k], ref_logps[k], adv, w, mask, **loss_args)
+                seq = (grpo.sequence_ratios(policy, rows, ids, mask, old_logps[k], cfg.temperature)
+                       if cfg.ratio == "sequence" else None)  # GSPO's s_i (5.9)
+                objective = grpo.objective(old_logps[k], ref_logps[k], adv, w, mask, seq, **loss_args)
                 loss, logp = policy.completion_loss(rows, ids, objective, cfg.temperature, mask)  # (n, T)
             with timed(phases, "backward"):
                 loss.backward()
             stats["loss"] += check_finite("the loss", loss.item()) / cfg.updates_per_rollout
-            logps.append(logp)
+            logps, seqs = logps + [logp], seqs + [seq]
         if old_logps[0] is None:  # pi_old: the policy that sampled, scored by the first update's forward
             old_logps = logps
         update = grpo.loss_stats(torch.cat(logps), torch.cat(old_logps), None if run.ref is None else
-                                 torch.cat(ref_logps), advantages, rollout.mask, cfg.eps, cfg.eps_high)
+                                 torch.cat(ref_logps), advantages, rollout.mask, cfg.eps, cfg.eps_high,
+                                 None if seq is None else torch.cat(seqs))
         for key in ("kl", "clip_frac", "ratio"):  # averaged over the mu updates, each rank by its share
             stats[key] += update[key] * rank_share / cfg.updates_per_rollout
         with timed(phases, "optimizer"):

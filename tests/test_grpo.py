@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
 
+import grpo
 from grpo import (completion_mask, frac_equal_groups, group_advantages, grpo_loss, objective, token_loss,
                   token_weights)
 
@@ -107,6 +110,38 @@ def test_cispo_weights_log_pi_by_the_clipped_ratio_hand_computed():
     assert grad[0, 0] == 0 and grad[1, 2] == 0  # where CISPO keeps the gradient, the clip drops it
     loss, _ = grpo_loss(logp, old, None, adv, torch.ones(2, 3), eps=0.2, eps_high=0.28, beta=0.0, loss_type="cispo")
     assert loss.item() == pytest.approx((1.28 + 2 + 0.4 - 0.768 - 2 - 3.2) / 6)  # the token mean
+
+
+def test_gspo_clips_the_sequence_ratio_hand_computed():
+    """GSPO (METHOD.md 5.9) on a 2 x 3 example, beta 0, eps 0.2 / 0.28. Row 0: log-ratios 0.3, 0, 0.3,
+    s_0 = exp(0.2) = 1.2214, inside the clip, A = 1: l = -s_0 on every token. Row 1: log-ratios 0.6
+    each, s_1 = exp(0.6) = 1.8221 > 1.28: with A = 1 the clipped branch, l = -1.28 and no gradient;
+    with A = -1 the unclipped one, l = 1.8221. Sequence-mean weights 1 / (2 * 3): the gradient of a
+    token of row i is -w A_i s_i (the whole-tensor loss: through s_i = exp(mean), d s_i = s_i / 3)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[0.3, 0.0, 0.3], [0.6, 0.6, 0.6]])
+    mask, s0, s1 = torch.ones(2, 3), math.exp(0.2), math.exp(0.6)
+    assert grpo.sequence_ratio(logp, old, mask).tolist() == pytest.approx([s0, s1])
+    for A1, row1, grad1 in ((1.0, -1.28, 0.0), (-1.0, s1, s1 / 6)):
+        adv = torch.tensor([1.0, A1])
+        loss, stats = grpo_loss(logp, old, None, adv, mask, eps=0.2, eps_high=0.28, beta=0.0, ratio="sequence")
+        assert loss.item() == pytest.approx((3 * -s0 + 3 * row1) / 6)
+        whole, = torch.autograd.grad(loss, logp)
+        assert whole.tolist() == [pytest.approx([-s0 / 6] * 3), pytest.approx([grad1] * 3)]
+        assert stats["clip_frac"] == pytest.approx(0.5 if A1 > 0 else 0.0) and stats["ratio"] == pytest.approx((s0 + s1) / 2)
+        f = objective(old, None, adv, token_weights(mask, "grpo"), mask, grpo.sequence_ratio(logp, old, mask).detach(),
+                      eps=0.2, eps_high=0.28, beta=0.0)
+        scored = logp.detach().flatten().requires_grad_()
+        value = f(scored[:4], 0, 4).sum() + f(scored[4:], 4, 6).sum()  # in two chunks, across the rows
+        chunked, = torch.autograd.grad(value, scored)
+        assert value.item() == pytest.approx(loss.item()) and torch.allclose(chunked, whole.flatten())
+
+
+def test_gspo_is_refused_with_cispo_in_one_line():
+    from config import Config, check
+    from files import RunError
+    with pytest.raises(RunError, match="--ratio sequence with --loss-type cispo: CISPO weights each token"):
+        check(Config(ratio="sequence", loss_type="cispo"))
 
 
 def test_beta_zero_needs_no_reference_and_beta_positive_does():

@@ -104,3 +104,13 @@ def test_the_flag_off_is_the_step_as_it_was(tmp_path):
     run, train_set = run_of(tmp_path, batch_prompts=2, group_size=4)
     got = sampling.collect(run, train_set, [train_set[0], train_set[1]], 1, run.schedule.tau, {})
     assert got.rollout is got.sampled and got.scores is got.seen and got.stats == {}
+
+
+def test_the_dapo_recipe_sets_its_four_flags_and_flags_given_beside_it_win():
+    from config import load_config
+    dapo = load_config({"recipe": "dapo"})
+    assert (dapo.eps_high, dapo.loss_type, dapo.dynamic_sampling, dapo.beta) == (0.28, "bnpo", True, 0.0)
+    mine = load_config({"recipe": "dapo", "beta": 0.01, "eps_high": 0.3})
+    assert (mine.eps_high, mine.loss_type, mine.dynamic_sampling, mine.beta) == (0.3, "bnpo", True, 0.01)
+    plain = load_config({})
+    assert (plain.eps_high, plain.loss_type, plain.dynamic_sampling, plain.beta) == (None, "grpo", False, 0.04)

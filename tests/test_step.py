@@ -74,15 +74,17 @@ def test_shared_prefix_logps_and_gradients_equal_separate_forwards(family, reque
         assert torch.allclose(g_shared[name], g, atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("loss_type, micro_batch, adapters", [("grpo", 3, False), ("bnpo", 0, False),
-                                                             ("dr_grpo", 3, False), ("grpo", 3, True),
-                                                             ("cispo", 3, False)])
-def test_policy_update_gradients_equal_the_grpo_loss_of_whole_logits(loss_type, micro_batch, adapters, monkeypatch):
+@pytest.mark.parametrize("loss_type, micro_batch, adapters, ratio", [
+    ("grpo", 3, False, "token"), ("bnpo", 0, False, "token"), ("dr_grpo", 3, False, "token"), ("grpo", 3, True, "token"),
+    ("cispo", 3, False, "token"), ("grpo", 3, False, "sequence"), ("bnpo", 0, False, "sequence")])
+def test_policy_update_gradients_equal_the_grpo_loss_of_whole_logits(loss_type, micro_batch, adapters, ratio,
+                                                                     monkeypatch):
     """train.policy_update (micro-batches, the loss's gradient taken in the output layer) against
     grpo.grpo_loss on whole (N, T, vocab) logits through autograd, over mu = 2 updates with an SGD
-    step between them: the second update's ratio is no longer 1 and clips."""
+    step between them: the second update's ratio is no longer 1 and clips. GSPO (ratio "sequence"):
+    s_i from a scoring pass before the forward against s_i through autograd over all its tokens."""
     lr, cfg = 3.0, Config(batch_prompts=2, group_size=3, max_new_tokens=9, loss_type=loss_type, micro_batch=micro_batch,
-                          updates_per_rollout=2, beta=0.1, eps=0.2, eps_high=0.28, temperature=0.9)
+                          updates_per_rollout=2, beta=0.1, eps=0.2, eps_high=0.28, temperature=0.9, ratio=ratio)
     policies = [load_vlm("tiny"), load_vlm("tiny")]  # the same weights: one for each path
     if adapters:  # LoRA: a frozen output layer, and the reference is the model without adapters
         for vlm in policies:
@@ -123,7 +125,7 @@ def test_policy_update_gradients_equal_the_grpo_loss_of_whole_logits(loss_type, 
         logp = naive.completion_logps(batch, ids, 0.9)
         old = logp.detach() if old is None else old
         loss, clipped = grpo.grpo_loss(logp, old, ref_logp, adv, mask, eps=0.2, eps_high=0.28, beta=0.1,
-                                       loss_type=loss_type, max_new_tokens=9)
+                                       loss_type=loss_type, max_new_tokens=9, ratio=ratio)
         loss.backward()
         sgd(types.SimpleNamespace(policy=naive, params=params))
     assert clipped["clip_frac"] > 0 and stats["clip_frac"] > 0  # the second update clipped
