@@ -148,6 +148,25 @@ def test_boxes_round_trip_through_the_frame_under_the_real_resize(family, size):
         assert all(abs(a - b) <= unit[k % 2] / 2 + 1e-9 for k, (a, b) in enumerate(zip(back, box)))
 
 
+def test_several_boxes_go_to_the_frame_and_back_under_the_real_resize(family):
+    """MultiGrounding's SFT answer (every box in the family's frame, whole numbers) read back by its
+    parser and matched to the truth: each box within half a frame step of its own, none swapped."""
+    import tasks
+    from data import Sample
+    vlm = load_vlm(family[1])
+    W, H = 1203, 588
+    batch = vlm.encode(images((W, H)), ["q"])
+    (size,) = vlm.input_sizes(batch)
+    truth = ((3, 5, 300, 200), (640, 10, 1200, 580), (310, 300, 620, 587))
+    sample = Sample(None, "q", None, (W, H), "x", boxes=truth)
+    task = tasks.MultiGrounding("r1", vlm.coord)
+    pred = task.predict(task.sft_answer(sample, 0, size), sample, size)
+    unit = (W / 1000, H / 1000) if vlm.coord == "norm1000" else (W / size[0], H / size[1])
+    for got, want in zip(pred["boxes"], truth, strict=True):
+        assert all(abs(a - b) <= unit[k % 2] / 2 + 1e-9 for k, (a, b) in enumerate(zip(got, want)))
+    assert pred["f1@0.8"] == 1.0 and len(pred["matched"]) == 3
+
+
 def test_two_grpo_steps_resume_bit_identical_and_eval_reads_the_frame(family, tmp_path):
     name, folder = family
     common = ["--model", folder, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "3",

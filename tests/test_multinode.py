@@ -209,16 +209,16 @@ def c10d_nodes(tmp_path, out, env, restarts=1):
                              env={**os.environ, **env}, start_new_session=True) for k in (0, 1)]
 
 
-def test_rank_0_killed_after_a_checkpoint_under_c10d_restarts_ends_every_time_bit_identical(nodes, uninterrupted):
+def test_rank_0_killed_after_a_checkpoint_under_c10d_restarts_ends_bit_identical(nodes, uninterrupted):
     """torchrun counts a restart only on the node whose worker died: the ranks must still agree to
     resume (dist.join counts the attempt in the store), or one resumes at step 2 while the other
-    starts afresh and the run never ends (3 of 4 tries hung before). Repeated: it was a race."""
-    for k in range(2):
-        out = nodes / f"shared{k}"
-        results = [finish(p, timeout=150) for p in c10d_nodes(nodes, out, {"MEDLOC_TEST_KILL": "2:0"})]
-        assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
-        assert any(f"resumed {out} at step 2" in text for _, text in results)
-        assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
+    starts afresh and the run never ends (3 of 4 tries hung before the attempt was counted in the
+    store; once since, as the suite's time is finite: the count leaves no race to repeat for)."""
+    out = nodes / "shared"
+    results = [finish(p, timeout=150) for p in c10d_nodes(nodes, out, {"MEDLOC_TEST_KILL": "2:0"})]
+    assert all(rc == 0 for rc, _ in results), "".join(text[-1500:] for _, text in results)
+    assert any(f"resumed {out} at step 2" in text for _, text in results)
+    assert log(out) == log(uninterrupted) and weights(out) == weights(uninterrupted)
 
 
 def test_sharded_checkpoints_of_four_processes_resume_in_two_in_one_and_on_another_mesh(tmp_path, capsys):
