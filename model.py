@@ -93,6 +93,7 @@ FAMILIES = {
 
 
 def layer_kinds(text_config):
+    """The kinds of attention layer a text config has (full, sliding, linear, ...)."""
     return set(getattr(text_config, "layer_types", None) or ["full_attention"])
 
 
@@ -241,8 +242,9 @@ class VLM:
 
     def __init__(self, model, processor, template=None, amp_dtype=None):
         model_type = model.config.model_type
-        if unsupported(model.config):
-            raise ValueError(unsupported(model.config))
+        problem = unsupported(model.config)
+        if problem:
+            raise ValueError(problem)
         self.model, self.processor = model, processor
         self.amp_dtype = amp_dtype  # bf16 autocast over fp32 weights ("bf16-mixed"), or None
         self.adapters_off = False   # True for the KL reference of a LoRA policy: same model, no adapters
@@ -884,8 +886,9 @@ def load_vlm(name, device="cpu", precision="auto", min_pixels=None, max_pixels=N
     else:
         config = model_config(name)
         model_type = config.model_type
-        if unsupported(config):
-            raise ValueError(f"{name}: {unsupported(config)}")
+        problem = unsupported(config)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
         model_cls, processor_cls = FAMILIES[model_type].model, FAMILIES[model_type].processor
         try:
             processor = processor_cls.from_pretrained(name, trust_remote_code=False)

@@ -237,8 +237,9 @@ def check_models(cfg):
     set-up and any warm start)."""
     start, flag = cfg.init or cfg.model, "--init" if cfg.init else "--model"
     policy_config = None if start == "tiny" else config_of(start, flag)  # the built-in model is a Qwen2.5-VL
-    if policy_config is not None and unsupported(policy_config):
-        raise RunError(f"{flag} {start}: {unsupported(policy_config)}")
+    problem = None if policy_config is None else unsupported(policy_config)
+    if problem:
+        raise RunError(f"{flag} {start}: {problem}")
     if cfg.ref_model in (None, "none"):
         return
     policy_config, ref_config = policy_config or config_of(start, flag), config_of(cfg.ref_model, "--ref-model")
