@@ -233,7 +233,8 @@ def score_multi(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="thr
                 w_fmt=1.0):
     """Per-completion rewards for several boxes (METHOD.md 4.2): r_acc = F1 at tau ("threshold") or
     the soft F1 ("iou"), r = r_acc + w_fmt * r_fmt. Columns: iou (the soft F1, what the curriculum's
-    margin reads), hit (F1 at tau: its hit rate), acc, fmt, reward, parse_fail, boxes (how many)."""
+    margin reads), hit (F1 at tau: its hit rate; at 0.5 under Raw-IoU, which has no tau, as the one-box
+    task reports it), acc, fmt, reward, parse_fail, boxes (how many)."""
     if mode not in ("threshold", "iou"):
         raise ValueError(f"reward mode {mode!r} has no several-box form: expected 'threshold' or 'iou'")
     if mode == "threshold" and tau is None:
@@ -244,7 +245,7 @@ def score_multi(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="thr
         boxes = [to_image_frame(b, coord, size, in_size) for b in raw or []]
         matched = match_boxes(boxes, truth)
         soft = soft_f1(matched, len(boxes), len(truth)) if raw is not None else 0.0
-        hit = f1_at(matched, len(boxes), len(truth), tau) if raw is not None and tau is not None else 0.0
+        hit = f1_at(matched, len(boxes), len(truth), 0.5 if tau is None else tau) if raw is not None else 0.0
         fmt = 1.0 if raw is not None and _MULTI_FORMATS[template].fullmatch(text) else 0.0
         acc = hit if mode == "threshold" else soft
         for key, value in (("iou", soft), ("hit", hit), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
