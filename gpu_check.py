@@ -13,7 +13,8 @@ It writes DIR/gpu_check.json and DIR/gpu_check.md, one entry per part:
   steps        the step by phase (rollout, reference, policy, backward, optimizer) with its FLOPs and
                utilisation, and each phase's peak memory against the memory plan's: the tiny model, the
                123 M proxy and the 3B shape (real widths, layers and vocabulary, built on the meta device,
-               materialised in bf16 on the GPU), eager and compiled, and LoRA r = 64 on the 3B shape
+               materialised in bf16 on the GPU), eager and compiled, LoRA r = 64 on the 3B shape, and the
+               Qwen3-VL-4B and MedGemma-4B shapes (eager) when the budget leaves time for them
 
 Every part is guarded: one that fails is recorded with its error and the others still run. A shape
 whose memory plan does not fit the device's free memory is recorded as skipped with that line,
@@ -43,7 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RUN_STEPS = 20
 # (shape, path, LoRA rank, precision, B, G, new tokens): what the steps part times, in this order
 FULL_STEPS = [("tiny", "compiled", 0, "auto", 4, 8, 24), ("proxy", "compiled", 0, "auto", 4, 8, 128),
-              ("3b", "compiled", 0, "bf16", 4, 8, 128), ("3b", "lora", 64, "bf16", 4, 8, 128)]
+              ("3b", "compiled", 0, "bf16", 4, 8, 128), ("3b", "lora", 64, "bf16", 4, 8, 128),
+              # the families of 2026 at their 4B shapes, eager (their compiled decoding is untried on a GPU)
+              ("qwen3-vl-4b", "eager", 0, "bf16", 4, 8, 128), ("medgemma-4b", "eager", 0, "bf16", 4, 8, 128)]
 QUICK_STEPS = [("tiny", "eager", 0, "auto", 2, 4, 8)]
 BUDGET_SECONDS = 450  # the parts still to run when this is spent are skipped: the check ends within 8 minutes
 
