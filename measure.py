@@ -22,6 +22,7 @@ from transformers import (Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Q
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 import lora
+import sampling
 import start
 import train
 from config import Config
@@ -692,9 +693,9 @@ MEASURED_PHASES = {"rollout": "sampling", "reference": "scoring", "policy_forwar
 
 @contextlib.contextmanager
 def phase_peaks(peaks, reset, peak):
-    """Inside the block, each phase that train.py times (train.timed) starts with reset() and
-    leaves peak() in peaks[its memory plan phase] (the largest over its calls): a measurement
-    hook around the step, which itself stays as it is."""
+    """Inside the block, each phase that the step times (`timed` in train.py and sampling.py) starts
+    with reset() and leaves peak() in peaks[its memory plan phase] (the largest over its calls): a
+    measurement hook around the step, which itself stays as it is."""
     timed = train.timed
 
     @contextlib.contextmanager
@@ -705,8 +706,8 @@ def phase_peaks(peaks, reset, peak):
         if name in MEASURED_PHASES:
             phase = MEASURED_PHASES[name]
             peaks[phase] = max(peaks.get(phase, 0), peak())
-    train.timed = watched
+    train.timed = sampling.timed = watched
     try:
         yield peaks
     finally:
-        train.timed = timed
+        train.timed = sampling.timed = timed

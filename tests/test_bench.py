@@ -9,7 +9,7 @@ from model import load_vlm
 from test_model import images
 
 
-@pytest.mark.parametrize("model, size", [("tiny", None), ("proxy", dict(B=2, G=4, new=48, micro=4))])
+@pytest.mark.parametrize("model, size", [("tiny", None), ("proxy", dict(B=2, G=4, new=16, micro=4))])
 def test_the_memory_plan_is_within_15_percent_of_a_measured_run(model, size):
     """Set-up and the second step's sampling, scoring and update phases of a real run (train.py's
     functions), peak resident memory per phase. The proxy's weights, reference, AdamW state and

@@ -55,22 +55,6 @@ def test_two_processes_update_the_weights_as_one_and_share_one_curriculum(tmp_pa
     assert 4 <= counts["gathered"]["gathers"] <= units < 9 * 4 <= counts["plain"]["gathers"]  # 9 decode steps x 4 layers
 
 
-def test_a_two_process_run_resumes_exactly_and_its_model_loads_in_one_process(warm, tmp_path):
-    args = ["train.py", "--init", warm, "--dataset", "synth:derm", "--batch-prompts", "2", "--group-size", "4",
-            "--eval-dataset", "none", "--reward", "iou", "--window", "2", "--no-reward-check",
-            "--no-stability-check", "--save-every", "2", "--threads", "1", "--device", "cpu"]
-    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    torchrun(args + ["--steps", "4", "--out", whole])
-    torchrun(args + ["--steps", "2", "--out", split])
-    torchrun(["train.py", "--resume", split, "--steps", "4"])
-    drop = lambda log: [{k: v for k, v in r.items() if "seconds" not in k} for r in log]
-    assert drop(read_log(split)) == drop(read_log(whole))
-    assert len(read_log(whole)) == 4
-    final = load_vlm(os.path.join(whole, "final"))
-    metrics, _ = ev.evaluate(final, tasks.of_model(final), load_dataset("synth:derm", "test", n=2), max_new_tokens=24)
-    assert metrics["n"] == 2
-
-
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_loading(tmp_path, monkeypatch):
     import train
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun tells each process
