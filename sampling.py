@@ -23,8 +23,8 @@ from rundir import timed
 class Collected:
     rollout: object   # grpo.Rollout of the groups the update trains on; None when none is informative
     scores: dict      # their reward columns (N,)
-    sampled: object   # grpo.Rollout of every group sampled this step (the same as `rollout` without
-    seen: dict        # dynamic sampling) and its reward columns: what the log and the window read
+    sampled: object   # grpo.Rollout of every group sampled this step (`rollout` itself without dynamic sampling)
+    seen: dict        # its reward columns: what the log and the curriculum's window read
     stats: dict       # dynamic sampling: prompts drawn, groups dropped, completions sampled, rounds
 
 
