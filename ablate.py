@@ -6,6 +6,7 @@
     python ablate.py --study loose     # the comparison from a start whose boxes are found but loose
     python ablate.py --study vrft      # VRFT-Aug's augmentations on synth:grade and synth:type
     python ablate.py --study multi     # several boxes per query: fixed 0.5, soft F1, MedLoc-R1 on F1 at tau, SFT
+    python ablate.py --study sparsity  # the curriculum against DAPO's dynamic sampling where rewards are sparse
     python ablate.py --study compare --quick   # 1 seed, a third of the steps: a smoke test
     python ablate.py --study compare --dataset TRAIN --eval-dataset TEST --model M --gpus 0,1 -- --lora-rank 64
                                                # on your data and model, rows queued over your GPUs
@@ -72,6 +73,14 @@ TINY_WARM_START = os.path.join(HERE, "tiny-warmstart")
 MULTI = {"sft": ["--algo", "sft"], "fixed": ["--schedule", "fixed", "--tau", "0.5"],
          "soft-f1": ["--schedule", "raw-iou"], "medloc": ["--schedule", "medloc"]}
 MULTI_METRICS = ("F1@0.5", "F1@0.8", "soft_F1", "mAP@0.5")
+# The curriculum against DAPO's dynamic sampling (METHOD.md 5.8; results/sparsity-protocol.md), from a
+# start so loose that fixed 0.5 sees mostly all-zero groups. The dynamic-sampling rows sample more per
+# step, so they are also scored every 10 steps, for the table at equal completions sampled.
+SPARSITY = {"sft": ["--algo", "sft"], "fixed": ["--schedule", "fixed", "--tau", "0.5"],
+            "raw-iou": ["--schedule", "raw-iou"], "medloc": ["--schedule", "medloc"],
+            "dapo": ["--schedule", "fixed", "--tau", "0.5", "--recipe", "dapo", "--eval-every", "10"],
+            "medloc+ds": ["--schedule", "medloc", "--dynamic-sampling", "--eval-every", "10"]}
+SPARSE_SCALE = "1.7,1.9"  # the first scale that met the protocol's bar, measured before the rows ran
 # VRFT-Aug (METHOD.md section 10) on the built-in classification sets, every row with the r1 template (so there is reasoning to recite)
 VRFT_SETS = ("grade", "type")
 VRFT = {
@@ -111,7 +120,11 @@ class Study:
     """sets: the data sets (synth:KIND); rows: row -> flags; stages(args, root, cells) -> lists of
     (run folder, train.py flags), each list run after the one before; contrasts: (a, b, what a - b
     measures), paired by seed; curves: (metrics.jsonl key, label, smoothing steps) plotted per
-    step; rows_of(kind): the rows a set runs (default: all)."""
+    step; rows_of(kind): the rows a set runs (default: all); early: the steps the early all-equal
+    fraction averages (default: the first quarter); equal_completions: the rows sample unequally
+    (dynamic sampling), so they are also compared at the completions the fewest-sampling GRPO row
+    drew (each at its last evaluation at or before that budget); contrasted: the metrics the
+    contrasts take (default: those that A@0.5, mIoU or macro-F1 do not already summarise)."""
     sets: tuple
     rows: dict
     stages: object
@@ -119,6 +132,9 @@ class Study:
     contrasts: tuple
     curves: tuple
     rows_of: object = None
+    early: int = None
+    equal_completions: bool = False
+    contrasted: tuple = None
 
     def rows_for(self, kind):
         return self.rows_of(kind) if self.rows_of else list(self.rows)
@@ -138,18 +154,20 @@ def default_stages(args, root, cells):
     return [[(cell_dir(root, cell, "medloc"), ["--seed", str(cell[1]), "--threads", "1"]) for cell in cells]]
 
 
-def from_warm_start(rows, loose=False, warm_set="mix"):
+def from_warm_start(rows, loose=None, warm_set="mix"):
     """Stages of a study whose rows all start from one model and run --steps steps with B prompts
     x G completions (the SFT row: B supervised answers per step, at the GRPO lr). The model is
     --init if given, else an SFT warm start of --warm-steps on synth:mix (seed 0), run first: one
-    starting model for every seed, as a pretrained VLM is for the paper's. `loose`: the shipped
-    warm start, then --loose-warm-steps of SFT on the true boxes loosened by --loose-scale (METHOD.md 8).
+    starting model for every seed, as a pretrained VLM is for the paper's. `loose` (a scale, as
+    "LO,HI"): the shipped warm start, then --loose-warm-steps of SFT on the true boxes loosened by
+    that scale, or by --loose-scale if given (METHOD.md 8).
     `warm_set`: the synthetic set of the warm start (multi: the study of several boxes)."""
     def stages(args, root, cells):
         warm = os.path.join(root, "warmstart")
         steps, lr, start = args.warm_steps, ["--lr", "1e-3"], []
         if loose:  # the shipped warm start (SFT on the exact boxes), then SFT on loosened ones
-            steps, lr, start = args.loose_warm_steps, ["--lr", "3e-4"], ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale]
+            steps, lr = args.loose_warm_steps, ["--lr", "3e-4"]
+            start = ["--init", TINY_WARM_START, "--sft-box-scale", args.loose_scale or loose]
         if args.model:  # a pretrained model: its own learning rate (train.py's default), its own start
             lr, start = [], ["--model", args.model] + start[2:]
         data = (["--dataset", args.dataset, "--eval-dataset", args.eval_dataset] if args.dataset
@@ -224,13 +242,19 @@ STUDIES = {
     "rules": Study(("derm",), RULES, from_warm_start(RULES), GROUNDING,
                    tuple(("medloc", o, f"the full rule instead of {o}") for o in RULES if o != "medloc"),
                    CURRICULUM),
-    "loose": Study(("derm", "us"), LOOSE, from_warm_start(LOOSE, loose=True), GROUNDING + ("box_area_ratio",),
+    "loose": Study(("derm", "us"), LOOSE, from_warm_start(LOOSE, loose=LOOSE_SCALE), GROUNDING + ("box_area_ratio",),
                    tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in LOOSE if o != "medloc"),
                    CURRICULUM + (("box_area_ratio", "rollout box area / true box area", 10),)),
     "multi": Study(("multi",), MULTI, from_warm_start(MULTI, warm_set="multi"), MULTI_METRICS,
                    tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in MULTI if o != "medloc"),
                    (("tau", "IoU threshold tau", 1), ("hit_rate", "F1 at tau (group mean)", 10),
                     ("frac_equal_groups", "all-equal-reward groups", 10), ("boxes_mean", "boxes per answer", 10))),
+    "sparsity": Study(("derm", "us"), SPARSITY, from_warm_start(SPARSITY, loose=SPARSE_SCALE), GROUNDING,
+                      tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in SPARSITY if o != "medloc")
+                      + tuple(("dapo", o, f"DAPO instead of {o}") for o in SPARSITY if o not in ("medloc", "dapo")),
+                      CURRICULUM[:3] + (("completions_sampled", "completions sampled per step", 1),
+                                        ("entropy", "entropy of sampled tokens (nats)", 10)),
+                      early=30, equal_completions=True, contrasted=GROUNDING),
     "vrft": Study(VRFT_SETS, VRFT, vrft_stages, CLASSIFICATION,
                   (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
                    ("+PA_pi", "rft", "grounding SFT + RL first"), ("+ground-sft", "rft", "grounding SFT first"),
@@ -415,20 +439,49 @@ def damaged_eval(run_dir):
 
 
 def read_run(run_dir):
-    """(eval.json, metrics.jsonl records) of a finished run."""
+    """(eval.json, metrics.jsonl records) of a finished run, each record with the completions the
+    step sampled (logged under dynamic sampling; B x G otherwise; none for SFT) and their running
+    total, so that rows which sample unequally can be put side by side."""
     with open(os.path.join(run_dir, "eval.json")) as f:
         metrics = json.load(f)
     log = []
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             log = [json.loads(line) for line in f]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    per_step, total = 0 if cfg["algo"] == "sft" else cfg["batch_prompts"] * cfg["group_size"], 0
+    for r in log:
+        total += r.setdefault("completions_sampled", per_step)
+        r["completions_total"] = total
     return metrics, log
 
 
-def record(study, root, cell, row):
+def at_budget(study, budget, metrics, start_metrics, log):
+    """A run's test metrics at `budget` completions sampled, and the step they are from: its
+    end if it sampled no more, else its last evaluation (--eval-every) at or before the budget (the
+    start's, step 0, if none came before it); none if it was never evaluated on the way."""
+    if not log or log[-1]["completions_total"] <= budget:
+        return metrics, log[-1]["step"] if log else 0
+    probe = f"eval_{study.metrics[0]}"
+    if not any(probe in r for r in log):
+        return {}, None
+    evals = [r for r in log if r["completions_total"] <= budget and probe in r]
+    if not evals:
+        return start_metrics, 0
+    return {k: evals[-1][f"eval_{k}"] for k in study.metrics if f"eval_{k}" in evals[-1]}, evals[-1]["step"]
+
+
+def budget_of(logs):
+    """The completions sampled by the GRPO run that sampled fewest (with B x G per step, steps x B x G):
+    dynamic sampling samples at least that many per step."""
+    return min((log[-1]["completions_total"] for log in logs if log and log[-1]["completions_total"]), default=0)
+
+
+def record(study, root, cell, row, budget=None):
     """One run's line of results/<study>.json: its test metrics, those of the model it started
-    from (start_*: train.py scores it in warmstart/eval.json), and what its log says of the
-    curriculum and of reward sparsity."""
+    from (start_*: train.py scores it in warmstart/eval.json), what its log says of the curriculum,
+    of reward sparsity and of what it sampled, and (given a budget) its metrics at the budget."""
     folder = cell_dir(root, cell, row)
     metrics, log = read_run(folder)
     start_path = os.path.join(folder, "warmstart", "eval.json")  # absent when the run had no evaluation set
@@ -439,13 +492,20 @@ def record(study, root, cell, row):
     raised = {r["step"]: r["tau"] for r in log if r.get("tau_changed")}
     taus = [r["tau"] for r in log if r.get("tau") is not None]
     equal = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r]
-    early = equal[:max(len(equal) // 4, 1)]
-    return {"set": cell[0], "seed": cell[1], "row": row,
+    early = equal[:study.early or max(len(equal) // 4, 1)]
+    entropy = [r["entropy"] for r in log if "entropy" in r]
+    line = {"set": cell[0], "seed": cell[1], "row": row,
             **{k: metrics[k] for k in study.metrics if k in metrics},
             **{f"start_{k}": start_metrics[k] for k in study.metrics if k in start_metrics},
             "final_tau": taus[-1] if taus else None, "raises": len(raised) if taus else None,
             "first_raise": min(raised, default=None),
             "early_frac_equal_groups": statistics.mean(early) if equal else None}
+    if budget:
+        scored, step = at_budget(study, budget, metrics, start_metrics, log)
+        line.update({f"budget_{k}": scored[k] for k in study.metrics if k in scored}, budget_step=step,
+                    completions=log[-1]["completions_total"] if log else 0,
+                    late_entropy=statistics.mean(entropy[-max(len(entropy) // 4, 1):]) if entropy else None)
+    return line
 
 
 def mean_std(values, scale=100, digits=1):
@@ -468,10 +528,20 @@ def paired_ci(a, b):
 
 def columns(study, records):
     """(key, label, scale) of the table's columns that some record holds."""
+    early = f"first {study.early} steps" if study.early else "first quarter"
     cols = [(k, k, 1 if k in RATIOS else 100) for k in study.metrics]
     cols += [(f"start_{k}", f"start {k}", 1 if k in RATIOS else 100) for k in study.metrics]
     cols += [("final_tau", "tau at the end", 1), ("raises", "tau raises", 1), ("first_raise", "first raise (step)", 1),
-             ("early_frac_equal_groups", "all-equal groups, first quarter (%)", 100)]
+             ("early_frac_equal_groups", f"all-equal groups, {early} (%)", 100),
+             ("completions", "completions sampled (thousands)", 0.001),
+             ("late_entropy", "entropy, last quarter (nats/token)", 1)]
+    return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
+
+
+def budget_columns(study, records):
+    """The columns of the table at equal completions sampled."""
+    cols = [(f"budget_{k}", k, 1 if k in RATIOS else 100) for k in study.metrics]
+    cols += [("budget_step", "step scored", 1), ("completions", "completions over the whole run (thousands)", 0.001)]
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
 
 
@@ -483,9 +553,8 @@ def label(kind):
 DATASET_LABEL = {}  # "data" -> the --dataset path, set by main
 
 
-def table(study, records):
+def table(study, records, cols):
     """A line per (set, row), a column per metric: mean ± std over seeds ('-' where a row has none)."""
-    cols = columns(study, records)
     lines = ["| set | row | " + " | ".join(label for _, label, _ in cols) + " |", "|" + "---|" * (2 + len(cols))]
     for kind in study.sets:
         for row in study.rows_for(kind):
@@ -493,7 +562,7 @@ def table(study, records):
             cells = []
             for key, _, scale in cols:
                 values = [r[key] for r in mine if r.get(key) is not None]
-                digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio") else 1
+                digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio", "late_entropy") else 1
                 cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
             lines.append(f"| {label(kind)} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -504,9 +573,10 @@ def by_seed(records, kind, row, key):
             if r["set"] == kind and r["row"] == row and r.get(key) is not None]
 
 
-def contrast_table(study, records):
-    """Each contrast a - b on each set, paired by seed, in points: mean ± half-width of the 95 % t interval."""
-    keys = [k for k in study.metrics if k not in ("A@0.5", "mIoU", "macro_f1") + RATIOS]
+def contrast_table(study, records, prefix=""):
+    """Each contrast a - b on each set, paired by seed, in points: mean ± half-width of the 95 % t
+    interval (of the metrics at the budget with prefix "budget_")."""
+    keys = study.contrasted or [k for k in study.metrics if k not in ("A@0.5", "mIoU", "macro_f1") + RATIOS]
     lines = ["| set | difference | what it measures | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
     for kind in study.sets:
         for a, b, meaning in study.contrasts:
@@ -514,7 +584,7 @@ def contrast_table(study, records):
                 continue
             cells = []
             for k in keys:
-                x, y = by_seed(records, kind, a, k), by_seed(records, kind, b, k)
+                x, y = by_seed(records, kind, a, prefix + k), by_seed(records, kind, b, prefix + k)
                 cells.append(("{:+.1f} ± {:.1f}".format(*paired_ci(x, y))) if x and len(x) == len(y) else "-")
             lines.append(f"| {label(kind)} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -532,9 +602,11 @@ def smooth(values, k=10):
     return [statistics.mean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
-def plot(curves, study, seeds, key, ylabel, path, k=1):
+def plot(curves, study, seeds, key, ylabel, path, k=1, x=None):
     """A panel per set, a line per row: the mean over seeds per step (smoothed over k steps) with
-    a band of one standard deviation. Rows whose logs lack the key are left out."""
+    a band of one standard deviation, against the step or, with `x` (a key every record holds,
+    e.g. completions_total), against its mean over seeds at that step. Rows whose logs lack the
+    key are left out."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(study.sets), figsize=(5 * len(study.sets), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], study.sets):
@@ -546,11 +618,11 @@ def plot(curves, study, seeds, key, ylabel, path, k=1):
             steps = [[log[i][key] for log in logs if log[i].get(key) is not None] for i in range(n)]  # None: nothing parsed
             mean = smooth([statistics.mean(v) if v else math.nan for v in steps], k)
             sd = smooth([statistics.pstdev(v) if v else math.nan for v in steps], k)
-            ax.plot(range(1, n + 1), mean, label=row)
-            ax.fill_between(range(1, n + 1), [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
-                            alpha=0.2)
+            xs = [statistics.mean(log[i][x] for log in logs) for i in range(n)] if x else range(1, n + 1)
+            ax.plot(xs, mean, label=row)
+            ax.fill_between(xs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], alpha=0.2)
         ax.set_title(label(kind))
-        ax.set_xlabel("step")
+        ax.set_xlabel(x.replace("_", " ") + " (mean over seeds)" if x else "step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if axes[0][0].get_lines():
@@ -574,7 +646,7 @@ def write_curves(curves, keys, path):
 def report(study, name, root, cells, out, wall, header=(), failed=None):
     """results/<name>.md (the table, the contrasts, the plots' names, the cells still missing),
     .json (every finished run's record), _curves.csv (every run's steps) and one PNG per curve."""
-    records, curves, missing = [], {}, []
+    curves, missing = {}, []
     for cell in cells:
         for row in study.rows_for(cell[0]):
             folder = cell_dir(root, cell, row)
@@ -582,22 +654,35 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
             if damaged or not os.path.exists(os.path.join(folder, "eval.json")):
                 missing.append(f"{folder}: {(failed or {}).get(folder, damaged or 'not finished')}")
                 continue
-            records.append(record(study, root, cell, row))
             curves[(cell[0], row, cell[1])] = read_run(folder)[1]
+    budget = budget_of(curves.values()) if study.equal_completions else None
+    records = [record(study, root, (kind, seed), row, budget) for kind, row, seed in curves]
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(records, f, indent=1)
-    keys = [k for k, _, _ in study.curves] + ["reward_mean", "iou_mean", "kl", "loss"]
+    keys = list(dict.fromkeys([k for k, _, _ in study.curves] + ["reward_mean", "iou_mean", "kl", "loss", "completions_total"]))
     write_curves(curves, keys, os.path.join(out, f"{name}_curves.csv"))
     seeds = sorted({seed for _, seed in cells})
-    for key, ylabel, k in study.curves:
-        plot(curves, study, seeds, key, ylabel, os.path.join(out, f"{name}_{key}.png"), k)
+    plots = [(key, ylabel, k, None, f"{name}_{key}.png") for key, ylabel, k in study.curves]
+    if budget:  # the same curves against what was sampled
+        plots += [(key, ylabel, k, "completions_total", f"{name}_{key}_by_completions.png")
+                  for key, ylabel, k in study.curves if key != "completions_sampled"]
+    for key, ylabel, k, x, png in plots:
+        plot(curves, study, seeds, key, ylabel, os.path.join(out, png), k, x)
     md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades, box areas as ratios), mean ± std over seeds", "",
           f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
-          "2-core machine (summed over invocations if it was resumed)", *header, "", table(study, records)]
+          "2-core machine (summed over invocations if it was resumed)", *header, "",
+          table(study, records, columns(study, records))]
     if study.contrasts:
         md += ["", "Differences paired by seed, in points, mean ± half-width of the 95 % t interval:", "",
                contrast_table(study, records)]
-    md += ["", "Plots: " + ", ".join(f"{name}_{key}.png" for key, _, _ in study.curves)]
+    if budget:
+        md += ["", f"## At equal completions sampled ({budget:,})", "",
+               "Each row scored at its last evaluation at or before the budget (rows without dynamic sampling "
+               "reach it at their last step; SFT samples none and is scored at its end):", "",
+               table(study, records, budget_columns(study, records))]
+        if study.contrasts:
+            md += ["", "Differences at the budget, paired by seed:", "", contrast_table(study, records, "budget_")]
+    md += ["", "Plots: " + ", ".join(png for *_, png in plots)]
     if missing:  # the table's '-' cells: runs that failed or have not run (here, or on another machine)
         md += ["", f"Missing ({len(missing)} runs; rerun the same command to run them, or --report once they are done):", ""]
         md += [f"- {m}" for m in missing]
@@ -635,8 +720,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="compare / rules: the model every row starts from "
                                                    "(default: an SFT warm start of --warm-steps, run first)")
     p.add_argument("--warm-steps", type=int, default=2000, help="compare / rules: SFT steps of that warm start")
-    p.add_argument("--loose-scale", default=LOOSE_SCALE, help="loose: the warm start's --sft-box-scale")
-    p.add_argument("--loose-warm-steps", type=int, default=LOOSE_WARM_STEPS, help="loose: SFT steps of its warm start")
+    p.add_argument("--loose-scale", help=f"loose / sparsity: the warm start's --sft-box-scale (default {LOOSE_SCALE} / {SPARSE_SCALE})")
+    p.add_argument("--loose-warm-steps", type=int, default=LOOSE_WARM_STEPS, help="loose / sparsity: SFT steps of its warm start")
     p.add_argument("--steps", type=int, default=250, help="compare / rules / loose: steps of every row")
     p.add_argument("--batch-prompts", type=int, default=4, help="B of GRPO, and the SFT rows' batch")
     p.add_argument("--eval-n", type=int, default=200)

@@ -1,5 +1,6 @@
 """ablate.py's bookkeeping: the studies' runs start where their protocol says, finished runs are
 not redone, and the tables and paired differences average the right runs."""
+import dataclasses
 import json
 import os
 
@@ -8,9 +9,16 @@ import pytest
 import ablate
 
 
+def fake_config(folder, algo="grpo"):
+    """The config.json every train.py run writes: what the report reads of it."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"algo": algo, "batch_prompts": 4, "group_size": 8}, f)
+
+
 def fake_run(folder, a05, taus=(), start=0.4):
     """A finished grounding run: eval.json from a05, its start's score, one log line per tau."""
     os.makedirs(os.path.join(folder, "warmstart"), exist_ok=True)
+    fake_config(folder)
     for path, value in (("eval.json", a05), (os.path.join("warmstart", "eval.json"), start)):
         m = {"A@0.5": value, "A@0.8": value / 2, "mAP": value / 3, "mIoU": value / 4, "parse_fail": 0.0, "n": 10}
         with open(os.path.join(folder, path), "w") as f:
@@ -125,6 +133,7 @@ def test_vrft_report_pairs_the_rows_by_seed(tmp_path):
             for k, name in enumerate(ablate.vrft_rows(kind)):
                 run = root / f"{kind}-s{seed}" / name
                 os.makedirs(run / "warmstart")
+                fake_config(run)
                 # seed 1 is 2 points better everywhere, "+PA_p" 4 points better than rft on seed 1 only
                 accuracy = 0.5 + k / 100 + 0.02 * seed + (0.04 * seed if name == "+PA_p" else 0)
                 metrics = {"accuracy": accuracy, "macro_f1": 0.4, "n": 10}
@@ -419,3 +428,48 @@ def test_a_study_on_prepared_data_resumes_a_killed_row_exactly_and_tables_every_
     table = (out / "compare.md").read_text()
     assert f"Data {train} (scored on {test})" in table and "Missing" not in table
     assert any(line.startswith("| ") and "medloc − fixed" in line and "±" in line for line in table.splitlines())
+
+
+def test_the_sparsity_study_starts_very_loose_and_compares_rows_at_equal_completions(tmp_path):
+    args = ablate.parse_args(["--study", "sparsity", "--out", str(tmp_path)])
+    (warm, flags), = ablate.STUDIES["sparsity"].stages(args, "R", [("derm", 0)])[0]
+    assert flags[flags.index("--sft-box-scale") + 1] == "1.7,1.9" and flags[flags.index("--lr") + 1] == "3e-4"
+    rows = dict(ablate.STUDIES["sparsity"].stages(args, "R", [("derm", 0)])[1])
+    assert rows[os.path.join("R", "derm-s0", "dapo")][-8:] == ["--schedule", "fixed", "--tau", "0.5", "--recipe", "dapo",
+                                                               "--eval-every", "10"]
+    # fixed samples B x G = 32 a step for 4 steps (budget 128); dapo 64, 32, 64, 32 (totals 64, 96, 160, 192)
+    # and is scored at steps 1, 2 and 3: its last score within 128 completions is step 2's.
+    # medloc+ds samples 160 at its first step: within the budget only its start, step 0.
+    out, root = tmp_path / "results", tmp_path / "results" / "runs" / "sparsity"
+    per_step = {"sft": [None] * 4, "fixed": [None] * 4, "dapo": [64, 32, 64, 32], "medloc+ds": [160, 32, 32, 32]}
+    scored = {"dapo": {1: 0.3, 2: 0.4, 3: 0.9}, "medloc+ds": {2: 0.8}}
+    for seed in (0, 1):
+        for row, sampled in per_step.items():
+            folder = root / f"derm-s{seed}" / row
+            fake_run(folder, 0.7 + 0.02 * seed, start=0.2)
+            if row == "sft":
+                fake_config(folder, "sft")
+            log = []
+            for step, n in enumerate(sampled, 1):
+                r = {"step": step, "frac_equal_groups": 0.5, "entropy": 0.1 * step}
+                if n is not None:
+                    r["completions_sampled"] = n
+                if step in scored.get(row, {}):
+                    r.update({f"eval_{k}": scored[row][step] + 0.02 * seed for k in ablate.GROUNDING})
+                log.append(r)
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    study = dataclasses.replace(ablate.STUDIES["sparsity"], rows={r: [] for r in per_step})
+    records = ablate.report(study, "sparsity", str(root), [("derm", 0), ("derm", 1)], str(out), 60.0)
+    got = {(r["row"], r["seed"]): r for r in records}
+    assert got[("dapo", 1)]["budget_A@0.5"] == pytest.approx(0.42) and got[("dapo", 1)]["budget_step"] == 2
+    assert got[("medloc+ds", 0)]["budget_A@0.5"] == 0.2 and got[("medloc+ds", 0)]["budget_step"] == 0
+    assert got[("fixed", 0)]["budget_A@0.5"] == 0.7 and got[("fixed", 0)]["completions"] == 128
+    assert got[("sft", 0)]["completions"] == 0 and got[("sft", 0)]["budget_step"] == 4
+    assert got[("dapo", 0)]["late_entropy"] == pytest.approx(0.4) and got[("dapo", 0)]["completions"] == 192
+    md = (out / "sparsity.md").read_text()
+    assert "## At equal completions sampled (128)" in md
+    assert "| synth:derm | dapo | 41.0 ± 1.0 | 41.0 ± 1.0 | 41.0 ± 1.0 | 41.0 ± 1.0 | 2.0 ± 0.0 | 0.2 ± 0.0 |" in md
+    # at equal steps dapo equals fixed; at the budget it is 30 points below on A@0.5 on every seed
+    assert "| synth:derm | dapo − fixed | DAPO instead of fixed | +0.0 ± 0.0 | +0.0 ± 0.0 |" in md
+    assert "| synth:derm | dapo − fixed | DAPO instead of fixed | -30.0 ± 0.0 |" in md  # A@0.5
+    assert (out / "sparsity_entropy_by_completions.png").stat().st_size > 1000
