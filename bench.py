@@ -400,9 +400,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=("tiny", *SHAPES),
-                   help="tiny, a benchmark shape (proxy, clone, qwen3-clone, qwen3-moe-clone, gemma3-clone) or a real "
-                        "model's dimensions for --memory-plan (3b, 7b, 32b: Qwen2.5-VL; qwen3-vl-4b/8b/32b/30b-a3b; "
-                        "medgemma-4b/27b)")
+                   help="tiny, a benchmark shape (proxy, clone, qwen3-clone, qwen3-moe-clone, qwen3.5-clone, "
+                        "gemma3-clone, smolvlm-clone) or a real model's dimensions for --memory-plan (3b, 7b, 32b: "
+                        "Qwen2.5-VL; qwen3-vl-4b/8b/32b/30b-a3b; qwen3.5-9b; medgemma-4b/27b; smolvlm2-2.2b)")
     p.add_argument("--naive", action="store_true", help="also time the straightforward step, interleaved")
     p.add_argument("--compile", action="store_true", help="also time the step with a compiled decoding step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
@@ -474,7 +474,7 @@ def main(argv=None):
         return None
     if a.prepare:
         return time_prepare(*a.prepare)
-    if a.image_tokens and "image_tokens" in SHAPES.get(a.model, {}) and SHAPES[a.model].get("family") == "gemma3":
+    if a.image_tokens and "image_tokens" in SHAPES.get(a.model, {}):
         p.error(f"--image-tokens: {a.model} resizes every image to one size, and its config sets its "
                 f"{SHAPES[a.model]['image_tokens']} tokens")
     if a.memory_plan:

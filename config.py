@@ -138,7 +138,8 @@ class Config:
     lora_rank: int = knob(0, "LoRA rank r (0: full fine-tuning); the reference is the model without adapters")
     lora_alpha: float = knob(16.0, "LoRA scale numerator: the update is (alpha / r) B A")
     lora_targets: str = knob(None, "regex of the linear layers to adapt (default: the language model's "
-                                   "attention and MLP projections; a MoE's experts are no nn.Linear and stay out)")
+                                   "attention and MLP projections, a linear-attention layer's qkv, z and output ones; "
+                                   "a MoE's experts are no nn.Linear and stay out)")
     lora_dropout: float = knob(0.0, "dropout on the LoRA branch input")
     threads: int = knob(0, "torch CPU threads (0: torch's default)")
     report_to: str = knob("none", "where the metrics also go: none, tensorboard, wandb, or both comma-separated "

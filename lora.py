@@ -19,8 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# The language model's attention and MLP projections (Qwen2 names); the vision tower stays frozen.
-DEFAULT_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# The language model's attention and MLP projections (Qwen2 names), and in a linear-attention layer
+# (Qwen3.5's Gated DeltaNet) its query-key-value, gate and output projections (not the per-head
+# decay and write-strength inputs a and b, one number per head); SmolVLM calls its language model
+# text_model. The vision tower stays frozen.
+DEFAULT_TARGETS = (r"model\.(language_model|text_model)\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+                   r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))")
 
 
 class LoRALinear(nn.Module):

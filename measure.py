@@ -18,8 +18,13 @@ import types
 
 import torch
 from transformers import (Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Qwen2_5_VLConfig, Qwen2VLImageProcessor,
-                          Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor)
+                          Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig, Qwen3VLProcessor, SmolVLMConfig,
+                          SmolVLMImageProcessor, SmolVLMProcessor)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers.models.qwen3_5 import Qwen3_5Tokenizer
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE as SMOLVLM_CHAT_TEMPLATE
+from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
 import lora
 import sampling
@@ -27,7 +32,9 @@ import start
 import train
 from config import Config
 from data import load_dataset
-from model import (CACHE_BLOCK, FAMILIES, GEMMA_VISION, LOGIT_CHUNK, PRECISIONS, TINY_CHAT_TEMPLATE, VLM, build_tiny_model,
+from model import (CACHE_BLOCK, FAMILIES, GEMMA_VISION, LOGIT_CHUNK, PRECISIONS, SMOLVLM_VISION, SPECIAL_TOKENS,
+                   TEMPLATE_TOKENS,
+                   TINY_CHAT_TEMPLATE, VLM, build_tiny_model, layer_kinds,
                    build_tiny_processor, build_tiny_tokenizer, char_tokenizer, checkpoint_activations, load_vlm,
                    weights_on_meta)
 from scheduler import make_schedule
@@ -41,8 +48,11 @@ PHASES = ("rollout", "reward", "reference", "policy_forward", "backward", "optim
 SMALL_VISION = dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[3])
 QWEN3_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                     deepstack_visual_indexes=[8, 16, 24], num_position_embeddings=2304)
+QWEN3_5_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304)
 SIGLIP_400M = dict(num_hidden_layers=27, hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
 GEMMA_VOCAB = 262_208  # Gemma 3's (MedGemma's) vocabulary
+SMOLVLM_VOCAB = 49_280  # SmolVLM2's
+QWEN3_5_VOCAB = 248_320  # Qwen3.5's
 SHAPES = {
     "proxy": dict(hidden=512, layers=8, heads=4, kv_heads=2, mlp=1536, mrope=[16, 24, 24], theta=1e6,
                   vision=SMALL_VISION),
@@ -81,12 +91,32 @@ SHAPES = {
     "qwen3-vl-30b-a3b": dict(family="qwen3_vl_moe", hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128,
                              mlp=6144, experts=128, experts_per_token=8, expert_mlp=768, mrope=[24, 20, 20], theta=5e6,
                              vision=QWEN3_VISION),
+    # Qwen3.5-9B's config.json: 32 layers, three Gated DeltaNet (linear attention: 16 key heads and 32
+    # value heads of 128) to one gated full-attention layer (16 heads, 4 KV heads of 256, a quarter
+    # of each rotated), Qwen3-VL's tower without deepstack; 248,320 tokens, its own output layer
+    "qwen3.5-9b": dict(family="qwen3_5", hidden=4096, layers=32, heads=16, kv_heads=4, head_dim=256, mlp=12288,
+                       mrope=[11, 11, 10], theta=1e7, rotary=0.25, vision=QWEN3_5_VISION,
+                       linear=dict(key_heads=16, value_heads=32, key_dim=128, value_dim=128, kernel=4)),
+    # Qwen3.5 shaped as "clone" (3 linear layers to 1 full, as the real ones)
+    "qwen3.5-clone": dict(family="qwen3_5", hidden=256, layers=4, heads=2, kv_heads=2, head_dim=128, mlp=1024,
+                          mrope=[11, 11, 10], theta=1e7, rotary=0.5,
+                          vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4),
+                          linear=dict(key_heads=2, value_heads=4, key_dim=64, value_dim=64, kernel=4)),
     # Gemma 3 (MedGemma 4B and 27B multimodal): its config.json; a SigLIP tower on 896 x 896 images in
     # patches of 14 (64 x 64), pooled to 256 image tokens; 5 sliding-window layers (1024) to 1 full
     "medgemma-4b": dict(family="gemma3", hidden=2560, layers=34, heads=8, kv_heads=4, head_dim=256, mlp=10240,
                         query_scale=256, window=1024, vision=SIGLIP_400M, image_size=896, image_tokens=256),
     "medgemma-27b": dict(family="gemma3", hidden=5376, layers=62, heads=32, kv_heads=16, head_dim=128, mlp=21504,
                          query_scale=168, window=1024, vision=SIGLIP_400M, image_size=896, image_tokens=256),
+    # SmolVLM2-2.2B-Instruct's config.json: SmolLM2-1.7B (a Llama: 24 layers, 32 heads of 64, its own
+    # output layer) reading SigLIP-so400m tiles of 384 x 384 (patches of 14), pixel-shuffled by 3 to 81
+    # tokens a tile; an image of up to 1536 pixels a side is 4 x 4 tiles and itself once more: 1377 tokens
+    "smolvlm2-2.2b": dict(family="smolvlm", hidden=2048, layers=24, heads=32, kv_heads=32, head_dim=64, mlp=8192,
+                          theta=273768.0, vision=SIGLIP_400M, image_size=384, patch=14, scale=3, image_tokens=17 * 81),
+    # SmolVLM2 shaped as "clone", each image one tile of 96 x 96 (patches of 16, shuffled by 2: 9 tokens)
+    "smolvlm-clone": dict(family="smolvlm", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
+                          theta=1e5, vision=dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                                                 num_attention_heads=4), image_size=96, patch=16, scale=2, image_tokens=9),
     # Gemma 3 shaped as "clone": 224 x 224 images in patches of 14 pooled to 16 tokens, window 64
     "gemma3-clone": dict(family="gemma3", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
                          query_scale=128, window=64, image_size=224, image_tokens=16,
@@ -95,7 +125,8 @@ SHAPES = {
 }
 TIED = {"proxy": True, "clone": True, "3b": True, "7b": False, "32b": False, "qwen3-vl-4b": True, "qwen3-clone": True,
         "qwen3-moe-clone": True, "qwen3-vl-8b": False, "qwen3-vl-32b": False, "qwen3-vl-30b-a3b": False,
-        "medgemma-4b": True, "medgemma-27b": True, "gemma3-clone": True}  # 3B ties its output layer to the input
+        "medgemma-4b": True, "medgemma-27b": True, "gemma3-clone": True, "qwen3.5-9b": False, "qwen3.5-clone": True,
+        "smolvlm2-2.2b": False, "smolvlm-clone": False}  # 3B ties its output layer to the input
         # embeddings, 7B does not
 IMAGE_TOKENS = 256  # merged tokens per image for proxy / 3b: a 16 x 16 grid of 28-pixel cells
 # B prompts x G completions, new tokens, and sequences per forward/backward (one group: the
@@ -107,8 +138,11 @@ SETTINGS = {"tiny": dict(B=4, G=8, new=24, micro=0), "proxy": dict(B=4, G=8, new
             "qwen3-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
             "qwen3-moe-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
             "gemma3-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=16),
+            "qwen3.5-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=12),
+            "smolvlm-clone": dict(B=4, G=8, new=128, micro=8, image_tokens=9),
             **{name: dict(B=4, G=8, new=256, micro=8) for name in ("qwen3-vl-8b", "qwen3-vl-32b", "qwen3-vl-30b-a3b",
-                                                                   "medgemma-4b", "medgemma-27b")}}
+                                                                   "medgemma-4b", "medgemma-27b", "qwen3.5-9b",
+                                                                   "smolvlm2-2.2b")}}
 PROMPT_TEXT_TOKENS = 64  # a real tokenizer's chat template, r1 instructions and query, around the image tokens
 
 
@@ -132,10 +166,44 @@ def gemma_tokenizer(vocab_size=None):
     return tok
 
 
+def byte_tokenizer(vocab_size=None):
+    """Qwen3.5's own tokenizer class (byte-level BPE) with no merges: one token per byte, the Qwen
+    special tokens and chat format, the answer template's words whole, and unused tokens up to
+    `vocab_size`. Qwen3.5's tokenizer class rebuilds its pipeline from the vocabulary when it
+    loads, so a character-level tokenizer would not come back from a save as it went in; this one does."""
+    words = sorted(ByteLevel.alphabet()) + [f"<|unused_{i}|>" for i in range(max((vocab_size or 0) - 256 - len(
+        SPECIAL_TOKENS) - len(TEMPLATE_TOKENS), 0))]
+    tok = Qwen3_5Tokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>", unk_token=None)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tok.add_tokens(TEMPLATE_TOKENS)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+SMOLVLM_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", *SMOLVLM_VISION]
+
+
+def smolvlm_tokenizer(vocab_size=None):
+    """A character tokenizer with SmolVLM2's special tokens (its image block's, named as its
+    processor looks them up) and its chat format."""
+    tok = char_tokenizer(SMOLVLM_SPECIAL, vocab_size, eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+                         extra_special_tokens={"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+                                               "global_image_token": "<global-img>",
+                                               "end_of_utterance_token": "<end_of_utterance>"})
+    tok.chat_template = SMOLVLM_CHAT_TEMPLATE
+    return tok
+
+
 def shape_tokenizer(name):
     """The tokenizer a SHAPES entry is built around, with its family's real vocabulary size."""
-    if SHAPES.get(name, {}).get("family") == "gemma3":
+    family = SHAPES.get(name, {}).get("family")
+    if family == "gemma3":
         return gemma_tokenizer(GEMMA_VOCAB)
+    if family == "qwen3_5":
+        return byte_tokenizer(QWEN3_5_VOCAB)
+    if family == "smolvlm":
+        return smolvlm_tokenizer(SMOLVLM_VOCAB)
     return build_tiny_tokenizer(vocab_size=151_936)
 
 
@@ -154,14 +222,51 @@ def gemma_config(s, tok, tied):
                         tie_word_embeddings=tied)
 
 
+def smolvlm_config(s, tok, tied):
+    """A SmolVLMConfig of a SHAPES entry: a Llama over pixel-shuffled SigLIP tiles."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<image>", "<end_of_utterance>", "<|endoftext|>")}
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                head_dim=s["head_dim"], rope_theta=s["theta"], eos_token_id=ids["<end_of_utterance>"],
+                pad_token_id=ids["<|endoftext|>"], bos_token_id=None, tie_word_embeddings=tied)
+    return SmolVLMConfig(text_config=text, vision_config=dict(**s["vision"], image_size=s["image_size"],
+                                                              patch_size=s["patch"]),
+                         scale_factor=s["scale"], image_token_id=ids["<image>"], pad_token_id=ids["<|endoftext|>"],
+                         tie_word_embeddings=tied)
+
+
+def qwen3_5_config(s, ids, vocab, tied):
+    """A Qwen3_5Config of a SHAPES entry: three linear-attention layers to one full-attention layer."""
+    kinds = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(s["layers"])]
+    linear = s["linear"]
+    text = dict(vocab_size=vocab, hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+                layer_types=kinds, num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                head_dim=s["head_dim"], linear_num_key_heads=linear["key_heads"],
+                linear_num_value_heads=linear["value_heads"], linear_key_head_dim=linear["key_dim"],
+                linear_value_head_dim=linear["value_dim"], linear_conv_kernel_dim=linear["kernel"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+                tie_word_embeddings=tied,
+                rope_parameters={"rope_type": "default", "rope_theta": s["theta"], "partial_rotary_factor": s["rotary"],
+                                 "mrope_section": s["mrope"], "mrope_interleaved": True})
+    return Qwen3_5Config(text_config=text, vision_config=dict(**s["vision"], out_hidden_size=s["hidden"], patch_size=16,
+                                                              spatial_merge_size=2, temporal_patch_size=2),
+                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                         tie_word_embeddings=tied)
+
+
 def shape_config(name, tok):
     """The config of a SHAPES entry (a Qwen2.5-VL unless it names its family) around the tokenizer
     `tok` (shape_tokenizer)."""
     s = SHAPES[name]
     if s.get("family") == "gemma3":
         return gemma_config(s, tok, TIED[name])
+    if s.get("family") == "smolvlm":
+        return smolvlm_config(s, tok, TIED[name])
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    if s.get("family") == "qwen3_5":
+        return qwen3_5_config(s, ids, len(tok), TIED[name])
     if s.get("family", "").startswith("qwen3_vl"):
         moe = dict(num_experts=s["experts"], num_experts_per_tok=s["experts_per_token"],
                    moe_intermediate_size=s["expert_mlp"], decoder_sparse_step=1) if "experts" in s else {}
@@ -217,6 +322,12 @@ def build(name, device, precision, image_tokens=IMAGE_TOKENS, meta=False):
 def shape_processor(config, tok, image_tokens):
     """The family's real processor around `tok`, resizing every image to `image_tokens` merged tokens
     (Gemma 3: to its one image size, whose tokens its config sets)."""
+    if config.model_type == "smolvlm":  # each image one tile (no splitting): its config sets its tokens
+        side, per_tile = config.vision_config.image_size, tile_tokens(config)
+        images = SmolVLMImageProcessor(do_image_splitting=False, max_image_size={"longest_edge": side},
+                                       size={"longest_edge": side})
+        return SmolVLMProcessor(image_processor=images, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
+                                image_seq_len=per_tile, chat_template=SMOLVLM_CHAT_TEMPLATE)
     if config.model_type == "gemma3":
         side = config.vision_config.image_size
         return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": side, "width": side}),
@@ -224,7 +335,7 @@ def shape_processor(config, tok, image_tokens):
                                image_seq_length=config.mm_tokens_per_image)
     cell = 2 * config.vision_config.patch_size  # a merged 2 x 2 block of patches
     pixels = image_tokens * cell * cell
-    if not config.model_type.startswith("qwen3_vl"):
+    if not config.model_type.startswith("qwen3"):
         return build_tiny_processor(tok, pixels, pixels)
     images = Qwen2VLImageProcessor(patch_size=config.vision_config.patch_size, merge_size=2, min_pixels=pixels,
                                    max_pixels=pixels)
@@ -262,12 +373,6 @@ def train_precision(device, precision):
 
 
 # ----------------------------------------------------------------------------- the straightforward path
-def repeat_rows(batch, copies):
-    """The processor batch with every prompt repeated `copies` times (pixel rows included)."""
-    parts = [VLM.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0]) for _ in range(copies)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
 class Naive(VLM):
     """The straightforward path, the reference of the lean one (here and in tests/test_step.py):
     every prompt repeated G times through the whole model when sampling and when scoring."""
@@ -279,12 +384,12 @@ class Naive(VLM):
         return naive
 
     def prefill(self, batch, copies, max_new_tokens):
-        return super().prefill(repeat_rows(batch, copies), 1, max_new_tokens)  # G prompt prefills, no cache copies
+        return super().prefill(VLM.repeat_rows(batch, copies), 1, max_new_tokens)  # G prompt prefills, no cache copies
 
     def completion_logps(self, batch, completion_ids, temperature=1.0, mask=None, sampling=True):
         """log pi(token) (N, T) from full (N, T, vocab) logits of the prompts repeated G times."""
         N, T = completion_ids.shape
-        rows = repeat_rows(batch, N // batch["input_ids"].shape[0])
+        rows = VLM.repeat_rows(batch, N // batch["input_ids"].shape[0])
         ones = torch.ones_like(completion_ids)
         # the completion tokens are text: token type 0
         types = {k: torch.cat([rows[k], 0 * ones], 1) for k in ("mm_token_type_ids", "token_type_ids") if k in rows}
@@ -312,7 +417,7 @@ class WorkCounter:
         self.prompt_len = 0
         for vlm in vlms:
             getattr(vlm.model.model, vlm.family.vision[0]).register_forward_pre_hook(self.vision, with_kwargs=True)
-            vlm.model.model.language_model.register_forward_pre_hook(self.language, with_kwargs=True)
+            vlm.language_model.register_forward_pre_hook(self.language, with_kwargs=True)
 
     def vision(self, module, args, kwargs):
         if "pixel_values" in kwargs:  # a "fixed" family: one (3, H, W) image per row
@@ -418,40 +523,77 @@ def phase_utilisation(policy, samples, task, results, B, G, new, rate):
 
 # ----------------------------------------------------------------------------- FLOPs and utilisation
 def tower(config, image_tokens):
-    """The vision encoder as the plan and the FLOPs count it, for either kind: Qwen's (any image
-    size; 2 x 2 patches merged into one image token, `image_tokens` of them) or Gemma 3's SigLIP
-    (one image size; its patches pooled to the config's tokens per image). depth, hidden, heads,
+    """The vision encoder as the plan and the FLOPs count it, for each kind: Qwen's (any image
+    size; 2 x 2 patches merged into one image token, `image_tokens` of them), Gemma 3's SigLIP
+    (one image size; its patches pooled to the config's tokens per image) or SmolVLM's (tiles of
+    one size, each pixel-shuffled into tile_tokens; `image_tokens` / tile_tokens of them). depth, hidden, heads,
     mlp: its blocks; patches: per image; pixels: numbers per patch; merged: the width the merger
     or projector reads per image token; window: the patches a windowed block attends over; full:
-    the blocks in full attention."""
+    the blocks in full attention; values: the numbers of pixel_values per image."""
     v = config.vision_config
+    if config.model_type == "smolvlm":  # tiles of one size, each encoded alone, then shuffled into tile_tokens
+        side, tiles = v.image_size // v.patch_size, max(1, round(image_tokens / tile_tokens(config)))
+        return types.SimpleNamespace(depth=v.num_hidden_layers, hidden=v.hidden_size, heads=v.num_attention_heads,
+                                     mlp=v.intermediate_size, patches=tiles * side * side, pixels=3 * v.patch_size ** 2,
+                                     merged=v.hidden_size * config.scale_factor ** 2, window=side * side, full=0,
+                                     values=tiles * 3 * v.image_size ** 2)  # a tile's edge beyond whole patches too
     if config.model_type == "gemma3":
         side = v.image_size // v.patch_size
         return types.SimpleNamespace(depth=v.num_hidden_layers, hidden=v.hidden_size, heads=v.num_attention_heads,
                                      mlp=v.intermediate_size, patches=side * side, pixels=3 * v.patch_size ** 2,
-                                     merged=v.hidden_size, window=side * side, full=v.num_hidden_layers)
+                                     merged=v.hidden_size, window=side * side, full=v.num_hidden_layers,
+                                     values=side * side * 3 * v.patch_size ** 2)
     patches = 4 * image_tokens
     # Qwen2.5-VL windows most blocks; Qwen3-VL attends over the whole image in every block
     window = min(patches, (v.window_size // v.patch_size) ** 2) if hasattr(v, "window_size") else patches
     return types.SimpleNamespace(depth=v.depth, hidden=v.hidden_size, heads=v.num_heads, mlp=v.intermediate_size,
                                  patches=patches, pixels=pixels_per_patch(v), merged=v.hidden_size * 4,
-                                 window=window, full=len(getattr(v, "fullatt_block_indexes", range(v.depth))))
+                                 window=window, full=len(getattr(v, "fullatt_block_indexes", range(v.depth))),
+                                 values=patches * pixels_per_patch(v))
+
+
+def tile_tokens(config):
+    """SmolVLM's image tokens per tile: its patches, pixel-shuffled by scale_factor on each side."""
+    return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 // config.scale_factor ** 2
 
 
 def linear_flops(config, image_tokens=IMAGE_TOKENS):
-    """Matmul FLOPs per token of one language layer, per patch of one vision block, per merged
-    image token of the merger (Qwen's 2-layer MLP, Gemma's one projection), per patch of the patch
-    embedding, per position of the output layer (2 x multiply-adds; biases, norms and activations
-    are left out: a fraction of a percent)."""
+    """Matmul FLOPs per token of one language layer (the mean over its kinds of layer), per patch
+    of one vision block, per merged image token of the merger (Qwen's 2-layer MLP, Gemma's one
+    projection), per patch of the patch embedding, per position of the output layer (2 x
+    multiply-adds; biases, norms and activations are left out: a fraction of a percent)."""
     text, vision = config.text_config, tower(config, image_tokens)
-    h, m = text.hidden_size, text.intermediate_size
-    q, kv = text.num_attention_heads * head_dim(text), text.num_key_value_heads * head_dim(text)
+    h = text.hidden_size
     hv, mv, merged = vision.hidden, vision.mlp, vision.merged
     out = getattr(config.vision_config, "out_hidden_size", h)  # Gemma's projector maps to the text width
-    merger = merged * h if config.model_type == "gemma3" else merged * merged + merged * out
-    return {"layer": 2 * (h * q + 2 * h * kv + q * h + 3 * h * m),
-            "block": 2 * (hv * 3 * hv + hv * hv + (3 if config.model_type != "gemma3" else 2) * hv * mv),
+    one_layer = config.model_type in ("gemma3", "smolvlm")  # a single projection (Qwen's merger: two layers)
+    merger = merged * h if one_layer else merged * merged + merged * out
+    layers = layer_flops(text)
+    return {"layer": sum(layers) / len(layers),
+            "block": 2 * (hv * 3 * hv + hv * hv + (2 if one_layer else 3) * hv * mv),
             "merger": 2 * merger, "patch": 2 * vision.pixels * hv, "head": 2 * h * text.vocab_size}
+
+
+def layer_flops(text):
+    """Matmul FLOPs per token of each language layer: attention's q, k, v, o (Qwen3.5's q twice as
+    wide, its output gate) or a linear-attention layer's qkv, z, b, a and output projections (the
+    delta rule's own products, a few per head and token, left out), then the MLP."""
+    h, m = text.hidden_size, text.intermediate_size
+    q, kv = text.num_attention_heads * head_dim(text), text.num_key_value_heads * head_dim(text)
+    gate = 2 if getattr(text, "attn_output_gate", False) or text.model_type == "qwen3_5_text" else 1
+    attention = h * q * gate + 2 * h * kv + q * h
+    if "linear_attention" in layer_kinds(text):
+        k = text.linear_num_key_heads * text.linear_key_head_dim
+        v = text.linear_num_value_heads * text.linear_value_head_dim
+        linear = h * (2 * k + v) + h * v + 2 * h * text.linear_num_value_heads + v * h
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    return [2 * ((linear if kind == "linear_attention" else attention) + 3 * h * m) for kind in kinds]
+
+
+def attention_layers(text):
+    """The language layers that attend over the sequence (a linear-attention layer carries a state instead)."""
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    return sum(kind != "linear_attention" for kind in kinds)
 
 
 def head_dim(text):
@@ -468,7 +610,7 @@ def attention_flops(config, queries, keys):
     """QK^T and PV of every language layer for `queries` positions each seeing `keys` (sdpa
     computes a masked square whole)."""
     text = config.text_config
-    return 4 * queries * keys * text.hidden_size * text.num_hidden_layers
+    return 4 * queries * keys * text.hidden_size * attention_layers(text)
 
 
 def vision_flops(config, images, image_tokens, attention=True):
@@ -486,26 +628,28 @@ def vision_flops(config, images, image_tokens, attention=True):
 def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
     """FLOPs per phase of one lean GRPO step (this process's B prompts, G completions of T tokens
     each, run to full length; METHOD.md 5.1 and 5.5): the rollout prefills each prompt once and
-    decodes T - 1 steps over B*G rows, each reading the cache (the useful part of it); scoring runs one row per group,
-    [prompt | G completions of T-1 tokens], and the output layer on the N*T positions. The policy
-    forward also takes the output layer's gradients (dX and dW: twice its forward, model.OutputLayer);
-    the backward costs twice the forward's other matmuls and 2.5x its attention (flash backward:
-    five matmuls)."""
+    decodes T - 1 steps over B*G rows, each reading the cache (the useful part of it); scoring runs
+    one row per group, [prompt | G completions of T-1 tokens] (a recurrent family: one row per
+    completion, [prompt | completion], its image encoded in each), and the output layer on the N*T
+    positions. The policy forward also takes the output layer's gradients (dX and dW: twice its
+    forward, model.OutputLayer); the backward costs twice the forward's other matmuls and 2.5x its
+    attention (flash backward: five matmuls)."""
     f, layers = linear_flops(config, image_tokens), config.text_config.num_hidden_layers
-    N, S, L = B * G, prompt_tokens + G * (T - 1), prompt_tokens
+    N, L = B * G, prompt_tokens
+    rows, S = (N, L + T - 1) if FAMILIES[config.model_type].recurrent else (B, L + G * (T - 1))
     vision = vision_flops(config, B, image_tokens, attention)
     prefill = vision + B * L * layers * f["layer"] + B * f["head"]
     decode = (T - 1) * N * (layers * f["layer"] + f["head"])  # the prefill's logits give the first token
-    score_linear = vision_flops(config, B, image_tokens, False) + B * S * layers * f["layer"] + N * T * f["head"]
-    score_attention = B * attention_flops(config, S, S) if attention else 0
-    vision_attention = vision - vision_flops(config, B, image_tokens, False)
+    score_linear = vision_flops(config, rows, image_tokens, False) + rows * S * layers * f["layer"] + N * T * f["head"]
+    score_attention = rows * attention_flops(config, S, S) if attention else 0
+    vision_attention = vision_flops(config, rows, image_tokens, attention) - vision_flops(config, rows, image_tokens, False)
     if attention:
         prefill += B * attention_flops(config, L, L)
         decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T))
     forward = score_linear + score_attention
     head = N * T * f["head"]
     return {"rollout": prefill + decode, "reference": forward, "policy_forward": forward + 2 * head,
-            "backward": 2 * (score_linear - head) - B * tower(config, image_tokens).patches * f["patch"]
+            "backward": 2 * (score_linear - head) - rows * tower(config, image_tokens).patches * f["patch"]
             + 2.5 * (score_attention + vision_attention)}
 
 
@@ -555,7 +699,7 @@ def memory_plan(model, cfg, prompt_tokens, image_tokens, ranks=1, fsdp=False, de
     resident = {"weights": s.local * s.weight_bytes,
                 "reference": s.local * s.weight_bytes if cfg.beta > 0 and not cfg.lora_rank else 0,
                 "AdamW moments": 2 * s.trainable * s.grad_bytes,
-                "prompt pixels": s.B * s.vision.patches * s.vision.pixels * 4}
+                "prompt pixels": s.B * s.vision.values * 4}
     gradients = {"gradients": s.trainable * s.grad_bytes}
     # torch's fused AdamW (start.optimizer_of) updates each tensor in place: no temporaries to plan for
     setup = {"weights": resident["weights"], "reference": resident["reference"],
@@ -582,6 +726,11 @@ def plan_sizes(model, cfg, prompt_tokens, image_tokens, ranks, fsdp, device, sha
         B=cfg.batch_prompts // ranks, G=cfg.group_size, T=cfg.max_new_tokens, L=prompt_tokens)
 
 
+def text_layers(model):
+    """The decoder layers of a model's language model, whatever its family calls it."""
+    return getattr(model.model, FAMILIES[model.config.model_type].text).layers
+
+
 def checkpoint_plan(model, cfg, ranks, fsdp, shard=None, device="cuda"):
     """The memory a checkpoint's write adds, per layout: `whole` gathers the weights and AdamW's
     moments to rank 0's CPU memory (one tensor at a time on the devices); `sharded` has each process
@@ -592,7 +741,7 @@ def checkpoint_plan(model, cfg, ranks, fsdp, shard=None, device="cuda"):
     whole = sum(p.numel() for p in s.params)
     trainable = sum(p.numel() for p in s.params if p.requires_grad)
     largest = max(p.numel() for p in s.params) * s.weight_bytes
-    layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters()) * s.weight_bytes
+    layer = sum(p.numel() for p in text_layers(model)[0].parameters()) * s.weight_bytes
     return {"whole": {"host": whole * s.weight_bytes + 2 * trainable * s.grad_bytes, "device": largest if fsdp else 0},
             "sharded": {"host": s.local * s.weight_bytes + 2 * s.trainable * s.grad_bytes, "device": 0},
             "final/, streamed": {"host": max(layer, largest), "device": max(layer, largest) if fsdp else 0}}
@@ -606,18 +755,23 @@ def sampling_terms(s):
     # values come out of a matmul in the compute dtype, keys out of the rotary embedding in the
     # hidden states' dtype: the fp32 masters' under autocast, bf16 under FSDP2's mixed precision
     keys = s.act if s.fsdp else s.weight_bytes
-    per_position = text.num_hidden_layers * text.num_key_value_heads * \
-        head_dim(text) * (keys + s.act)
+    per_position = attention_layers(text) * text.num_key_value_heads * head_dim(text) * (keys + s.act)
     length = -(-(s.L + s.T) // CACHE_BLOCK) * CACHE_BLOCK
     terms = {"KV cache": per_position * rows * length, "prompts' KV cache": per_position * s.B * s.L,
              "next-token logits": 5 * rows * text.vocab_size * 4}
+    linear = text.num_hidden_layers - attention_layers(text)
+    if linear:  # per row: the recurrent state in float32, the conv state's last `kernel` inputs; the prompts' copied
+        k, v = text.linear_num_key_heads * text.linear_key_head_dim, text.linear_num_value_heads * text.linear_value_head_dim
+        state = text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim * 4
+        terms["linear-attention states"] = (rows + s.B) * linear * (state + (2 * k + v) * text.linear_conv_kernel_dim * s.act)
     if s.fsdp:
         terms["gathered weights"] = sum(p.numel() for p in s.params if p is not s.head) * s.act
     return terms
 
 
 def scoring_terms(s, cfg):
-    """Per forward, `groups` rows of [prompt | G completions]. What autograd keeps per token and
+    """Per forward, `groups` rows of [prompt | G completions] (a recurrent family: a row, and its
+    image, per completion; its linear layers counted as attention layers). What autograd keeps per token and
     layer: the two norms' inputs and outputs, q, repeated k and v, the attention output and its
     reshaped copy, rotary cos/sin, the MLP's four m-wide tensors, and the row's S-wide float mask.
     The output layer's chunk (model.OutputLayer): its logits, their copy at temperature T and the
@@ -625,6 +779,8 @@ def scoring_terms(s, cfg):
     text, vision, act = s.text, s.vision, s.act
     h, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
     groups, S = (cfg.micro_batch or s.B * s.G) // s.G, s.L + s.G * (s.T - 1)
+    if FAMILIES[s.model.config.model_type].recurrent:  # a row per completion, its image in each (model.row_hidden)
+        groups, S = cfg.micro_batch or s.B * s.G, s.L + s.T - 1
     per_token = 6 * h + 2 * head_dim(text) + 5 * heads * head_dim(text) + 4 * text.intermediate_size + S
     per_patch = 11 * vision.hidden + 2 * (vision.hidden // vision.heads) + 4 * vision.mlp + vision.patches
     if cfg.gradient_checkpointing:  # one tensor per layer kept; one layer's activations at a time
@@ -640,7 +796,7 @@ def scoring_terms(s, cfg):
         cast = s.head.numel() if s.fsdp else sum(p.numel() for p in s.params if p.requires_grad)
         terms["autocast weight copies"] = cast * act if s.head.requires_grad or not s.fsdp else 0
     if s.fsdp:  # a unit being used and the next one prefetched, in the compute dtype
-        unit = max(sum(p.numel() for p in layer.parameters()) for layer in s.model.model.language_model.layers)
+        unit = max(sum(p.numel() for p in layer.parameters()) for layer in text_layers(s.model))
         terms["gathered units"] = 2 * unit * act
     return terms
 

@@ -14,6 +14,7 @@ import glob
 import inspect
 import json
 import os
+import re
 import string
 from dataclasses import dataclass
 from itertools import accumulate
@@ -26,9 +27,10 @@ from transformers import (AutoConfig, DynamicCache, Gemma3ForConditionalGenerati
                           Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                           Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLForConditionalGeneration,
-                          Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
+                          Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, Qwen3_5ForConditionalGeneration,
+                          SmolVLMForConditionalGeneration, SmolVLMProcessor)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin, LinearAttentionLayer, StaticLayer
 from transformers.utils import logging as hf_logging
 
 import lora
@@ -47,6 +49,10 @@ GEMMA_KEYS = (("language_model.model.", "model.language_model."), ("vision_tower
               ("multi_modal_projector.", "model.multi_modal_projector."), ("language_model.lm_head.", "lm_head."))
 QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 GEMMA_VISION = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+# SmolVLM2's image block: <fake_token_around_image>, a tile's <row_r_col_c> (up to 6 x 6) or the whole
+# image's <global-img>, then its <image> tokens
+SMOLVLM_VISION = ("<fake_token_around_image>", "<global-img>", "<image>",
+                  *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,16 @@ class Family:
     --freeze-vision freezes; turn_end: the token an answer ends with (SFT's last target, the first
     stop token); vision_tokens: never sampled (a vision token in a completion breaks the next
     forward, METHOD.md 3); images: "grid" (Qwen: any size, resized to whole patches, `image_grid_thw`
-    in the batch) or "fixed" (Gemma 3: every image resized to the image processor's one size);
+    in the batch), "fixed" (Gemma 3: every image resized to the image processor's one size) or
+    "tiles" (SmolVLM2: resized with its aspect kept, cut into square tiles, and the whole image
+    once more at tile size; `pixel_values` (B, tiles, 3, S, S) with a pixel mask, the tiles of a
+    shorter row all zero); text: the attribute of the body that holds the language model;
     positions: "mrope" (Qwen's (t, h, w) rotary positions, get_rope_index) or "text" (1-D, the
     token count); bidirectional_images: the image tokens of one image see each other (Gemma 3),
-    in the scoring mask too; keys: checkpoint names (file prefix, model prefix)."""
+    in the scoring mask too; keys: checkpoint names (file prefix, model prefix); recurrent: some
+    layers are linear attention (Qwen3.5's Gated DeltaNet), whose state runs along the row, so no
+    mask can share one prompt between completions: the scorer gives each completion a row of its own
+    after its prompt (`row_hidden`), and the sampler copies the prompt's state G times."""
     model: type
     processor: type
     coord: str
@@ -73,6 +85,8 @@ class Family:
     positions: str = "mrope"
     bidirectional_images: bool = False
     keys: tuple = QWEN_KEYS
+    recurrent: bool = False
+    text: str = "language_model"
 
 
 FAMILIES = {
@@ -84,6 +98,14 @@ FAMILIES = {
                        ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock")),
     "qwen3_vl_moe": Family(Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, "norm1000",
                            ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")),
+    # Qwen3.5: Qwen3-VL's vision and frame; Gated DeltaNet layers between its full-attention ones
+    "qwen3_5": Family(Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, "norm1000",
+                      ("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"), recurrent=True),
+    # SmolVLM2: no box format of its own either (METHOD.md 2); SmolLM2 (a Llama) reads the tiles
+    "smolvlm": Family(SmolVLMForConditionalGeneration, SmolVLMProcessor, "norm1000",
+                      ("LlamaDecoderLayer", "SmolVLMEncoderLayer"), vision=("vision_model", "connector"),
+                      turn_end="<end_of_utterance>", vision_tokens=SMOLVLM_VISION, images="tiles", positions="text",
+                      keys=(), text="text_model"),
     # Gemma 3 and MedGemma: no box format of its own, so Qwen2/3-VL's 0-1000 of the image (METHOD.md 2)
     "gemma3": Family(Gemma3ForConditionalGeneration, Gemma3Processor, "norm1000",
                      ("Gemma3DecoderLayer", "SiglipEncoderLayer"), vision=("vision_tower", "multi_modal_projector"),
@@ -101,14 +123,15 @@ def unsupported(config):
     """Why a model of this config cannot be trained here, in one line, or None. Its family must be
     in FAMILIES; its layers full attention, or sliding-window attention where positions are 1-D
     (Gemma 3: the sampler and the scorer build the window into their masks by rotary position,
-    VLM.attention_masks); its output layer plain: the hand-written one (OutputLayer) computes
+    VLM.attention_masks), or linear attention in a recurrent family (Qwen3.5); its output layer plain: the hand-written one (OutputLayer) computes
     softmax(h W^T / T), and a softcapped head (tanh on the logits) would need its own derivative."""
     if config.model_type not in FAMILIES:
         return (f"model type {config.model_type!r} is not supported; the families trained here: "
                 f"{', '.join(sorted(FAMILIES))} (README, Model families)")
     text = config.get_text_config()
-    windowed = FAMILIES[config.model_type].positions == "text"  # a window counts 1-D positions
-    supported = {"full_attention", "sliding_attention"} if windowed else {"full_attention"}
+    family = FAMILIES[config.model_type]
+    supported = {"full_attention"} | ({"sliding_attention"} if family.positions == "text" else set()) | (
+        {"linear_attention"} if family.recurrent else set())  # a window counts 1-D positions
     if not layer_kinds(text) <= supported:
         return (f"layers of kind {sorted(layer_kinds(text) - supported)} are not supported for {config.model_type} "
                 "(set use_sliding_window false in its config.json, if it has it)")
@@ -255,7 +278,7 @@ class VLM:
         self.family = FAMILIES[model_type]
         self.coord = self.family.coord
         self.patch = getattr(processor.image_processor, "patch_size", None)  # pixels per side of a grid cell
-        self.cache_arg = cache_arg(model.model.language_model)
+        self.cache_arg = cache_arg(self.language_model)
         self.template = template or getattr(model.config, "medloc_template", "r1")
         self.is_tiny = bool(getattr(model.config, "medloc_tiny", False))
         tok = processor.tokenizer
@@ -267,13 +290,21 @@ class VLM:
         self.eos_ids = list(dict.fromkeys(i for i in [tok.convert_tokens_to_ids(self.family.turn_end),
                                                       tok.eos_token_id, *stops] if i is not None))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0]
-        self.suppress_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in self.family.vision_tokens])
+        vocab = tok.get_vocab()  # a tokenizer may have fewer tile tokens than SMOLVLM_VISION names
+        self.suppress_ids = torch.tensor([vocab[t] for t in self.family.vision_tokens if t in vocab])
+        self.tile_ids = {vocab[t]: tuple(map(int, re.findall(r"\d+", t))) for t in self.family.vision_tokens
+                         if t in vocab and t.startswith("<row_")}  # token id -> (row, column) of a tile
         text = model.config.get_text_config()
         self.window = text.sliding_window if "sliding_attention" in layer_kinds(text) else None
 
     @property
     def device(self):
         return self.model.device
+
+    @property
+    def language_model(self):
+        """The body's language model (decoding runs it alone): `language_model`, SmolVLM's `text_model`."""
+        return getattr(self.model.model, self.family.text)
 
     @contextlib.contextmanager
     def context(self):
@@ -297,16 +328,22 @@ class VLM:
 
     def input_sizes(self, batch):
         """(width, height) of each processor-resized image (METHOD.md section 2): grid_thw times the
-        patch (14 for Qwen2/2.5-VL, 16 for Qwen3-VL), or the one size a "fixed" family resizes to."""
+        patch (14 for Qwen2/2.5-VL, 16 for Qwen3-VL), the one size a "fixed" family resizes to, or a
+        "tiles" family's grid of tiles (a single tile when the image is not split)."""
         if self.family.images == "fixed":
             size = self.processor.image_processor.size
             return [(size["width"], size["height"])] * len(batch["input_ids"])
+        if self.family.images == "tiles":  # resized to rows x cols whole tiles: its <row_r_col_c> tokens count them
+            side = batch["pixel_values"].shape[-1]
+            grids = [[self.tile_ids.get(i, (1, 1)) for i in set(row.tolist())] for row in batch["input_ids"]]
+            return [(side * max(c for _, c in grid), side * max(r for r, _ in grid)) for grid in grids]
         return [(int(w) * self.patch, int(h) * self.patch) for _, h, w in batch["image_grid_thw"].tolist()]
 
     def vision_inputs(self, batch):
         """The processor's image inputs the model's forward takes: the pixels and Qwen's grid; the
-        token types tell Gemma 3 which tokens form an image (bidirectional there: its prefill)."""
-        names = ("pixel_values", "image_grid_thw", "token_type_ids")
+        token types tell Gemma 3 which tokens form an image (bidirectional there: its prefill);
+        SmolVLM's pixel mask, which parts of a tile are image."""
+        names = ("pixel_values", "image_grid_thw", "token_type_ids", "pixel_attention_mask")
         return {k: batch[k] for k in names if k in batch}
 
     # ------------------------------------------------------------------ the policy distribution
@@ -351,10 +388,11 @@ class VLM:
         positions, start = self.prompt_positions(batch)
         with self.context():
             # a cache that keeps every key (a sliding layer's own would keep only its window; the
-            # decoding masks apply the window)
+            # decoding masks apply the window); a recurrent family's linear layers keep their state
+            cache = DynamicCache(config=self.model.config.get_text_config()) if self.family.recurrent else DynamicCache()
             out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    position_ids=positions, **self.vision_inputs(batch), use_cache=True,
-                                   **{self.cache_arg: DynamicCache()})
+                                   **{self.cache_arg: cache})
             prompt_cache = getattr(out, self.cache_arg)
             logits = self.model.lm_head(out.last_hidden_state[:, -1])
         B, L = batch["input_ids"].shape
@@ -372,8 +410,11 @@ class VLM:
         """The prompts' KV cache, each row copied `copies` times (the G rows of a group share one
         prefill), in a cache preallocated to `length` positions: decoding then writes each token
         into its column in place, and every step has the same shapes (what --compile needs)."""
-        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in prompt_cache.layers])
+        cache = Cache(layers=[copied_state(prompt, copies) if isinstance(prompt, LinearAttentionCacheLayerMixin)
+                              else StaticLayer(max_cache_len=length) for prompt in prompt_cache.layers])
         for static, prompt in zip(cache.layers, prompt_cache.layers):
+            if not isinstance(static, StaticLayer):  # a linear layer's state, copied already
+                continue
             keys, values = prompt.keys.repeat_interleave(copies, 0), prompt.values.repeat_interleave(copies, 0)
             # each in its own dtype: under bf16 autocast the keys come out of the rotary embedding
             # in float32 and the values out of a bf16 matmul. Transformers before 5.2x keep both of
@@ -410,7 +451,7 @@ class VLM:
         """The language model on one token per row: next-token logits (N, V), float32. With
         --compile this is what torch.compile runs (`compile_decoding`)."""
         with self.context():
-            out = self.model.model.language_model(input_ids=tokens[:, None], position_ids=positions,
+            out = self.language_model(input_ids=tokens[:, None], position_ids=positions,
                                                   attention_mask=mask, use_cache=True, **{self.cache_arg: cache})
             return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
@@ -444,9 +485,15 @@ class VLM:
 
     def completion_hidden(self, batch, completion_ids, mask=None):
         """The final hidden state (M, H) that predicts each completion token where `mask` is 1
-        (row-major), those M tokens, and the mask as booleans (N, T).
+        (row-major), those M tokens, and the mask as booleans (N, T). `batch` holds B prompts and
+        `completion_ids` their N = B*G completions, group after group."""
+        mask = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask.bool()
+        hidden = (self.row_hidden if self.family.recurrent else self.group_hidden)(batch, completion_ids)
+        return hidden[mask], completion_ids[mask], mask
 
-        `batch` holds B prompts and `completion_ids` their N = B*G completions, group after group.
+    def group_hidden(self, batch, completion_ids):
+        """The final hidden state (N, T, H) before each completion token, each prompt computed once.
+
         One row per group: [prompt | completion 1 | ... | completion G] with an attention mask
         that lets every completion see the prompt and its own earlier tokens only, and the same
         rotary positions each completion would have alone. The vision encoder and the prompt
@@ -455,7 +502,6 @@ class VLM:
         B, L = batch["input_ids"].shape
         N, T = completion_ids.shape
         G = N // B
-        mask = torch.ones_like(completion_ids, dtype=torch.bool) if mask is None else mask.bool()
         body = completion_ids[:, :-1].reshape(B, G * (T - 1))  # (B, G*(T-1)); the last token predicts nothing
         positions, start = self.prompt_positions(batch)  # (3, B, L) or (B, L), (B,)
         block = (start[:, None] + torch.arange(T - 1, device=start.device)).repeat(1, G)  # (B, G*(T-1))
@@ -470,8 +516,27 @@ class VLM:
         t = torch.arange(T, device=hidden.device)  # (T,)
         source = torch.where(t == 0, L - 1, L + (t - 1).clamp(min=0))  # (T,) column in group 0
         source = (source[None] + (T - 1) * torch.arange(G, device=hidden.device)[:, None] * (t > 0))  # (G, T)
-        hidden = hidden[:, source.flatten()].reshape(N, T, -1)  # (B, G*T, H) -> (N, T, H), group after group
-        return hidden[mask], completion_ids[mask], mask
+        return hidden[:, source.flatten()].reshape(N, T, -1)  # (B, G*T, H) -> (N, T, H), group after group
+
+    def row_hidden(self, batch, completion_ids):
+        """The final hidden state (N, T, H) before each completion token, each completion in a row
+        of its own after its prompt, the prompt (and its image) repeated G times: a recurrent
+        family's linear layers carry a state along the row, which no mask can share between
+        completions (Family.recurrent). Left padding is exact there too: the model zeroes a padded
+        token's input to its linear layers, so the state stays 0 until the prompt begins."""
+        B, L = batch["input_ids"].shape
+        N, T = completion_ids.shape
+        rows = VLM.repeat_rows(batch, N // B)
+        positions, start = self.prompt_positions(rows)  # (3, N, L), (N,)
+        tail = start[:, None] + torch.arange(T - 1, device=start.device)  # each completion's own positions
+        positions = torch.cat([positions, tail.expand(*positions.shape[:-1], -1)], -1)
+        body = completion_ids[:, :-1]  # the last token predicts nothing
+        with self.context():
+            hidden = self.model.model(input_ids=torch.cat([rows["input_ids"], body], 1),
+                                      attention_mask=torch.cat([rows["attention_mask"], torch.ones_like(body)], 1),
+                                      position_ids=positions, **self.vision_inputs(rows),
+                                      use_cache=False).last_hidden_state
+        return hidden[:, L - 1:]  # column L - 1 + t predicts token t
 
     def group_mask(self, batch, copies, length, positions):
         """The attention mask (B, 1, S, S) of a [prompt | copies x completion] row (a dict of them,
@@ -544,14 +609,24 @@ class VLM:
         return rows
 
     @staticmethod
+    def repeat_rows(batch, copies):
+        """The processor batch with every prompt repeated `copies` times (its image's pixels too)."""
+        parts = [VLM.select_rows(batch, i, i + 1) for i in range(batch["input_ids"].shape[0]) for _ in range(copies)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    @staticmethod
     def concat_batches(batches, pad_id):
         """Processor batches one after the other, as one batch: the shorter ones left-padded to the
         longest (pad_id, attention 0, token type 0), as the processor pads its prompts; the images'
-        pixels and grids in the same order."""
+        pixels and grids in the same order, a "tiles" family's tiles padded with all-zero ones (which
+        its vision tower skips) as its processor pads a prompt with fewer tiles."""
         length = max(b["input_ids"].shape[1] for b in batches)
         fill = {"input_ids": pad_id}  # the rest (attention mask, token types): 0
+        tiles = max(b["pixel_values"].shape[1] for b in batches) if "pixel_attention_mask" in batches[0] else 0
 
         def padded(key, t):
+            if key in ("pixel_values", "pixel_attention_mask") and tiles:  # (B, tiles, ...): more tiles of zeros
+                return torch.cat([t, t.new_zeros(t.shape[0], tiles - t.shape[1], *t.shape[2:])], 1)
             if key == "pixel_values" or key == "image_grid_thw":
                 return t
             return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=fill.get(key, 0))
@@ -600,6 +675,19 @@ class VLM:
             self.model.save_pretrained(folder, state_dict=state)
             set_config_dtype(folder, dtype)  # save_pretrained wrote the live weights' dtype
         self.processor.save_pretrained(folder)
+
+
+def copied_state(layer, copies):
+    """A linear-attention layer's cache (its conv and recurrent states) with each row copied
+    `copies` times: the G completions of a group start from their prompt's state."""
+    copied = LinearAttentionLayer(number_of_states=layer.number_of_states)
+    for i in range(layer.number_of_states):
+        conv, state = (s[i].repeat_interleave(copies, 0) for s in (layer.conv_states, layer.recurrent_states))
+        copied.lazy_initialization(conv_states=conv, recurrent_states=state, state_idx=i)
+        copied.conv_states[i].copy_(conv)
+        copied.recurrent_states[i].copy_(state)
+        copied.has_previous_state[i] = True
+    return copied
 
 
 def set_config_dtype(folder, dtype):
@@ -823,9 +911,13 @@ def load_sharded(model_cls, config, name, dtype, compute_dtype, device, shard, g
         names.setdefault(id(p), []).append(key)
     owners = {key: keys for keys in names.values() for key in keys}
     folder, files = weight_files(name)
+    # what from_pretrained skips too (Qwen3.5's multi-token-prediction layer: the model has none)
+    skipped = [re.compile(p) for p in getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None) or []]
     for path in files:
         for stored, shape, read in read_safetensors(path):
             key = model_key(stored, FAMILIES[config.model_type].keys)
+            if any(p.search(stored) for p in skipped):
+                continue
             if key not in owners:
                 raise ValueError(f"{path}: weight {stored} belongs to no parameter of {model_cls.__name__}")
             old = model.get_parameter(key)

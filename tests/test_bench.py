@@ -140,3 +140,77 @@ def test_image_tokens_of_a_fixed_size_family_is_refused_in_one_line(capsys):
         bench.main(["--model", "gemma3-clone", "--image-tokens", "64"])
     assert capsys.readouterr().err.splitlines()[-1] == ("bench.py: error: --image-tokens: gemma3-clone resizes every "
                                                          "image to one size, and its config sets its 16 tokens")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_the_qwen3_5_plan_holds_the_cache_of_its_full_layers_and_the_states_of_its_linear_ones(precision, tmp_path):
+    """Qwen3.5's sampler keeps keys and values for its full-attention layers only, and per row a
+    float32 recurrent state and the last conv inputs for each linear-attention layer (the prompts'
+    own, before they are copied G times, beside them): the plan's terms against what it allocates."""
+    from families import qwen3_5_folder
+    from transformers.cache_utils import LinearAttentionLayer
+    vlm = load_vlm(qwen3_5_folder(tmp_path / "q35"), precision=precision)
+    batch = vlm.encode(images((200, 300), (380, 170)), ["q", "a longer query"])
+    state, _ = vlm.prefill(batch, 3, 20)
+    layers = state["cache"].layers
+    kv = sum(t.numel() * t.element_size() for layer in layers if not isinstance(layer, LinearAttentionLayer)
+             for t in (layer.keys, layer.values))
+    states = sum(t.numel() * t.element_size() for layer in layers if isinstance(layer, LinearAttentionLayer)
+                 for t in (layer.conv_states[0], layer.recurrent_states[0]))
+    cfg = Config(batch_prompts=2, group_size=3, max_new_tokens=20, precision=precision)
+    plan = measure.memory_plan(vlm.model, cfg, batch["input_ids"].shape[1], 16, device="cpu")
+    assert plan["sampling"]["KV cache"] == kv and kv > 0
+    assert plan["sampling"]["linear-attention states"] == states * (6 + 2) / 6  # 6 rows, and the 2 prompts'
+
+
+def test_the_qwen3_5_9b_plan_counts_8_full_layers_and_its_248k_vocabulary():
+    model = measure.plan_model("qwen3.5-9b")
+    text = model.config.text_config
+    assert model.config.model_type == "qwen3_5" and text.layer_types.count("full_attention") == 8
+    cfg = Config(batch_prompts=4, group_size=8, max_new_tokens=256, micro_batch=8, precision="bf16-mixed")
+    plan = measure.memory_plan(model, cfg, 320, 256)
+    assert plan["sampling"]["KV cache"] == 8 * 4 * 256 * (4 + 2) * 32 * 640
+    # 24 linear layers x (32 rows + 4 prompts) x (32 value heads x 128 x 128 float32, and the last 4 bf16
+    # conv inputs of q, k (16 heads x 128 each) and v (32 x 128))
+    assert plan["sampling"]["linear-attention states"] == 24 * 36 * (32 * 128 * 128 * 4 + (2 * 2048 + 4096) * 4 * 2)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert plan["set-up"]["weights"] == 4 * params and 9.3e9 < params < 9.5e9  # 9.41 B without the MTP layer
+    assert model.lm_head.out_features == 248_320
+
+
+def test_the_qwen3_5_clone_scores_as_its_straightforward_path_does():
+    """bench.py --model qwen3.5-clone --naive: Qwen3-VL's processor (patch 16) around Qwen3.5's
+    tokenizer class, the lean log-probs (a row per completion) equal to measure.Naive's full logits."""
+    vlm = measure.build("qwen3.5-clone", "cpu", "fp32", image_tokens=12)
+    assert vlm.model.config.model_type == "qwen3_5" and vlm.patch == 16 and vlm.family.recurrent
+    batch = vlm.encode(images((300, 200), (90, 400)), ["q", "a much longer query " * 4])
+    torch.manual_seed(0)
+    ids = torch.randint(20, 100, (4, 9))
+    lean = vlm.completion_logps(batch, ids, 0.9)
+    assert torch.allclose(lean, measure.Naive.of(vlm).completion_logps(batch, ids, 0.9), atol=1e-5)
+
+
+def test_the_smolvlm2_plan_counts_its_17_tiles_of_81_tokens_and_its_llama_cache():
+    """SmolVLM2-2.2B: 24 layers x 32 KV heads x 64, an image of up to 1536 pixels a side as 4 x 4
+    tiles of 384 x 384 and the whole image once more (17 tiles, 81 tokens each after the shuffle)."""
+    model = measure.plan_model("smolvlm2-2.2b")
+    assert model.config.model_type == "smolvlm" and measure.tile_tokens(model.config) == 81
+    cfg = Config(batch_prompts=4, group_size=8, max_new_tokens=256, micro_batch=8, precision="bf16-mixed")
+    plan = measure.memory_plan(model, cfg, 1377 + 64, 1377)
+    assert plan["sampling"]["KV cache"] == 24 * 32 * 64 * (4 + 2) * 32 * 1792  # 1441 + 256 rounded up to 128s
+    assert plan["sampling"]["prompt pixels"] == 4 * 17 * 3 * 384 * 384 * 4
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert plan["set-up"]["weights"] == 4 * params and 2.2e9 < params < 2.3e9  # SmolVLM2-2.2B: 2.25 B
+
+
+def test_the_smolvlm_clone_scores_as_its_straightforward_path_does():
+    """bench.py --model smolvlm-clone --naive: SmolVLM's processor (each image one 96 x 96 tile, 9
+    tokens), the lean log-probs equal to measure.Naive's."""
+    vlm = measure.build("smolvlm-clone", "cpu", "fp32")
+    batch = vlm.encode(images((300, 200), (90, 400)), ["q", "a much longer query " * 4])
+    assert batch["pixel_values"].shape == (2, 1, 3, 96, 96) and ((batch["input_ids"] == vlm.model.config.image_token_id)
+                                                                  .sum(1) == 9).all()
+    torch.manual_seed(0)
+    ids = torch.randint(20, 100, (4, 9))
+    lean = vlm.completion_logps(batch, ids, 0.9)
+    assert torch.allclose(lean, measure.Naive.of(vlm).completion_logps(batch, ids, 0.9), atol=1e-5)

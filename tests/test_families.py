@@ -10,8 +10,8 @@ import torch
 import eval as ev
 import grpo
 import train
-from families import gemma3_folder, qwen3_vl_folder
-from measure import GEMMA_VOCAB
+from families import gemma3_folder, qwen3_5_folder, qwen3_vl_folder, smolvlm_folder
+from measure import GEMMA_VOCAB, QWEN3_5_VOCAB, SMOLVLM_VOCAB
 from model import FAMILIES, load_vlm
 from reward import from_image_frame, to_image_frame
 from test_model import images, tiny_qwen2vl_folder
@@ -22,8 +22,9 @@ QUERIES = ["Find it.", "Where is the lesion?",
            "Locate the small, bright, round opacity in the upper part of the left lung, next to the rib, and "
            "answer with its box; ignore the other bright areas near the edges of the image."]
 FAMILY_FOLDERS = {"qwen2_vl": tiny_qwen2vl_folder, "qwen3_vl": qwen3_vl_folder,
-                  "qwen3_vl_moe": lambda path, **kw: qwen3_vl_folder(path, moe=True, **kw), "gemma3": gemma3_folder}
-REAL_VOCAB = {"gemma3": GEMMA_VOCAB}  # Qwen's 151,936 otherwise
+                  "qwen3_vl_moe": lambda path, **kw: qwen3_vl_folder(path, moe=True, **kw), "qwen3_5": qwen3_5_folder,
+                  "gemma3": gemma3_folder, "smolvlm": smolvlm_folder}
+REAL_VOCAB = {"gemma3": GEMMA_VOCAB, "qwen3_5": QWEN3_5_VOCAB, "smolvlm": SMOLVLM_VOCAB}  # Qwen's 151,936 otherwise
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_FOLDERS))
@@ -136,6 +137,11 @@ def test_boxes_round_trip_through_the_frame_under_the_real_resize(family, size):
         t, h, w = batch["image_grid_thw"][0].tolist()
         assert batch["pixel_values"].shape == (t * h * w, 3 * 2 * vlm.patch ** 2)  # the processor's own patch: 14 or 16
         assert (w_in, h_in) == (w * vlm.patch, h * vlm.patch)
+    elif "pixel_attention_mask" in batch:  # SmolVLM2: rows x cols tiles of S x S, then the whole image as one more
+        S, tiles = batch["pixel_values"].shape[-1], batch["pixel_values"].shape[1]
+        rows, cols = h_in // S, w_in // S
+        assert (w_in, h_in) == (cols * S, rows * S) and tiles == (rows * cols + 1 if rows * cols > 1 else 1)
+        assert (rows > cols) == (size[1] > 1.5 * size[0]) and (cols > rows) == (size[0] > 1.5 * size[1])
     else:  # Gemma 3: every image resized to the one size (no aspect kept)
         assert batch["pixel_values"].shape == (1, 3, h_in, w_in)
     W, H = size
@@ -188,9 +194,10 @@ def test_two_grpo_steps_resume_bit_identical_and_eval_reads_the_frame(family, tm
 def test_fsdp_over_two_processes_trains_as_one_process_does(family, tmp_path):
     """SFT (a random model's GRPO rewards are all 0, so its gradients are too): the family's decoder
     layers and vision blocks as FSDP's units, gloo, against one process: Gemma 3, whose masks and
-    checkpoint names differ (the Qwen families: tests/test_dist.py with the tiny Qwen2.5-VL, and
-    each one's unit classes in test_fsdp_units_are_every_decoder_layer_and_vision_block)."""
-    if family[0] != "gemma3":  # the suite's time is finite
+    checkpoint names differ, Qwen3.5, whose linear layers hold parameters no other family has, and
+    SmolVLM2, whose language model and image inputs are named otherwise (the other Qwen families: tests/test_dist.py with the tiny Qwen2.5-VL, and each one's unit
+    classes in test_fsdp_units_are_every_decoder_layer_and_vision_block)."""
+    if family[0] not in ("gemma3", "qwen3_5", "smolvlm"):  # the suite's time is finite
         pytest.skip("a Qwen family's sharding path is Qwen2.5-VL's (tests/test_dist.py) with its own unit classes: "
                     "test_fsdp_units_are_every_decoder_layer_and_vision_block")
     from test_dist import torchrun
@@ -213,7 +220,8 @@ def test_fsdp_units_are_every_decoder_layer_and_vision_block(family):
     its vision tower, in order: FSDP splits the model unit by unit (dist.shard)."""
     from model import fsdp_units
     model = load_vlm(family[1]).model
-    layers, vision = list(model.model.language_model.layers), model.config.vision_config
+    layers = list(getattr(model.model, FAMILIES[family[0]].text).layers)
+    vision = model.config.vision_config
     depth = getattr(vision, "depth", None) or vision.num_hidden_layers  # Qwen's blocks, SigLIP's layers
     units = fsdp_units(model)
     assert units[:len(layers)] == layers and len(units) == len(layers) + depth
@@ -228,9 +236,11 @@ def test_lora_adapts_the_attention_and_dense_mlp_layers_and_loads_back_in_peft_l
     vlm = load_vlm(folder)
     batch, ids, mask = sampled(vlm)
     wrapped = lora.inject(vlm.model, rank=4, alpha=8)
-    layers = len(vlm.model.model.language_model.layers)
+    text = vlm.model.config.get_text_config()
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     dense = FAMILIES[name].model.__name__ != "Qwen3VLMoeForConditionalGeneration"
-    assert len(wrapped) == layers * (7 if dense else 4)  # q, k, v, o (+ gate, up, down); a MoE's experts are no nn.Linear
+    # q, k, v, o, or a linear-attention layer's qkv, z, out (+ gate, up, down); a MoE's experts are no nn.Linear
+    assert len(wrapped) == sum((3 if kind == "linear_attention" else 4) + 3 * dense for kind in kinds)
     assert not any("experts" in n or n.endswith("mlp.gate") for n in wrapped)
     with torch.no_grad():
         for module in vlm.model.modules():
@@ -239,7 +249,10 @@ def test_lora_adapts_the_attention_and_dense_mlp_layers_and_loads_back_in_peft_l
     vlm.base_name = folder
     vlm.save(str(tmp_path / "adapters"))
     keys = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
-    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    attention, text = next(i for i, kind in enumerate(kinds) if kind != "linear_attention"), FAMILIES[name].text
+    assert f"base_model.model.model.{text}.layers.{attention}.self_attn.q_proj.lora_A.weight" in keys
+    if "linear_attention" in kinds:
+        assert "base_model.model.model.language_model.layers.0.linear_attn.in_proj_qkv.lora_A.weight" in keys
     again = load_vlm(str(tmp_path / "adapters"))
     assert torch.allclose(again.completion_logps(batch, ids, 0.9, mask), vlm.completion_logps(batch, ids, 0.9, mask),
                           atol=1e-6)
@@ -258,7 +271,7 @@ def test_the_real_vocabulary_scores_as_each_prompt_alone(family, tmp_path):
     assert torch.allclose(vlm.completion_logps(batch, ids, 0.9, mask)[m], alone(vlm, ids, 0.9)[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["smolvlm", "qwen3_5", "llava"])
+@pytest.mark.parametrize("model_type", ["idefics3", "qwen3_5_moe", "llava"])
 def test_a_family_not_trained_here_is_one_line_naming_those_that_are_before_anything_loads(model_type, tmp_path):
     folder = tmp_path / model_type
     folder.mkdir()
@@ -301,3 +314,14 @@ def test_the_logged_entropy_is_that_of_whole_logits_at_every_drawn_token(family)
     m = r.mask.bool()
     assert torch.allclose(r.entropy[m], reference[m], atol=1e-5) and (r.entropy[~m] == 0).all()
     assert r.entropy[m].min() > 0  # a random model's distribution is far from a point mass
+
+
+def test_batches_put_together_are_the_processors_batch_of_all_their_prompts(family):
+    """What dynamic sampling's extra rounds are merged with (VLM.concat_batches): the processor's
+    own batch of every prompt, its padding included (SmolVLM2's missing tiles all zero)."""
+    from model import VLM
+    vlm, pictures = load_vlm(family[1]), images(*PICTURES)
+    whole = vlm.encode(pictures, QUERIES)
+    parts = VLM.concat_batches([vlm.encode(pictures[:1], QUERIES[:1]), vlm.encode(pictures[1:], QUERIES[1:])],
+                               vlm.pad_id)
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
