@@ -510,8 +510,8 @@ def phase_utilisation(policy, samples, task, results, B, G, new, rate):
     seconds in `results`, and the share of `rate` (the device's square-matmul FLOP/s) that makes:
     {phase or "step": {"gflop", "gflop_per_s", "utilisation"}}."""
     batch = policy.encode([samples[0].image()], [task.prompt(samples[0])])
-    image_tokens = (int(batch["image_grid_thw"][0].prod()) // 4 if "image_grid_thw" in batch
-                    else policy.model.config.mm_tokens_per_image)  # Gemma 3: its config's tokens per image
+    image_tokens = (int(batch["image_grid_thw"][0].prod()) // 4 if "image_grid_thw" in batch  # Qwen: its grid
+                    else int((batch["input_ids"][0] == policy.model.config.image_token_id).sum()))  # the image's tokens
     flops = step_flops(policy.model.config, B, G, new, batch["input_ids"].shape[1], image_tokens)
     out = {}
     for phase in list(flops) + ["step"]:
