@@ -23,8 +23,8 @@ from torch import nn
 # (Qwen3.5's Gated DeltaNet) its query-key-value, gate and output projections (not the per-head
 # decay and write-strength inputs a and b, one number per head); SmolVLM calls its language model
 # text_model. The vision tower stays frozen.
-DEFAULT_TARGETS = (r"model\.(language_model|text_model)\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
-                   r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))")
+DEFAULT_TARGETS = (r"model\.(language_model|text_model)\.layers\.\d+\."
+                   r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))")
 
 
 class LoRALinear(nn.Module):

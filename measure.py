@@ -116,7 +116,8 @@ SHAPES = {
     # SmolVLM2 shaped as "clone", each image one tile of 96 x 96 (patches of 16, shuffled by 2: 9 tokens)
     "smolvlm-clone": dict(family="smolvlm", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
                           theta=1e5, vision=dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
-                                                 num_attention_heads=4), image_size=96, patch=16, scale=2, image_tokens=9),
+                                                 num_attention_heads=4),
+                          image_size=96, patch=16, scale=2, image_tokens=9),
     # Gemma 3 shaped as "clone": 224 x 224 images in patches of 14 pooled to 16 tokens, window 64
     "gemma3-clone": dict(family="gemma3", hidden=256, layers=2, heads=2, kv_heads=2, head_dim=128, mlp=1024,
                          query_scale=128, window=64, image_size=224, image_tokens=16,
@@ -642,7 +643,8 @@ def step_flops(config, B, G, T, prompt_tokens, image_tokens, attention=True):
     decode = (T - 1) * N * (layers * f["layer"] + f["head"])  # the prefill's logits give the first token
     score_linear = vision_flops(config, rows, image_tokens, False) + rows * S * layers * f["layer"] + N * T * f["head"]
     score_attention = rows * attention_flops(config, S, S) if attention else 0
-    vision_attention = vision_flops(config, rows, image_tokens, attention) - vision_flops(config, rows, image_tokens, False)
+    vision_attention = (vision_flops(config, rows, image_tokens, attention)
+                        - vision_flops(config, rows, image_tokens, False))
     if attention:
         prefill += B * attention_flops(config, L, L)
         decode += N * sum(attention_flops(config, 1, L + t) for t in range(1, T))
@@ -761,9 +763,11 @@ def sampling_terms(s):
              "next-token logits": 5 * rows * text.vocab_size * 4}
     linear = text.num_hidden_layers - attention_layers(text)
     if linear:  # per row: the recurrent state in float32, the conv state's last `kernel` inputs; the prompts' copied
-        k, v = text.linear_num_key_heads * text.linear_key_head_dim, text.linear_num_value_heads * text.linear_value_head_dim
+        k = text.linear_num_key_heads * text.linear_key_head_dim
+        v = text.linear_num_value_heads * text.linear_value_head_dim
         state = text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim * 4
-        terms["linear-attention states"] = (rows + s.B) * linear * (state + (2 * k + v) * text.linear_conv_kernel_dim * s.act)
+        conv = (2 * k + v) * text.linear_conv_kernel_dim * s.act
+        terms["linear-attention states"] = (rows + s.B) * linear * (state + conv)
     if s.fsdp:
         terms["gathered weights"] = sum(p.numel() for p in s.params if p is not s.head) * s.act
     return terms

@@ -123,15 +123,18 @@ def unsupported(config):
     """Why a model of this config cannot be trained here, in one line, or None. Its family must be
     in FAMILIES; its layers full attention, or sliding-window attention where positions are 1-D
     (Gemma 3: the sampler and the scorer build the window into their masks by rotary position,
-    VLM.attention_masks), or linear attention in a recurrent family (Qwen3.5); its output layer plain: the hand-written one (OutputLayer) computes
-    softmax(h W^T / T), and a softcapped head (tanh on the logits) would need its own derivative."""
+    VLM.attention_masks), or linear attention in a recurrent family (Qwen3.5); its output layer
+    plain: the hand-written one (OutputLayer) computes softmax(h W^T / T), and a softcapped head
+    (tanh on the logits) would need its own derivative."""
     if config.model_type not in FAMILIES:
         return (f"model type {config.model_type!r} is not supported; the families trained here: "
                 f"{', '.join(sorted(FAMILIES))} (README, Model families)")
     text = config.get_text_config()
-    family = FAMILIES[config.model_type]
-    supported = {"full_attention"} | ({"sliding_attention"} if family.positions == "text" else set()) | (
-        {"linear_attention"} if family.recurrent else set())  # a window counts 1-D positions
+    family, supported = FAMILIES[config.model_type], {"full_attention"}
+    if family.positions == "text":  # a window counts 1-D positions
+        supported.add("sliding_attention")
+    if family.recurrent:
+        supported.add("linear_attention")
     if not layer_kinds(text) <= supported:
         return (f"layers of kind {sorted(layer_kinds(text) - supported)} are not supported for {config.model_type} "
                 "(set use_sliding_window false in its config.json, if it has it)")
@@ -451,8 +454,8 @@ class VLM:
         """The language model on one token per row: next-token logits (N, V), float32. With
         --compile this is what torch.compile runs (`compile_decoding`)."""
         with self.context():
-            out = self.language_model(input_ids=tokens[:, None], position_ids=positions,
-                                                  attention_mask=mask, use_cache=True, **{self.cache_arg: cache})
+            out = self.language_model(input_ids=tokens[:, None], position_ids=positions, attention_mask=mask,
+                                      use_cache=True, **{self.cache_arg: cache})
             return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def compile_decoding(self):
