@@ -739,6 +739,10 @@ def parse_args(argv=None):
         args.model = os.path.abspath(args.model)
     check_gpus(p, args)
     check_outputs(p, args)
+    try:  # train.py's own rule, before the warm start it is passed to
+        config.parse_box_scale(args.loose_scale)
+    except ValueError as e:
+        p.error(f"--loose-scale {args.loose_scale!r}: {e}")
     if args.dataset and args.study not in ON_ANY_DATA:
         p.error(f"--dataset: the {args.study} study runs on its built-in sets; {', '.join(ON_ANY_DATA)} take any data")
     if bool(args.dataset) != bool(args.eval_dataset):

@@ -435,6 +435,8 @@ def test_the_sparsity_study_starts_very_loose_and_compares_rows_at_equal_complet
     (warm, flags), = ablate.STUDIES["sparsity"].stages(args, "R", [("derm", 0)])[0]
     assert flags[flags.index("--sft-box-scale") + 1] == "1.7,1.9" and flags[flags.index("--lr") + 1] == "3e-4"
     rows = dict(ablate.STUDIES["sparsity"].stages(args, "R", [("derm", 0)])[1])
+    with pytest.raises(SystemExit):  # a scale train.py would refuse, refused before any run
+        ablate.parse_args(["--study", "sparsity", "--loose-scale", "1.9,x", "--out", str(tmp_path)])
     assert rows[os.path.join("R", "derm-s0", "dapo")][-8:] == ["--schedule", "fixed", "--tau", "0.5", "--recipe", "dapo",
                                                                "--eval-every", "10"]
     # fixed samples B x G = 32 a step for 4 steps (budget 128); dapo 64, 32, 64, 32 (totals 64, 96, 160, 192)
