@@ -81,6 +81,60 @@ SPARSITY = {"sft": ["--algo", "sft"], "fixed": ["--schedule", "fixed", "--tau", 
             "dapo": ["--schedule", "fixed", "--tau", "0.5", "--recipe", "dapo", "--eval-every", "10"],
             "medloc+ds": ["--schedule", "medloc", "--dynamic-sampling", "--eval-every", "10"]}
 SPARSE_SCALE = "1.7,1.9"  # the first scale that met the protocol's bar, measured before the rows ran
+# Why the dense reward wins (results/scaling-protocol.md): Raw-IoU, MedLoc-R1 and fixed 0.5, each with
+# the group std dividing the advantages (GRPO) and without it (Dr. GRPO), from the sparse start and the
+# loose one; on the sparse start also the paper's stages and stages that start as low as MedLoc-R1
+ADV_SCALES = {"group": [], "none": ["--adv-scale", "none"]}
+LOW_STAGES = "0:0.3,0.3333:0.55,0.6667:0.8"
+
+
+def scaled_rows(start):
+    """The rows of one start of the scaling study: each of raw-iou, medloc and fixed under each scale."""
+    return {f"{start}-{row}-{scale}": COMPARE[row] + flags
+            for row in ("raw-iou", "medloc", "fixed") for scale, flags in ADV_SCALES.items()}
+
+
+SCALING_STARTS = {  # start -> (its rows, the --sft-box-scale of its warm start)
+    "sparse": ({**scaled_rows("sparse"), "sparse-stages-group": COMPARE["stages"],
+                "sparse-low-stages-group": ["--schedule", "stages", "--stages", LOW_STAGES]}, SPARSE_SCALE),
+    "loose": (scaled_rows("loose"), LOOSE_SCALE),
+}
+SCALING = {row: flags for rows, _ in SCALING_STARTS.values() for row, flags in rows.items()}
+
+
+def scaling_interactions():
+    """H1 and H2 of the protocol per start: how much more MedLoc-R1 gains over raw-iou (over fixed)
+    without the group std than with it, (medloc - other | none) - (medloc - other | group)."""
+    return tuple((f"{s}-medloc-none", f"{s}-{o}-none", f"{s}-medloc-group", f"{s}-{o}-group",
+                  f"H{1 if o == 'raw-iou' else 2}, {s} start: MedLoc-R1's gain over {o}, without the std minus with it")
+                 for s in SCALING_STARTS for o in ("raw-iou", "fixed"))
+
+
+def scaling_contrasts():
+    """Each scale's own contrasts, the scale's effect on each reward, and the stages rows."""
+    pairs = [(f"{s}-medloc-{k}", f"{s}-{o}-{k}", f"MedLoc-R1 instead of {o}, {k} scaling")
+             for s in SCALING_STARTS for k in ADV_SCALES for o in ("raw-iou", "fixed")]
+    pairs += [(f"{s}-{r}-none", f"{s}-{r}-group", f"{r}: no std scaling instead of the group std")
+              for s in SCALING_STARTS for r in ("raw-iou", "medloc", "fixed")]
+    pairs += [("sparse-medloc-group", "sparse-stages-group", "MedLoc-R1 instead of the paper's stages"),
+              ("sparse-low-stages-group", "sparse-stages-group", "stages starting at 0.3 instead of 0.5"),
+              ("sparse-medloc-group", "sparse-low-stages-group", "performance-aware instead of timed, both from 0.3")]
+    return tuple(pairs)
+
+
+def two_starts(starts):
+    """Stages of a study whose rows start from two warm starts (from_warm_start's, side by side):
+    both warm starts first, then every row."""
+    def stages(args, root, cells):
+        parts = [from_warm_start(rows, loose=scale, warm_name=f"warmstart-{name}")(args, root, cells)
+                 for name, (rows, scale) in starts.items()]
+        warm, runs = [sum(stage, []) for stage in zip(*parts)]
+        seed_first = {cell_dir(root, cell, ""): (cell[1], k) for k, cell in enumerate(cells)}
+        # seed by seed: a study stopped part-way has whole seeds of every row, which pair
+        return [warm, sorted(runs, key=lambda run: seed_first[os.path.dirname(run[0]) + os.sep])]
+    return stages
+
+
 # VRFT-Aug (METHOD.md section 10) on the built-in classification sets, every row with the r1 template (so there is reasoning to recite)
 VRFT_SETS = ("grade", "type")
 VRFT = {
@@ -124,7 +178,9 @@ class Study:
     fraction averages (default: the first quarter); equal_completions: the rows sample unequally
     (dynamic sampling), so they are also compared at the completions the fewest-sampling GRPO row
     drew (each at its last evaluation at or before that budget); contrasted: the metrics the
-    contrasts take (default: those that A@0.5, mIoU or macro-F1 do not already summarise)."""
+    contrasts take (default: those that A@0.5, mIoU or macro-F1 do not already summarise);
+    interactions: (a, b, c, d, what it measures), the difference of two contrasts (a - b) - (c - d),
+    paired by seed."""
     sets: tuple
     rows: dict
     stages: object
@@ -135,6 +191,7 @@ class Study:
     early: int = None
     equal_completions: bool = False
     contrasted: tuple = None
+    interactions: tuple = ()
 
     def rows_for(self, kind):
         return self.rows_of(kind) if self.rows_of else list(self.rows)
@@ -154,16 +211,17 @@ def default_stages(args, root, cells):
     return [[(cell_dir(root, cell, "medloc"), ["--seed", str(cell[1]), "--threads", "1"]) for cell in cells]]
 
 
-def from_warm_start(rows, loose=None, warm_set="mix"):
+def from_warm_start(rows, loose=None, warm_set="mix", warm_name="warmstart"):
     """Stages of a study whose rows all start from one model and run --steps steps with B prompts
     x G completions (the SFT row: B supervised answers per step, at the GRPO lr). The model is
     --init if given, else an SFT warm start of --warm-steps on synth:mix (seed 0), run first: one
     starting model for every seed, as a pretrained VLM is for the paper's. `loose` (a scale, as
     "LO,HI"): the shipped warm start, then --loose-warm-steps of SFT on the true boxes loosened by
     that scale, or by --loose-scale if given (METHOD.md 8).
-    `warm_set`: the synthetic set of the warm start (multi: the study of several boxes)."""
+    `warm_set`: the synthetic set of the warm start (multi: the study of several boxes); `warm_name`:
+    its folder in the study's (a study of two starts has two)."""
     def stages(args, root, cells):
-        warm = os.path.join(root, "warmstart")
+        warm = os.path.join(root, warm_name)
         steps, lr, start = args.warm_steps, ["--lr", "1e-3"], []
         if loose:  # the shipped warm start (SFT on the exact boxes), then SFT on loosened ones
             steps, lr = args.loose_warm_steps, ["--lr", "3e-4"]
@@ -255,6 +313,9 @@ STUDIES = {
                       CURRICULUM[:3] + (("completions_sampled", "completions sampled per step", 1),
                                         ("entropy", "entropy of sampled tokens (nats)", 10)),
                       early=30, equal_completions=True, contrasted=GROUNDING),
+    "scaling": Study(("derm", "us"), SCALING, two_starts(SCALING_STARTS), GROUNDING, scaling_contrasts(),
+                     CURRICULUM[:3] + (("group_reward_std", "reward std within a group (mean over groups)", 10),),
+                     early=30, interactions=scaling_interactions()),
     "vrft": Study(VRFT_SETS, VRFT, vrft_stages, CLASSIFICATION,
                   (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
                    ("+PA_pi", "rft", "grounding SFT + RL first"), ("+ground-sft", "rft", "grounding SFT first"),
@@ -494,12 +555,16 @@ def record(study, root, cell, row, budget=None):
     equal = [r["frac_equal_groups"] for r in log if "frac_equal_groups" in r]
     early = equal[:study.early or max(len(equal) // 4, 1)]
     entropy = [r["entropy"] for r in log if "entropy" in r]
+    spread = [r["group_reward_std"] for r in log if "group_reward_std" in r][:study.early or max(len(log) // 4, 1)]
+    parse_fail = [r["parse_fail"] for r in log if "parse_fail" in r]
     line = {"set": cell[0], "seed": cell[1], "row": row,
             **{k: metrics[k] for k in study.metrics if k in metrics},
             **{f"start_{k}": start_metrics[k] for k in study.metrics if k in start_metrics},
             "final_tau": taus[-1] if taus else None, "raises": len(raised) if taus else None,
             "first_raise": min(raised, default=None),
-            "early_frac_equal_groups": statistics.mean(early) if equal else None}
+            "early_frac_equal_groups": statistics.mean(early) if equal else None,
+            "early_group_reward_std": statistics.mean(spread) if spread else None,
+            "parse_fail": statistics.mean(parse_fail) if parse_fail else None}
     if budget:
         scored, step = at_budget(study, budget, metrics, start_metrics, log)
         line.update({f"budget_{k}": scored[k] for k in study.metrics if k in scored}, budget_step=step,
@@ -533,6 +598,8 @@ def columns(study, records):
     cols += [(f"start_{k}", f"start {k}", 1 if k in RATIOS else 100) for k in study.metrics]
     cols += [("final_tau", "tau at the end", 1), ("raises", "tau raises", 1), ("first_raise", "first raise (step)", 1),
              ("early_frac_equal_groups", f"all-equal groups, {early} (%)", 100),
+             ("early_group_reward_std", f"reward std within a group, {early}", 1),
+             ("parse_fail", "unparsed answers while training (%)", 100),
              ("completions", "completions sampled (thousands)", 0.001),
              ("late_entropy", "entropy, last quarter (nats/token)", 1)]
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
@@ -562,7 +629,8 @@ def table(study, records, cols):
             cells = []
             for key, _, scale in cols:
                 values = [r[key] for r in mine if r.get(key) is not None]
-                digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio", "late_entropy") else 1
+                digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio", "late_entropy",
+                                      "early_group_reward_std") else 1
                 cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
             lines.append(f"| {label(kind)} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -587,6 +655,27 @@ def contrast_table(study, records, prefix=""):
                 x, y = by_seed(records, kind, a, prefix + k), by_seed(records, kind, b, prefix + k)
                 cells.append(("{:+.1f} ± {:.1f}".format(*paired_ci(x, y))) if x and len(x) == len(y) else "-")
             lines.append(f"| {label(kind)} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interaction_table(study, records):
+    """Each interaction (a - b) - (c - d) on each set, paired by seed, in points: mean ± half-width
+    of the 95 % t interval, and how many seeds it is positive on."""
+    keys = study.contrasted or [k for k in study.metrics if k not in ("A@0.5", "mIoU", "macro_f1") + RATIOS]
+    lines = ["| set | interaction | what it measures | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
+    for kind in study.sets:
+        for a, b, c, d, meaning in study.interactions:
+            cells = []
+            for k in keys:
+                x, y, z, w = (by_seed(records, kind, row, k) for row in (a, b, c, d))
+                if not x or not len(x) == len(y) == len(z) == len(w):
+                    cells.append("-")
+                    continue
+                gain_none, gain_group = [p - q for p, q in zip(x, y)], [p - q for p, q in zip(z, w)]
+                mean, half = paired_ci(gain_none, gain_group)
+                positive = sum(p > q for p, q in zip(gain_none, gain_group))
+                cells.append(f"{mean:+.1f} ± {half:.1f} ({positive}/{len(x)} > 0)")
+            lines.append(f"| {label(kind)} | ({a} − {b}) − ({c} − {d}) | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -675,6 +764,9 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
     if study.contrasts:
         md += ["", "Differences paired by seed, in points, mean ± half-width of the 95 % t interval:", "",
                contrast_table(study, records)]
+    if study.interactions:
+        md += ["", "Interactions, paired by seed, in points, mean ± half-width of the 95 % t interval "
+               "(seeds on which it is positive):", "", interaction_table(study, records)]
     if budget:
         md += ["", f"## At equal completions sampled ({budget:,})", "",
                "Each row scored at its last evaluation at or before the budget (rows without dynamic sampling "
@@ -743,6 +835,11 @@ def parse_args(argv=None):
         config.parse_box_scale(args.loose_scale)
     except ValueError as e:
         p.error(f"--loose-scale {args.loose_scale!r}: {e}")
+    if args.loose_scale and args.study not in ("loose", "sparsity"):
+        p.error(f"--loose-scale {args.loose_scale}: only the loose and sparsity studies start from loosened boxes "
+                f"(the {args.study} study would ignore it)")
+    if args.init and args.study not in ("compare", "rules", "loose", "sparsity", "multi"):
+        p.error(f"--init {args.init}: the {args.study} study makes its own starts")
     if args.dataset and args.study not in ON_ANY_DATA:
         p.error(f"--dataset: the {args.study} study runs on its built-in sets; {', '.join(ON_ANY_DATA)} take any data")
     if bool(args.dataset) != bool(args.eval_dataset):

@@ -97,6 +97,12 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return centred.reshape(-1)
 
 
+def mean_group_std(rewards, group_size):
+    """The mean over groups of the rewards' std within a group (unbiased, as group_advantages divides
+    by): how far apart a group's rewards lie before "group" scaling makes every spread a unit one."""
+    return rewards.view(-1, group_size).std(1).mean().item()
+
+
 def frac_equal_groups(rewards, group_size):
     """Fraction of groups whose G rewards are all equal, i.e. give no gradient (METHOD.md 5.2)."""
     groups = rewards.view(-1, group_size)

@@ -54,6 +54,7 @@ def grpo_step(run, train_set, samples, step, phases):
     record = {"reward_mean": scores["reward"].mean().item(), "reward_std": scores["reward"].std().item(),
               **task.step_stats(scores, tau), "fmt_mean": scores["fmt"].mean().item(),
               "frac_equal_groups": grpo.frac_equal_groups(scores["reward"], G),
+              "group_reward_std": grpo.mean_group_std(scores["reward"], G),
               "parse_fail": scores["parse_fail"].mean().item(),
               "completion_len": dist.gather(sampled.mask.sum(1).cpu()).mean().item(),
               "completion_tokens": int(dist.total(sampled.mask.sum().item())),
