@@ -15,6 +15,7 @@ it outside the model body, chunk by chunk, and its gradient is summed like any r
 import contextlib
 import functools
 import gc
+import json
 import math
 import os
 import socket
@@ -142,12 +143,23 @@ def gather(t):
 
 def agree(problem):
     """Raise RunError on every rank when any rank has a problem (a line, or None): the first, with
-    its rank and host, and how many other ranks had one."""
-    found = [(r, p, host) for r, (p, host) in enumerate(gather_objects((problem, socket.gethostname()))) if p]
+    its rank and host, and how many other ranks had one. Before the process group, through the
+    launcher's store (join's): a rank that cannot use its --device, or see the run folder, must
+    say so before NCCL or gloo is asked to start on it."""
+    if dist.is_initialized():
+        verdicts = gather_objects((problem, socket.gethostname()))
+    elif _joined:
+        store, rank_, size = _joined
+        key = f"medloc/attempt-{_attempt}/verdict/"
+        store.set(key + str(rank_), json.dumps([problem, socket.gethostname()]))
+        verdicts = [json.loads(store.get(key + str(r))) for r in range(size)]  # each waits for that rank's
+    else:
+        verdicts = [(problem, socket.gethostname())]
+    found = [(r, p, host) for r, (p, host) in enumerate(verdicts) if p]
     if found:
         r, p, host = found[0]
         more = f" (and {len(found) - 1} other rank(s))" if len(found) > 1 else ""
-        raise RunError(p if world() == 1 else f"rank {r} on {host}{more}: {p}")
+        raise RunError(p if len(verdicts) == 1 else f"rank {r} on {host}{more}: {p}")
 
 
 def gather_objects(obj):

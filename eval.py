@@ -20,7 +20,7 @@ import dist
 import tasks
 from config import BOX_FORMATS, device_problems
 from data import GROUNDING_KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, several_boxes, synth_spec, to_rgb
-from files import write_json
+from files import cannot_write, why, write_json, write_whole
 from grpo import sample_groups
 from model import load_vlm
 
@@ -100,10 +100,18 @@ def save_visualisations(samples, preds, n, folder):
 
 
 def write_predictions(path, lines):
-    """The lines of --predictions as JSONL, whole or not at all (written beside it, then renamed)."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
+    """The lines of --predictions as JSONL, whole or not at all."""
+    write_whole(path, lambda f: f.writelines(json.dumps(line) + "\n" for line in lines))
+
+
+def output_problems(out, predictions):
+    """--out and --predictions checked before the evaluation: each a file that can be written (its
+    missing folders are made when it is), and not the same file."""
+    problems = [f"{flag} {path}: {why}" for flag, path in (("--out", out), ("--predictions", predictions))
+                if path and (why := cannot_write(path))]
+    if out and predictions and os.path.abspath(out) == os.path.abspath(predictions):
+        problems.append(f"--out and --predictions both name {out}: the predictions would overwrite the metrics")
+    return problems
 
 
 def main(argv=None):
@@ -140,10 +148,7 @@ def main(argv=None):
     problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
                 if getattr(a, k) is not None and getattr(a, k) < lo]
     problems += device_problems(a.device)
-    for flag, path in (("--out", a.out), ("--predictions", a.predictions)):  # said now, not after the evaluation
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-            problems.append(f"{flag} {path}: its folder {folder} does not exist or cannot be written")
+    problems += output_problems(a.out, a.predictions)  # said now, not after the evaluation
     if a.sample == 1 or not 0 < a.temperature <= 10:
         problems.append(f"--sample {a.sample} --temperature {a.temperature}: a group needs G >= 2 and T in (0, 10]")
     if problems:
@@ -176,9 +181,19 @@ def main(argv=None):
         metrics["sampled"] = sampled_hits(vlm, task, samples, a.sample, a.temperature, a.max_new_tokens)
         print(f"sampled (G = {a.sample}, T = {a.temperature}): " + ", ".join(
             f"{k} {100 * v:.1f}" for k, v in metrics["sampled"].items() if k != "completions"))
+    try:
+        write_outputs(a, task, metrics, samples, preds)
+    except OSError as e:  # a full disk: said in one line; write_whole leaves no half-written file
+        name = str(e.filename or a.out or a.predictions).removesuffix(".tmp")  # the file asked for, not its temp
+        raise SystemExit(f"error: cannot write {name} ({why(e)})")
+
+
+def write_outputs(a, task, metrics, samples, preds):
+    """What eval.py was asked to write: the metrics and their plots, the predictions, the images."""
     if a.out:
         write_json(metrics, a.out)
         task.save_plots(metrics, os.path.splitext(a.out)[0])
+        print(f"wrote the metrics to {a.out}")
     if a.predictions:
         write_predictions(a.predictions, [task.record(s, pred) for s, pred in zip(samples, preds)])
         print(f"wrote {len(preds)} predictions to {a.predictions}")

@@ -39,17 +39,38 @@ def regular_file(path, what):
         raise ValueError(f"{what}: {path} is not a regular file")
 
 
-def write_json(obj, path, indent=2):
-    """Write JSON atomically (temp file, then rename): a reader sees the old file or the new one."""
+def write_whole(path, write):
+    """Write a file atomically: `write(f)` fills a temp file beside it, which is then renamed, so a
+    reader sees the old file or the new one; the folders above it are made."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=indent)
+            write(f)
         os.replace(path + ".tmp", path)
-    except BaseException:  # a failed dump or a full disk: the old file stays, no half-written one beside it
+    except BaseException:  # a failed write or a full disk: the old file stays, no half-written one beside it
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         raise
+
+
+def write_json(obj, path, indent=2):
+    """Write JSON atomically (write_whole)."""
+    write_whole(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def cannot_write(path):
+    """Why the file `path` cannot be written (its missing folders made first), in a few words, or
+    None: it is a folder, a file stands where one of its folders should be, or the place is not
+    writable (a read-only disk, no permission)."""
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    target = path if os.path.exists(path) else parent
+    return None if os.access(target, os.W_OK) else f"{target} cannot be written (read-only or no permission)"
 
 
 def make_folder(path, what="--out"):

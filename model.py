@@ -817,7 +817,10 @@ def training_setup(model, gradient_checkpointing, freeze_vision):
 @contextlib.contextmanager
 def weights_on_meta():
     """Modules built inside get their parameters on the meta device (shapes, no memory) and their
-    buffers as usual: the rotary frequencies are computed when a model is built, no file holds them."""
+    buffers as usual: the rotary frequencies are computed when a model is built, no file holds them.
+    A layer makes its weight with torch.empty and then fills it: `torch.empty` itself is sent to
+    meta (else a 7B model would reserve each weight in turn, and fail under a job's memory cap);
+    the few small parameters made otherwise (a norm's torch.ones) move there when registered."""
     register = torch.nn.Module.register_parameter
 
     def on_meta(module, name, param):
@@ -826,9 +829,20 @@ def weights_on_meta():
         register(module, name, param)
     torch.nn.Module.register_parameter = on_meta
     try:
-        yield
+        with EmptyOnMeta():
+            yield
     finally:
         torch.nn.Module.register_parameter = register
+
+
+class EmptyOnMeta(torch.overrides.TorchFunctionMode):
+    """torch.empty without a device of its own makes a meta tensor (weights_on_meta)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
 
 
 def model_key(key, keys):

@@ -39,10 +39,10 @@ class Run:
 
 # ----------------------------------------------------------------------------- data
 def configure(argv):
-    """The run's Config, checked, and this rank's device. Under torchrun every rank joins the group
-    first and the ranks agree on one verdict: a rank that cannot read --resume's folder (a node that
-    does not see it) or fails a check stops every rank with one line naming it, instead of leaving
-    the others to a traceback in the rendezvous."""
+    """The run's Config, checked, and this rank's device. Under torchrun every rank meets the
+    rendezvous first and the ranks agree on one verdict before any process group starts: a rank that
+    cannot read --resume's folder (a node that does not see it), has no GPU for --device cuda or
+    fails a check stops every rank with one line naming it, instead of a traceback on every rank."""
     world, given, problem, cfg = int(os.environ.get("WORLD_SIZE", "1")), parse_args(argv), None, None
     attempt = dist.join(bool(given.get("fsdp")), given.get("dist_timeout", Config.dist_timeout))  # before load_config
     try:
@@ -52,11 +52,9 @@ def configure(argv):
         if world == 1 or not dist.joined():  # no other rank to tell
             raise
         problem = str(e)
-    launch = cfg or Config(**{k: given[k] for k in ("device", "fsdp", "dist_timeout") if k in given})
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if launch.device == "auto" else launch.device
-    device = dist.setup(device, launch.fsdp, launch.dist_timeout)
-    dist.agree(problem)
-    return cfg, device
+    dist.agree(problem)  # before the process group: NCCL on a rank without a GPU ends in a traceback
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return cfg, dist.setup(device, cfg.fsdp, cfg.dist_timeout)
 
 
 def default_eval_spec(cfg):

@@ -214,3 +214,39 @@ def test_the_smolvlm_clone_scores_as_its_straightforward_path_does():
     ids = torch.randint(20, 100, (4, 9))
     lean = vlm.completion_logps(batch, ids, 0.9)
     assert torch.allclose(lean, measure.Naive.of(vlm).completion_logps(batch, ids, 0.9), atol=1e-5)
+
+
+def test_planning_a_32b_model_holds_no_weight_under_a_5_gib_address_space_cap():
+    """A job's memory cap (ulimit -v) below one weight of a 32B model's output layer (3 GiB in fp32)
+    on top of torch itself: the plan is built without allocating a weight, and says why the model
+    cannot fit here in one line."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2 ** 30, 5 * 2 ** 30))
+    done = subprocess.run([sys.executable, "bench.py", "--model", "qwen3-vl-32b"], cwd=ROOT, capture_output=True,
+                          text=True, preexec_fn=cap, timeout=300)
+    said = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0 and "Traceback" not in said, said[-1500:]
+    assert said.splitlines()[-1].startswith("bench.py --model qwen3-vl-32b: qwen3-vl-32b cannot fit on cpu: the memory "
+                                            "plan's peak is ")
+
+
+def test_a_model_built_on_meta_has_every_buffer_a_real_build_computes():
+    """weights_on_meta: parameters of the real shapes on meta, buffers (rotary frequencies, Gemma's
+    embedding scale) equal to those of an ordinary build, for every family's clone."""
+    from model import FAMILIES, weights_on_meta
+    for name in ("clone", "qwen3-clone", "qwen3-moe-clone", "qwen3.5-clone", "gemma3-clone", "smolvlm-clone"):
+        config = measure.shape_config(name, measure.shape_tokenizer(name))
+        real = FAMILIES[config.model_type].model(config)
+        with weights_on_meta():
+            meta = FAMILIES[config.model_type].model(config)
+        assert [(k, p.shape) for k, p in real.named_parameters()] == [(k, p.shape) for k, p in meta.named_parameters()]
+        assert all(p.is_meta for p in meta.parameters()), name
+        buffers = dict(meta.named_buffers())
+        assert buffers.keys() == dict(real.named_buffers()).keys() and buffers, name
+        for k, b in real.named_buffers():
+            assert not buffers[k].is_meta and torch.equal(buffers[k], b), (name, k)

@@ -42,3 +42,43 @@ def test_eval_cli_bad_dataset_is_a_clear_error(tmp_path):
     bad.write_text('{"image": "x.png"}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: field 'problem'"):
         ev.main(["--model", "tiny", "--dataset", str(bad)])
+
+
+def test_eval_out_in_folders_that_do_not_exist_yet_is_written_there(tmp_path, capsys):
+    out, preds = tmp_path / "new" / "deeper" / "m.json", tmp_path / "other" / "p.jsonl"
+    ev.main(["--model", "tiny", "--dataset", "synth:derm", "--n", "2", "--out", str(out), "--predictions", str(preds)])
+    assert json.loads(out.read_text())["n"] == 2 and len(preds.read_text().splitlines()) == 2
+    said = capsys.readouterr().out
+    assert f"wrote the metrics to {out}" in said and f"wrote 2 predictions to {preds}" in said
+
+
+@pytest.mark.parametrize("case", ["file in the way", "same file", "predictions a folder"])
+def test_eval_outputs_that_cannot_be_written_are_refused_before_the_evaluation(tmp_path, case, monkeypatch):
+    (tmp_path / "f").write_text("")
+    out, preds, why = {
+        "file in the way": (tmp_path / "f" / "m.json", None, f"--out {tmp_path / 'f' / 'm.json'}: {tmp_path / 'f'} is "
+                                                             "a file, not a folder"),
+        "same file": (tmp_path / "m.json", tmp_path / "m.json", f"--out and --predictions both name {tmp_path / 'm.json'}"),
+        "predictions a folder": (None, tmp_path, f"--predictions {tmp_path}: a folder, not a file"),
+    }[case]
+    monkeypatch.setattr(ev, "load_vlm", lambda *a, **k: pytest.fail("the evaluation started"))
+    flags = (["--out", str(out)] if out else []) + (["--predictions", str(preds)] if preds else [])
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "tiny", "--dataset", "synth:derm", "--n", "2"] + flags)
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_on_a_full_disk_says_so_in_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    import files
+    preds = tmp_path / "p.jsonl"
+
+    def full(path, write):
+        with open(path + ".tmp", "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
+    real = files.write_whole
+    monkeypatch.setattr(ev, "write_whole", lambda path, write: real(path, lambda f: full(path, write)))
+    with pytest.raises(SystemExit, match="error: cannot write .*p.jsonl \\(disk full\\)$"):
+        ev.main(["--model", "tiny", "--dataset", "synth:derm", "--n", "2", "--predictions", str(preds)])
+    assert list(tmp_path.iterdir()) == []

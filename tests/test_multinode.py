@@ -265,3 +265,14 @@ def test_sharded_checkpoints_of_four_processes_resume_in_two_in_one_and_on_anoth
         got = load_vlm(str(folder / "final")).model.state_dict()
         assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name
     assert (copies["mesh"] / "final" / "model.safetensors.index.json").exists()  # streamed, not gathered whole
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_device_cuda_without_a_gpu_stops_every_rank_in_one_line_before_a_process_group(tmp_path):
+    rc, text = finish(launch(tmp_path, tmp_path / "run", extra=["--device", "cuda"]), timeout=120)
+    assert rc != 0
+    assert "ProcessGroupNCCL" not in text and "start.py\", line" not in text and "dist.py\", line" not in text, text[-1500:]
+    said = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert said == ["error: rank 0 on " + socket.gethostname() + " (and 1 other rank(s)): --device cuda: CUDA is not "
+                    "available on this machine (use --device cpu)"] * 2
+    assert not os.path.exists(tmp_path / "run")
