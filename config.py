@@ -6,10 +6,12 @@ config.json (a resumed run keeps its settings: only --steps, --device, --threads
 """
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from files import RunError, regular_file
@@ -31,8 +33,10 @@ def knob(default, help, choices=None):
 @dataclass
 class Config:
     # data and model
-    model: str = knob("tiny", "hub id or folder of Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3-VL-MoE, or 'tiny' (built-in)")
-    dataset: str = knob("synth:mix", "training JSONL or synth:derm|xray|us|mix")
+    model: str = knob("tiny", "hub id or folder of a model whose config.json's model_type is one of {families}, "
+                              "or 'tiny' (built-in)")
+    dataset: str = knob("synth:mix", "training JSONL or a built-in set: synth:{grounding} (grounding), "
+                                     "synth:{classes} (--task classify)")
     image_root: str = knob(None, "folder image paths are relative to (default: the JSONL's folder)")
     box_format: str = knob("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
                                    "norm1000 (0..1000)", tuple(BOX_FORMATS))
@@ -154,19 +158,75 @@ class Config:
                                   "run stops, naming the rank that stopped or froze (resumable)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (not the whole usage), with the flag meant where a
+    spelling of another tool's (TRL's --num_generations) or an underscore (--group_size) is close."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unknown flag {unknown[0]}" + did_you_mean(unknown[0], self))
+        return known
+
+
+# TRL's GRPOTrainer arguments (and a few of transformers' TrainingArguments) -> this train.py's flags
+OTHER_TOOLS = {"num_generations": "--group-size", "learning_rate": "--lr", "output_dir": "--out",
+               "per_device_train_batch_size": "--batch-prompts", "max_completion_length": "--max-new-tokens",
+               "max_steps": "--steps", "model_name_or_path": "--model", "dataset_name": "--dataset",
+               "epsilon": "--eps", "epsilon_high": "--eps-high", "num_iterations": "--updates-per-rollout",
+               "scale_rewards": "--adv-scale", "save_steps": "--save-every", "max_grad_norm": "--grad-clip",
+               "lora_r": "--lora-rank", "lora_target_modules": "--lora-targets", "bf16": "--precision bf16-mixed",
+               "resume_from_checkpoint": "--resume", "mask_truncated_completions": "--max-new-tokens",
+               "generation_batch_size": "--batch-prompts"}
+
+
+def did_you_mean(token, parser):
+    """': did you mean --x?' for an unknown flag, or nothing when no flag is close."""
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    name = token.split("=")[0].lstrip("-")
+    dashed = "--" + name.replace("_", "-")
+    guess = (dashed if dashed in flags else OTHER_TOOLS.get(name.replace("-", "_"))
+             or next(iter(difflib.get_close_matches(dashed, flags, n=1, cutoff=0.75)), None))
+    return f": did you mean {guess}?" if guess else ""
+
+
+def help_line(f, tables):
+    """A flag's --help line: what it does, the values it allows (its choices or its RANGES entry)
+    and its default, once; {families}, {grounding} and {classes} filled from the tables that hold them."""
+    text = f.metadata["help"].format(**tables) if tables else f.metadata["help"]
+    if f.name in RANGES:
+        text += f"; allowed: {RANGES[f.name][1]}"
+    if "default" not in f.metadata["help"] and f.type is not bool:
+        text += f" (default: {f.default})"
+    return text
+
+
+def help_tables():
+    """The names --help lists, read from where they are defined (imported only for --help: the
+    model families load transformers)."""
+    from model import FAMILIES
+    from synth import CLASS_KINDS, GROUNDING_KINDS
+    return {"families": ", ".join(FAMILIES), "grounding": "|".join(GROUNDING_KINDS), "classes": "|".join(CLASS_KINDS)}
+
+
 def parse_args(argv=None):
     """Only the flags given on the command line, so a resumed run can tell them from defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tables = help_tables() if "-h" in argv or "--help" in argv else None
+    p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", help=help_line(f, tables))
         elif f.type == bool | str:  # a switch that may name a file, or one of its choices
-            p.add_argument(flag, nargs="?", const=True, default=None, help=f.metadata["help"],
+            p.add_argument(flag, nargs="?", const=True, default=None, help=help_line(f, tables),
                            metavar="|".join(f.metadata["choices"] or ["FILE"]))
         else:
-            p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"],
-                           help=f.metadata["help"] + f" (default: {f.default})")
+            p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"], help=help_line(f, tables))
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
 
 
@@ -251,7 +311,7 @@ def check(cfg, processes=1):
             parse_box_scale(cfg.sft_box_scale)
         except ValueError as e:
             problems.append(f"--sft-box-scale {cfg.sft_box_scale!r}: {e}")
-    problems += device_problems(cfg.device)
+    problems += device_problems(cfg.device) + path_problems(cfg) + idle_flag_problems(cfg)
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         problems.append("--fsdp splits the model over torchrun's processes: launch with "
                         "torchrun --nproc_per_node K train.py --fsdp ...")
@@ -302,6 +362,60 @@ def device_problems(device):
     return [f"--device {device!r}: expected auto, cpu, cuda or cuda:N"]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "Qwen/Qwen2.5-VL-3B-Instruct", "gpt2"
+
+
+def model_problem(flag, name):
+    """A model flag names a folder, a hub id or 'tiny'; a path that names nothing is said plainly
+    (from_pretrained would call it a malformed repository id)."""
+    if name in (None, "tiny", "none") or os.path.isdir(name):
+        return []
+    if os.path.exists(name):
+        return [f"{flag} {name}: not a model folder (a file)"]
+    return [] if HUB_ID.fullmatch(name) else [f"{flag} {name}: not a model folder (no such folder)"]
+
+
+def data_problem(flag, spec):
+    """A data set flag names a file or a built-in set synth:KIND[:SPLIT] (synth.py's kinds)."""
+    if spec in (None, "auto", "none"):
+        return []
+    if spec.startswith("synth:"):
+        from synth import CLASS_KINDS, GROUNDING_KINDS  # numpy and PIL only
+        kinds = GROUNDING_KINDS + tuple(CLASS_KINDS)
+        kind = spec.split(":")[1]
+        return [] if kind in kinds else [f"{flag} {spec}: unknown synthetic kind {kind!r}: expected one of {', '.join(kinds)}"]
+    if os.path.isdir(spec):
+        return [f"{flag} {spec}: a folder; give the JSONL file"]
+    return [] if os.path.exists(spec) else [f"{flag} {spec}: no such file (and not a synth:KIND spec)"]
+
+
+def path_problems(cfg):
+    """Every path the flags name that names nothing, before torch loads (train.py's first second)."""
+    problems = model_problem("--model", cfg.model) + model_problem("--init", cfg.init)
+    problems += model_problem("--ref-model", cfg.ref_model)
+    problems += data_problem("--dataset", cfg.dataset) + data_problem("--eval-dataset", cfg.eval_dataset)
+    if cfg.image_root and not os.path.isdir(cfg.image_root):
+        problems.append(f"--image-root {cfg.image_root}: no such folder")
+    for name in ("labels", "knowledge"):
+        path = getattr(cfg, name)
+        if isinstance(path, str) and not os.path.isfile(path):
+            problems.append(f"{flag(name)} {path}: no such file")
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        problems.append(f"--out {cfg.out}: a file, not a folder; choose another --out")
+    return problems
+
+
+def idle_flag_problems(cfg):
+    """Flags that would do nothing beside the others given: refused, never silently ignored."""
+    problems = []
+    if cfg.max_resample != Config.max_resample and not cfg.dynamic_sampling:
+        problems.append(f"--max-resample {cfg.max_resample} without --dynamic-sampling: it bounds dynamic sampling's "
+                        "extra rounds and would do nothing")
+    if cfg.dynamic_sampling and cfg.algo == "sft":
+        problems.append("--dynamic-sampling with --algo sft: supervised steps sample no groups to drop")
+    return problems
+
+
 def tracker_problems(report_to, run_dir=None):
     """--report-to names known trackers whose packages are installed and that can start here
     (trackers.problems), said before anything loads."""
@@ -350,6 +464,19 @@ RECIPES = {"dapo": dict(eps_high=0.28, loss_type="bnpo", dynamic_sampling=True, 
 MAY_CHANGE_ON_RESUME = ("steps", "resume", "device", "threads", "fsdp", "shard_size", "final_dtype", "report_to", "log_samples_every",
                         "run_group", "dist_timeout", "checkpoint")  # how a launch runs or reports, not what it computes
 PATH_KEYS = ("init", "ref_model", "model", "dataset", "eval_dataset", "image_root", "labels", "knowledge")  # "{run}/..." in config.json
+
+
+def refuse_early(argv):
+    """train.py's flags and paths checked before torch and transformers load, so that a mistake is
+    said in a second (start.configure checks them all again, with the model's configs). Under a
+    launcher the ranks agree on one verdict there instead (start.configure): a node that alone
+    stopped here would leave the others waiting at the rendezvous."""
+    if "MASTER_ADDR" in os.environ or "-h" in argv or "--help" in argv:
+        return
+    try:
+        check(load_config(parse_args(argv)))
+    except RunError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def load_config(given, restarted=False):

@@ -22,9 +22,8 @@ from PIL import Image
 from config import BOX_FORMATS
 from files import regular_file
 from reward import normalise, parse_box, parse_boxes
-from synth import CLASS_SIZES, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_multi_sample, synth_sample
+from synth import CLASS_SIZES, GROUNDING_KINDS, KINDS, SPLITS, SYNTH_SIZES, synth_class_sample, synth_multi_sample, synth_sample
 
-GROUNDING_KINDS = KINDS + ("mix", "multi")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 

@@ -13,14 +13,75 @@ import argparse
 import json
 import os
 
+from config import BOX_FORMATS, OneLineParser, data_problem, device_problems, model_problem
+from files import cannot_write, why, write_json, write_whole
+
+
+def output_problems(out, predictions):
+    """--out and --predictions checked before the evaluation: each a file that can be written (its
+    missing folders are made when it is), and not the same file."""
+    problems = [f"{flag} {path}: {reason}" for flag, path in (("--out", out), ("--predictions", predictions))
+                if path and (reason := cannot_write(path))]
+    if out and predictions and os.path.abspath(out) == os.path.abspath(predictions):
+        problems.append(f"--out and --predictions both name {out}: the predictions would overwrite the metrics")
+    return problems
+
+
+def parse_args(argv=None):
+    """The flags, each checked before anything loads (before torch, run as a command): one line
+    per mistake."""
+    p = OneLineParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny'")
+    p.add_argument("--dataset", required=True, help="JSONL path or synth:KIND (test split by default)")
+    p.add_argument("--image-root", default=None,
+                   help="folder image paths are relative to (default: the JSONL's)")
+    p.add_argument("--skip-invalid", action="store_true", help="drop bad records instead of stopping")
+    p.add_argument("--box-format", default="xyxy", choices=sorted(BOX_FORMATS), help="what the JSONL boxes hold")
+    p.add_argument("--n", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the model's training run's (else 24 tiny, 64 tiny classifier, 256)")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-mixed", "fp32"),
+                   help="auto: bf16-mixed on CUDA, fp32 on CPU")
+    p.add_argument("--save-vis", type=int, default=0, help="write N images with GT and predicted boxes")
+    p.add_argument("--sample", type=int, default=0, metavar="G",
+                   help="grounding: also sample G completions per image at --temperature and report hit rates "
+                        "and all-equal groups at each tau (what the curriculum will see)")
+    p.add_argument("--temperature", type=float, default=0.9, help="with --sample: the rollout temperature")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="write every sample's line here: its image and query, the answer, what was read from it "
+                        "(boxes in original-image pixels, or the class), the truth and the scores (the matching's "
+                        "IoUs with several boxes)")
+    a = p.parse_args(argv)
+    lowest = {"n": 1, "batch_size": 1, "max_new_tokens": 1, "save_vis": 0, "min_pixels": 28 * 28,
+              "max_pixels": 28 * 28, "sample": 0, "threads": 0}
+    problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
+                if getattr(a, k) is not None and getattr(a, k) < lo]
+    problems += device_problems(a.device)
+    problems += output_problems(a.out, a.predictions)  # said now, not after the evaluation
+    problems += model_problem("--model", a.model) + data_problem("--dataset", a.dataset)
+    if a.image_root and not os.path.isdir(a.image_root):
+        problems.append(f"--image-root {a.image_root}: no such folder")
+    if a.sample == 1 or not 0 < a.temperature <= 10:
+        problems.append(f"--sample {a.sample} --temperature {a.temperature}: a group needs G >= 2 and T in (0, 10]")
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))
+    return a
+
+
+if __name__ == "__main__":
+    parse_args()  # a flag or path mistake is said before torch loads, in a second
 import torch
 from tqdm import tqdm
 
 import dist
 import tasks
-from config import BOX_FORMATS, device_problems
 from data import GROUNDING_KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, several_boxes, synth_spec, to_rgb
-from files import cannot_write, why, write_json, write_whole
 from grpo import sample_groups
 from model import load_vlm
 
@@ -104,55 +165,8 @@ def write_predictions(path, lines):
     write_whole(path, lambda f: f.writelines(json.dumps(line) + "\n" for line in lines))
 
 
-def output_problems(out, predictions):
-    """--out and --predictions checked before the evaluation: each a file that can be written (its
-    missing folders are made when it is), and not the same file."""
-    problems = [f"{flag} {path}: {why}" for flag, path in (("--out", out), ("--predictions", predictions))
-                if path and (why := cannot_write(path))]
-    if out and predictions and os.path.abspath(out) == os.path.abspath(predictions):
-        problems.append(f"--out and --predictions both name {out}: the predictions would overwrite the metrics")
-    return problems
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id, or 'tiny'")
-    p.add_argument("--dataset", required=True, help="JSONL path or synth:KIND (test split by default)")
-    p.add_argument("--image-root", default=None,
-                   help="folder image paths are relative to (default: the JSONL's)")
-    p.add_argument("--skip-invalid", action="store_true", help="drop bad records instead of stopping")
-    p.add_argument("--box-format", default="xyxy", choices=sorted(BOX_FORMATS), help="what the JSONL boxes hold")
-    p.add_argument("--n", type=int, default=None, help="evaluate only the first N samples")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: the model's training run's (else 24 tiny, 64 tiny classifier, 256)")
-    p.add_argument("--min-pixels", type=int, default=None)
-    p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-mixed", "fp32"),
-                   help="auto: bf16-mixed on CUDA, fp32 on CPU")
-    p.add_argument("--save-vis", type=int, default=0, help="write N images with GT and predicted boxes")
-    p.add_argument("--sample", type=int, default=0, metavar="G",
-                   help="grounding: also sample G completions per image at --temperature and report hit rates "
-                        "and all-equal groups at each tau (what the curriculum will see)")
-    p.add_argument("--temperature", type=float, default=0.9, help="with --sample: the rollout temperature")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here")
-    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
-                   help="write every sample's line here: its image and query, the answer, what was read from it "
-                        "(boxes in original-image pixels, or the class), the truth and the scores (the matching's "
-                        "IoUs with several boxes)")
-    a = p.parse_args(argv)
-    lowest = {"n": 1, "batch_size": 1, "max_new_tokens": 1, "save_vis": 0, "min_pixels": 28 * 28,
-              "max_pixels": 28 * 28, "sample": 0, "threads": 0}
-    problems = [f"--{k.replace('_', '-')} {getattr(a, k)}: must be >= {lo}" for k, lo in lowest.items()
-                if getattr(a, k) is not None and getattr(a, k) < lo]
-    problems += device_problems(a.device)
-    problems += output_problems(a.out, a.predictions)  # said now, not after the evaluation
-    if a.sample == 1 or not 0 < a.temperature <= 10:
-        problems.append(f"--sample {a.sample} --temperature {a.temperature}: a group needs G >= 2 and T in (0, 10]")
-    if problems:
-        raise SystemExit("error: " + "\n       ".join(problems))
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device

@@ -8,7 +8,6 @@ import math
 import re
 from collections import Counter
 
-import torch
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 # `[a, b, c, d]`: a bare list, also the value of a JSON "bbox_2d" key (any fence around it).
@@ -131,7 +130,7 @@ def score_completions(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mod
         for key, value in (("iou", overlap), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
                            ("parse_fail", float(raw is None)), ("area", float("nan") if area is None else area)):
             cols[key].append(value)
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
+    return as_tensors(cols)
 
 
 # ----------------------------------------------------------------------------- several boxes (METHOD.md 4.2)
@@ -251,7 +250,7 @@ def score_multi(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="thr
         for key, value in (("iou", soft), ("hit", hit), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),
                            ("parse_fail", float(raw is None)), ("boxes", float(len(boxes)))):
             cols[key].append(value)
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}
+    return as_tensors(cols)
 
 
 # ----------------------------------------------------------------------------- classification (VRFT-Aug)
@@ -320,4 +319,11 @@ def score_classes(texts, true, names, template="short", w_fmt=1.0, mfrs_weight=0
         for key, value in (("acc", acc), ("fmt", fmt), ("mfrs", fuzzy), ("recite", recite),
                            ("reward", reward), ("parse_fail", float(pred is None))):
             cols[key].append(value)
+    return as_tensors(cols)
+
+
+def as_tensors(cols):
+    """Reward columns (name -> one value per completion) as float32 tensors. torch is imported here
+    alone: data.py and prepare.py read answers with this file's parsers and start without it."""
+    import torch
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in cols.items()}

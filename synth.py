@@ -8,11 +8,10 @@ an image, `synth:grade|type`).
 import math
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torchvision.transforms.functional import gaussian_blur
 
 KINDS = ("derm", "xray", "us")
+GROUNDING_KINDS = KINDS + ("mix", "multi")  # synth:KIND of grounding: the three, interleaved, several boxes
 SPLITS = {"train": 0, "test": 1}  # the seed stream of each split
 # Queries of one length and landscape images only: a randomly initialised tiny model has rotary
 # positions alone to tell where an image token sits, and it learns that in minutes only when the
@@ -52,7 +51,10 @@ def tight_box(mask):
 
 
 def _blur(a, sigma):
-    """Gaussian blur of a float image (PIL blurs only 8-bit images)."""
+    """Gaussian blur of a float image (PIL blurs only 8-bit images). torch only here: what reads the
+    names of the sets (prepare.py, the flag checks) starts without it."""
+    import torch
+    from torchvision.transforms.functional import gaussian_blur
     size = 2 * math.ceil(3 * sigma) + 1
     t = torch.tensor(a, dtype=torch.float32)[None]
     return gaussian_blur(t, [size, size], [sigma, sigma])[0].numpy()

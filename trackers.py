@@ -129,13 +129,17 @@ def run_name(run_dir, group):
 
 
 class WandB:
+    cache_set = None  # the WANDB_CACHE_DIR this process set, if any
+
     def __init__(self, run_dir, start_step, config, group):
         try:
             import wandb
         except ImportError:
             raise RunError("--report-to wandb needs the wandb package: pip install wandb")
-        # its service's logs inside the run too (W&B writes them under ~/.cache otherwise)
-        os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(os.path.abspath(run_dir), "wandb", "cache"))
+        # its service's logs inside the run too (W&B writes them under ~/.cache otherwise); a user's own
+        # WANDB_CACHE_DIR stays, one set here for an earlier run of this process does not
+        if os.environ.get("WANDB_CACHE_DIR") in (None, WandB.cache_set):
+            WandB.cache_set = os.environ["WANDB_CACHE_DIR"] = os.path.join(os.path.abspath(run_dir), "wandb", "cache")
         self.wandb, id_path = wandb, os.path.join(run_dir, "wandb_id")
         if os.path.exists(id_path):
             with open(id_path) as f:

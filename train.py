@@ -17,6 +17,9 @@ import shutil
 import sys
 import time
 
+import config
+if __name__ == "__main__":
+    config.refuse_early(sys.argv[1:])  # a flag or path mistake is said before torch loads, in a second
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch allocates:
 # gradient checkpointing otherwise fragments CUDA memory into out-of-memory errors on long runs
 import numpy as np

@@ -57,6 +57,13 @@ def wandb_history(run):
     return history
 
 
+def wandb_flushed():
+    """Wait for W&B's service to write everything out: run.finish() hands the last records to a
+    separate writer process, which on a busy machine may not have written them yet."""
+    import wandb
+    wandb.teardown()
+
+
 def test_tensorboard_holds_metrics_jsonl_per_step_samples_and_a_resume_without_duplicates(tmp_path):
     run = str(tmp_path / "run")
     train.main(SMALL + ["--steps", "3", "--save-every", "2", "--out", run, "--report-to", "tensorboard",
@@ -96,10 +103,14 @@ def test_a_wandb_offline_run_holds_the_same_history_and_resumes_the_same_run(tmp
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing may be written there: W&B's logs stay in the run
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))  # curves.png's font cache: not W&B's to keep out
     monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
+    monkeypatch.setattr(trackers.WandB, "cache_set", None)
     run = str(tmp_path / "run")
     train.main(SMALL + ["--steps", "2", "--save-every", "1", "--out", run, "--report-to", "wandb",
                         "--log-samples-every", "2", "--run-group", "study-x"])
+    wandb_flushed()
+    assert os.environ["WANDB_CACHE_DIR"] == os.path.join(run, "wandb", "cache")
     run_id = open(os.path.join(run, "wandb_id")).read().strip()
     assert not os.path.exists(tmp_path / "home" / ".cache")
     history = [h for h in wandb_history(run) if "reward_mean" in h]
@@ -111,6 +122,7 @@ def test_a_wandb_offline_run_holds_the_same_history_and_resumes_the_same_run(tmp
     assert [(h["_step"], h["samples/nrows"]) for h in tables] == [(2, 4)]  # two completions of two samples
     os.remove(os.path.join(run, "eval.json"))
     train.main(["--resume", run, "--steps", "3"])
+    wandb_flushed()
     assert open(os.path.join(run, "wandb_id")).read().strip() == run_id
     runs = [f for f in os.listdir(os.path.join(run, "wandb")) if f.startswith("offline-run-")]
     assert all(f.endswith(run_id) for f in runs)  # the same W&B run continued
