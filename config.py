@@ -216,7 +216,12 @@ def help_tables():
 def parse_args(argv=None):
     """Only the flags given on the command line, so a resumed run can tell them from defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    tables = help_tables() if "-h" in argv or "--help" in argv else None
+    p = parser(help_tables() if "-h" in argv or "--help" in argv else None)
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
+
+
+def parser(tables=None):
+    """train.py's command line, a flag per Config field; `tables` fill the help lines (help_tables)."""
     p = OneLineParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -227,7 +232,7 @@ def parse_args(argv=None):
                            metavar="|".join(f.metadata["choices"] or ["FILE"]))
         else:
             p.add_argument(flag, type=f.type, default=None, choices=f.metadata["choices"], help=help_line(f, tables))
-    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
+    return p
 
 
 # ----------------------------------------------------------------------------- allowed ranges

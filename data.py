@@ -8,6 +8,7 @@ original-image pixels and where it came from (file:line). `load_dataset(spec)` t
 or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix, multi (several boxes); `load_class_dataset` the same for
 classification (`synth:grade|type`). Data sets are written by prepare.py, never here.
 """
+import difflib
 import functools
 import json
 import math
@@ -73,6 +74,10 @@ def _record_fields(obj):
         raise ValueError("record is not a JSON object")
     if not isinstance(obj.get("image"), str) or not obj["image"]:
         raise ValueError("field 'image': missing or not a string")
+    if "boxes" in obj and ("solution" in obj or "conversations" in obj):
+        other = "solution" if "solution" in obj else "conversations"
+        raise ValueError(f"fields 'boxes' and {other!r} both given: a record gives its answer once, one box as "
+                         "'solution' or a list as 'boxes' (METHOD.md 9)")
     if "boxes" in obj:
         query = obj.get("problem")
         if not isinstance(query, str) or not query.strip():
@@ -89,11 +94,17 @@ def _record_fields(obj):
     elif "problem" in obj and "solution" in obj:
         query, answer = obj["problem"], obj["solution"]
     else:
-        missing = [k for k in ("problem", "solution") if k not in obj]
-        raise ValueError(f"field {missing[0]!r}: missing (or give 'conversations')")
+        missing = [k for k in ("problem", "solution") if k not in obj][0]
+        raise ValueError(f"field {missing!r}: missing (or give 'conversations')" + misspelt(missing, obj))
     if not isinstance(query, str) or not query.strip():
         raise ValueError("field 'problem': missing or empty query")
     return obj["image"], query.strip(), [_box_field(answer)], False
+
+
+def misspelt(field, obj):
+    """'; the record has 'soluton': did you mean 'solution'?' where one of its keys is close to `field`."""
+    close = difflib.get_close_matches(field, [k for k in obj if isinstance(k, str)], n=1, cutoff=0.7)
+    return f"; the record has {close[0]!r}: did you mean {field!r}?" if close else ""
 
 
 MAX_QUERY_CHARS = 2000      # a grounding query is a sentence; beyond this it is a data error
@@ -208,21 +219,31 @@ def read_records(path, parse, skip_invalid):
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                results.append((parse(_decode(raw)), where))
+                results.append((parse(_decode(raw)), f"{path}:{lineno}"))
             except ValueError as e:
-                errors.append(f"{where}: {e}")
+                errors.append((lineno, str(e)))
     if errors and not skip_invalid:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{path}: {len(errors)} invalid record(s) (use --skip-invalid to drop them):"
-                        f"\n  {shown}{more}")
+        raise DataError(f"{path}: {len(errors)} invalid record(s) (use --skip-invalid to drop them):\n  "
+                        + "\n  ".join(by_problem(path, errors)))
     if errors:
-        print(f"{path}: skipped {len(errors)} invalid record(s), e.g. {errors[0]}")
+        print(f"{path}: skipped {len(errors)} invalid record(s): " + "; ".join(by_problem(path, errors, 3)))
     if not results:
         raise DataError(f"{path}: no valid records: the dataset is empty")
     return results
+
+
+def by_problem(path, errors, most=20):
+    """One line per distinct problem of (line, problem) pairs: its first record's file:line, the
+    problem, and how many records have it, at which lines (a typo'd field in every record is one
+    line, not one per record)."""
+    lines = {}
+    for lineno, problem in errors:
+        lines.setdefault(problem, []).append(lineno)
+    shown = [f"{path}:{at[0]}: {problem}" + (f" ({len(at)} records: lines {', '.join(map(str, at[:5]))}"
+                                             f"{', ...' if len(at) > 5 else ''})" if len(at) > 1 else "")
+             for problem, at in list(lines.items())[:most]]
+    return shown + ([f"... and {len(lines) - most} other problems"] if len(lines) > most else [])
 
 
 def _parse_record(obj, image_root, box_format):

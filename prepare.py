@@ -724,9 +724,9 @@ def write_jsonl(records, out_dir, name="data.jsonl"):
 
 
 def relative(path, out_dir):
-    """A converted image by its path under OUT (the JSONL's folder); an original by its absolute path."""
-    out = os.path.abspath(out_dir)
-    return os.path.relpath(path, out) if path.startswith(out + os.sep) else path
+    """An image by its path from OUT, the JSONL's folder, where the loader resolves it: the folder
+    and the images beside it can move, be copied to a cluster or shared, together."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
 
 
 def assign_splits(records, opts):
@@ -813,7 +813,7 @@ def settings_of(opts):
     return {k: getattr(opts, k) for k in keys}
 
 
-def summary_lines(report):
+def summary_lines(report, out_dir):
     r, n = report["records"], report["patients"]
     lines = [f"{report['format']}: {report['rows_read']:,} rows read, {report['rows_in_records']:,} in records",
              "records  " + ", ".join(f"{s} {r[s]:,} ({n[s]:,} patients)" for s in SPLIT_NAMES),
@@ -823,7 +823,14 @@ def summary_lines(report):
         lines.append(f"fused    {report['boxes_fused']:,} readers' boxes into the mean of an overlapping one")
     for reason, v in report["left_out"].items():
         lines.append(f"left out {v['count']:,} rows: {reason}, e.g. {v['examples'][0]}")
-    return lines
+    return lines + [f"wrote {', '.join(f'{s}.jsonl' for s in SPLIT_NAMES)} and report.json to {out_dir}", "next: "
+                    + next_command(os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "val.jsonl"))]
+
+
+def next_command(train, val):
+    """The training command a prepared set is ready for (a real model: the tiny one knows only the
+    synthetic images)."""
+    return f"python train.py --dataset {train} --eval-dataset {val} --model Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -1147,7 +1154,7 @@ def run(a):
             print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], s, a.ordinal))
         return None
     report = convert(a.format, a.annotations, a)
-    print("\n".join(summary_lines(report)))
+    print("\n".join(summary_lines(report, a.out)))
     if not sum(report["records"].values()):  # the report is written: it says why
         reasons = ", ".join(f"{v['count']:,} {k}" for k, v in report["left_out"].items()) or "no rows"
         raise PrepareError(f"{a.annotations[0]}: no row became a record ({reasons}); {a.out}/report.json lists them")

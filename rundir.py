@@ -50,7 +50,8 @@ def claim(run_dir, resume):
     """Hold the run folder: rank 0 creates and locks it and checks it may be used; every rank acts
     on that verdict before anything touches the folder (so a refused second torchrun job cannot
     delete the first one's files from another rank)."""
-    lock, problem = None, None
+    lock, problem, made = None, None, first_missing(run_dir)
+    had_lock = os.path.exists(os.path.join(run_dir, ".lock"))
     if is_main():
         try:
             make_folder(run_dir, "the run folder")
@@ -65,9 +66,24 @@ def claim(run_dir, resume):
         if problem:
             raise RunError(problem)
         yield
+    except BaseException:  # a refusal, an error or Ctrl-C before anything could be resumed
+        if lock and not checkpoints(run_dir) and not os.path.isdir(os.path.join(run_dir, "final")):
+            if made:
+                shutil.rmtree(made, ignore_errors=True)  # the folders this command made, and nothing else
+            elif not had_lock:  # the user's own folder, as it was
+                os.remove(os.path.join(run_dir, ".lock"))
+        raise
     finally:
         if lock:
             lock.__exit__()
+
+
+def first_missing(path):
+    """The topmost folder of `path` that does not exist yet (what creating it makes), or None."""
+    top = None
+    while path and not os.path.exists(path):
+        top, path = path, os.path.dirname(path.rstrip(os.sep))
+    return top
 
 
 def blind_ranks(run_dir, wait=10.0):

@@ -78,14 +78,37 @@ def test_each_bad_record_is_named_with_file_line_and_reason(folder, line, messag
     assert len(kept) == 1
 
 
-def test_many_errors_are_listed_up_to_twenty_with_a_count(folder):
+def test_one_line_per_distinct_problem_with_its_count_and_first_lines(folder):
     path = write_lines(folder / "d.jsonl", ["{bad"] * 25 + [
         json.dumps({"image": "a.png", "problem": "q", "solution": [0, 0, 1, 1]})])
     with pytest.raises(DataError) as err:
         load_jsonl(path)
-    text = str(err.value)
-    assert "25 invalid record(s)" in text and f"{path}:20:" in text and f"{path}:21:" not in text
-    assert "and 5 more" in text
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 25 invalid record(s) (use --skip-invalid to drop them):"
+    assert lines[1:] == [f"  {path}:1: invalid JSON (Expecting property name enclosed in double quotes) "
+                         "(25 records: lines 1, 2, 3, 4, 5, ...)"]
+    distinct = [json.dumps({"image": "a.png", "problem": "q", "solution": [0] * (k + 5)}) for k in range(25)]
+    path = write_lines(folder / "e.jsonl", distinct)  # 25 boxes of 5 to 29 numbers: 25 problems, 20 shown
+    with pytest.raises(DataError) as err:
+        load_jsonl(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 + 20 + 1 and lines[20].startswith(f"  {path}:20: ") and lines[-1] == "  ... and 5 other problems"
+
+
+def test_a_misspelt_field_is_named_with_the_field_meant(folder):
+    path = write_lines(folder / "d.jsonl", [json.dumps({"image": "a.png", "problem": "q", "soluton": [0, 0, 1, 1]})] * 13)
+    with pytest.raises(DataError) as err:
+        load_jsonl(path)
+    assert str(err.value).splitlines()[1:] == [
+        f"  {path}:1: field 'solution': missing (or give 'conversations'); the record has 'soluton': did you mean "
+        "'solution'? (13 records: lines 1, 2, 3, 4, 5, ...)"]
+
+
+def test_a_record_with_both_boxes_and_solution_is_refused(folder):
+    path = write_lines(folder / "d.jsonl", [json.dumps({"image": "a.png", "problem": "q", "solution": [0, 0, 1, 1],
+                                                        "boxes": [[0, 0, 1, 1]]})])
+    with pytest.raises(DataError, match=r"d.jsonl:1: fields 'boxes' and 'solution' both given"):
+        load_jsonl(path)
 
 
 def test_skip_invalid_reports_and_empty_dataset_is_an_error(folder, capsys):

@@ -509,7 +509,7 @@ def test_inspect_agrees_with_the_report_and_finds_leaks(nih_images, tmp_path):
         {"value": summary["leaks"]["same_pixels"][0]["value"], "files": sorted(files)}], "same_patient": []}  # blank images alike
     assert json.loads((tmp_path / "look" / "summary.json").read_text()) == summary
     assert Image.open(tmp_path / "look" / "samples.png").size == (4 * 256, 4 * (256 + 32))
-    leak = tmp_path / "leak.jsonl"
+    leak = tmp_path / "o" / "leak.jsonl"  # beside the splits: its record names the image from there
     leak.write_text(json.dumps(splits["train"][0]) + "\n")
     found = prepare.main(["inspect", files[2], str(leak), "--out", str(tmp_path / "look2")])["leaks"]
     assert found["same_image_path"] == [] or found["same_image_path"][0]["files"] == sorted([files[2], str(leak)])
@@ -543,3 +543,32 @@ def test_prepare_then_train_then_eval_on_the_written_jsonl(nih_images, tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads((tmp_path / "eval.json").read_text())["n"] == report["records"]["test"]
     assert len([json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]) == 2
+
+
+def test_records_name_their_images_from_the_jsonl_folder_so_the_folder_and_images_can_move(nih_images, tmp_path,
+                                                                                            capsys):
+    """Images used as they are (not converted) sit outside --out: the records name them by a path
+    relative to the JSONL's folder, and the set loads the same after the whole tree is moved."""
+    import shutil
+    tree = tmp_path / "tree"
+    shutil.copytree(nih_images, tree / "images")
+    report, splits = run("nih", NIH, "--images", tree / "images", "--out", tree / "set")
+    assert report["images"]["as is"] > 0
+    images = [r["image"] for s in prepare.SPLIT_NAMES for r in splits[s]]
+    assert images and all(i.startswith("../images/") for i in images)
+    said = capsys.readouterr().out.splitlines()
+    assert said[-1] == (f"next: python train.py --dataset {tree / 'set' / 'train.jsonl'} --eval-dataset "
+                        f"{tree / 'set' / 'val.jsonl'} --model Qwen/Qwen2.5-VL-3B-Instruct")
+    before = [s.image_size for s in load_jsonl(str(tree / "set" / "train.jsonl"))]
+    shutil.move(tree, tmp_path / "moved")
+    after = load_jsonl(str(tmp_path / "moved" / "set" / "train.jsonl"))
+    assert [s.image_size for s in after] == before and all(os.path.exists(s.path) for s in after)
+
+
+def test_a_jsonl_naming_its_images_by_absolute_paths_still_loads(tmp_path):
+    blank(str(tmp_path / "img" / "a.png"), (64, 48))
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "t.jsonl").write_text(json.dumps({"image": str(tmp_path / "img" / "a.png"), "problem": "q",
+                                                          "solution": [1, 2, 30, 40]}) + "\n")
+    [sample] = load_jsonl(str(tmp_path / "set" / "t.jsonl"))
+    assert sample.image_size == (64, 48) and sample.box == (1, 2, 30, 40)
