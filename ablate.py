@@ -781,6 +781,7 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
+    print(f"wrote {os.path.join(out, name)}.md, .json, _curves.csv and {len(plots)} plots")
     return records
 
 
@@ -976,6 +977,11 @@ def run_study(args, study, name, root, cells, stages):
     """Print the commands, or run the rows and table them, or (--report) table the rows there are."""
     if args.print_commands:
         return print_commands(stages, args, args.print_commands)
+    runs = sum(map(len, stages))
+    print(f"ablate.py --study {args.study}: {len(study.rows)} rows on {', '.join(label(k) for k in study.sets)}, "
+          f"{len({s for _, s in cells})} seed(s); {runs} runs in {len(stages)} stage(s) under {root}, "
+          f"{'none run (--report)' if args.report else f'{args.jobs} at a time; finished ones are kept'}; "
+          f"the report: {os.path.join(args.out, name)}.md", flush=True)
     spent, failed = (0.0, {}) if args.report else run_stages(stages, args)
     header = [f"Data {args.dataset} (scored on {args.eval_dataset})" if args.dataset else "",
               f"Warm start from {args.model}" if args.model else "", f"Start: {args.init}" if args.init else "",

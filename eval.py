@@ -83,7 +83,7 @@ import dist
 import tasks
 from data import GROUNDING_KINDS, SYNTH_LABELS, load_class_dataset, load_dataset, several_boxes, synth_spec, to_rgb
 from grpo import sample_groups
-from model import load_vlm
+from model import FRAMES, load_vlm
 
 
 def token_budget(vlm, task, given=None):
@@ -144,20 +144,32 @@ def evaluate(vlm, task, samples, batch_size=32, max_new_tokens=None):
 
 
 def save_visualisations(samples, preds, n, folder):
-    """N PNGs with the GT boxes (green) and the predicted boxes (red) drawn on the original image."""
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-    from torchvision.utils import draw_bounding_boxes
+    """N PNGs at a readable size (the longer side brought into 512-1024 pixels): the true boxes in
+    green, the predicted ones in red with their IoU written on them (with several, each box's best
+    IoU with a true box), and a legend above the image with the sample's score."""
+    from PIL import Image, ImageDraw
+    from reward import iou
     os.makedirs(folder, exist_ok=True)
     for i, (s, p) in enumerate(list(zip(samples, preds))[:n]):
-        boxes, colors = list(s.truth()), ["lime"] * len(s.truth())
-        for box in p.get("boxes", [p.get("box")]):  # several boxes, or the one
-            if box is not None and box[2] > box[0] and box[3] > box[1]:  # drawable prediction
-                boxes.append(box)
-                colors.append("red")
-        img = pil_to_tensor(to_rgb(s.image()))
-        drawn = draw_bounding_boxes(img, torch.tensor(boxes, dtype=torch.float32), colors=colors, width=2)
-        to_pil_image(drawn).save(os.path.join(folder, f"{i:04d}_iou{p['iou']:.2f}.png"))
+        img = to_rgb(s.image())
+        scale = min(max(512 / max(img.size), 1.0), 1024 / max(img.size))
+        img = img.resize((round(img.width * scale), round(img.height * scale)))
+        canvas = Image.new("RGB", (img.width, img.height + 24), "white")
+        canvas.paste(img, (0, 24))
+        draw = ImageDraw.Draw(canvas)
 
+        def at(box):  # original pixels -> the canvas's, below the legend
+            return [v * scale + (24 if k % 2 else 0) for k, v in enumerate(box)]
+        for box in s.truth():
+            draw.rectangle(at(box), outline=(0, 200, 0), width=3)
+        drawn = [b for b in p.get("boxes", [p.get("box")]) if b is not None and b[2] > b[0] and b[3] > b[1]]
+        for box in drawn:
+            x1, y1, _, _ = at(box)
+            draw.rectangle(at(box), outline=(230, 0, 0), width=3)
+            draw.text((x1 + 4, y1 + 3), f"IoU {max(iou(box, t) for t in s.truth()):.2f}", fill=(230, 0, 0))
+        score = "no box read from the answer" if p["parse_fail"] else f"IoU {p['iou']:.2f}"
+        draw.text((6, 6), f"green: truth ({len(s.truth())})   red: prediction ({len(drawn)})   {score}", fill=(0, 0, 0))
+        canvas.save(os.path.join(folder, f"{i:04d}_iou{p['iou']:.2f}.png"))
 
 
 def write_predictions(path, lines):
@@ -189,7 +201,10 @@ def main(argv=None):
     if task.name == "ground" and several_boxes(samples):
         raise SystemExit(f"error: {a.model} answers one box per query, and {a.dataset} gives several: "
                          "evaluate a model trained on several boxes (--task ground-multi)")
+    print(f"eval.py: {a.model} ({vlm.model.config.model_type}; boxes in {FRAMES[vlm.coord]}) on {device}, "
+          f"{len(samples):,} records of {a.dataset}")
     metrics, preds = evaluate(vlm, task, samples, a.batch_size, a.max_new_tokens)
+    print(f"\n{a.model} on {a.dataset}: {len(samples):,} samples")
     print(task.table(metrics))
     if a.sample:
         metrics["sampled"] = sampled_hits(vlm, task, samples, a.sample, a.temperature, a.max_new_tokens)

@@ -89,6 +89,7 @@ class Family:
     text: str = "language_model"
 
 
+FRAMES = {"abs": "pixels of the resized input", "norm1000": "0..1000 of the image"}  # Family.coord, in words
 FAMILIES = {
     "qwen2_vl": Family(Qwen2VLForConditionalGeneration, Qwen2VLProcessor, "norm1000",
                        ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock")),

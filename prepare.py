@@ -1147,12 +1147,14 @@ def run(a):
         print("leaks across files: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
         return summary
     if a.format == "synth":
-        print(write_synth(a.kind, a.n, a.out, a.split, a.seed))
+        path = write_synth(a.kind, a.n, a.out, a.split, a.seed)
+        print(f"wrote {path}\nnext: python train.py --dataset {path}")
         return None
     if a.format == "npz":
         for s in [a.split] if a.split else npz_splits(a.npz):
             print(from_npz(a.npz, a.out, [n.strip() for n in a.names.split(",")], s, a.ordinal))
         return None
+    print(f"prepare.py {a.format}: {', '.join(a.annotations)} with the images of {a.images} -> {a.out}", flush=True)
     report = convert(a.format, a.annotations, a)
     print("\n".join(summary_lines(report, a.out)))
     if not sum(report["records"].values()):  # the report is written: it says why

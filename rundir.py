@@ -78,6 +78,15 @@ def claim(run_dir, resume):
             lock.__exit__()
 
 
+def say_written(run_dir):
+    """The end of a run (rank 0): what it wrote, and where."""
+    if is_main():
+        names = [n for n in ("final", "eval.json", "metrics.jsonl", "curves.png") if os.path.exists(os.path.join(run_dir, n))]
+        kept = [os.path.basename(c) for c in checkpoints(run_dir)]
+        print(f"wrote {run_dir}: " + ", ".join(n + "/" if n == "final" else n for n in names)
+              + (f", {', '.join(kept)} (resumable with --resume {run_dir})" if kept else ""))
+
+
 def first_missing(path):
     """The topmost folder of `path` that does not exist yet (what creating it makes), or None."""
     top = None
@@ -376,7 +385,8 @@ def running_mean(values, k=10):
 def plot_curves(run_dir, margin=None):
     """RUN/curves.png from metrics.jsonl: what the curriculum saw and did, step by step (tau and
     the hit rate; the window's r_bar and sigma against P(tau) and S(tau); m_bar against the margin
-    Delta; the reward and the KL; the sampled tokens' entropy), or the loss of an SFT run. Written to a temp file, then renamed."""
+    Delta; the reward and the KL; the sampled tokens' entropy), or the loss of an SFT run, in two rows
+    of panels. Written to a temp file, then renamed; returns each panel's title -> its legend's labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -392,10 +402,15 @@ def plot_curves(run_dir, margin=None):
                           ("entropy",), ("loss",)) if any(k in log[-1] for k in p)]
     if "reward_mean" in log[-1]:
         panels = [p for p in panels if p != ("loss",)]  # a GRPO run's loss is not what to watch
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    cols = math.ceil(len(panels) / 2) if len(panels) > 2 else len(panels)  # two rows: legible on a laptop
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5.2 * cols, 4.4 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     titles = {"tau": "the curriculum", "r_bar": "window: reward and stability checks", "m_bar": "window: margin check",
               "reward_mean": "reward and KL", "entropy": "entropy of the sampled tokens (nats)", "loss": "loss"}
-    for ax, keys in zip(axes[0], panels):
+    legends = {}
+    for ax, keys in zip(axes.flat, panels):
         ax.set_title(titles[keys[0]], fontsize=9)
         for key in keys:
             if key not in log[-1]:
@@ -412,16 +427,21 @@ def plot_curves(run_dir, margin=None):
         if keys == ("reward_mean", "kl") and "kl" in log[-1]:
             ax.lines[-1].remove()  # the KL is small next to the reward: its own axis
             twin = ax.twinx()
-            twin.plot(steps, running_mean(series("kl")), color="tab:red", label="kl (10-step mean)")
+            twin.plot(steps, running_mean(series("kl")), color="tab:red", label="kl (10-step mean, right axis)")
             twin.set_ylabel("kl", color="tab:red")
+            ax.twin = twin
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        handles = ax.get_lines() + (ax.twin.get_lines() if hasattr(ax, "twin") else [])  # the KL's line too
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)  # below the axes: it covers no curve
+        legends[titles[keys[0]]] = [h.get_label() for h in handles]
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+    return legends
 
 
 # ----------------------------------------------------------------------------- what stops a run, what its phases cost

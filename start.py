@@ -19,7 +19,7 @@ import tasks
 from config import PATH_KEYS, Config, check, load_config, parse_args, parse_box_scale, parse_stages, to_config_path
 from data import (DataError, labels_from_json, load_class_dataset, load_dataset, several_boxes, synth_spec,
                   with_knowledge)
-from model import TINY_WARM_START, load_vlm, model_config, unsupported
+from model import FAMILIES, FRAMES, TINY_WARM_START, load_vlm, model_config, unsupported
 from files import RunError, write_json
 from scheduler import make_schedule
 
@@ -95,6 +95,34 @@ def load_data(cfg):
         raise DataError(f"--eval-dataset {spec}: several boxes per query, and {cfg.dataset} one: pass "
                         "--task ground-multi to train on several")
     return train_set, eval_set, spec, None
+
+
+# ----------------------------------------------------------------------------- what the run says first
+def banner(cfg, family, device, train_set, eval_set, eval_spec, run_dir):
+    """The start of a run in a few lines (rank 0), before anything long: where everything goes, what
+    model in what frame on what device, what data, what method; and what the user would otherwise
+    learn too late. `family`: check_models' (model_type, the tiny one?)."""
+    if not dist.is_main():
+        return
+    (model_type, tiny), G = family, cfg.group_size
+    precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if device.startswith("cuda") else "fp32"
+    method = (f"SFT, B={cfg.batch_prompts}" if cfg.algo == "sft" else f"GRPO, B={cfg.batch_prompts} x G={G}"
+              + (f", schedule {cfg.schedule}" if cfg.task != "classify" else ""))
+    print(f"run folder  {run_dir}: metrics.jsonl and curves.png as it goes, checkpoint-N/, final/ (the model), "
+          f"eval.json")
+    print(f"model       {cfg.init or cfg.model} ({model_type}; boxes in {FRAMES[FAMILIES[model_type].coord]}) "
+          f"on {device}, {precision}")
+    print(f"data        {cfg.dataset}: {len(train_set):,} training records; evaluation: "
+          + (f"{eval_spec}, {len(eval_set):,} records" if eval_set else "none"))
+    print(f"method      {method}, {cfg.steps} steps" + (f", resumed from {cfg.resume}" if cfg.resume else ""))
+    if eval_set is None:
+        why = "--eval-dataset none" if cfg.eval_dataset == "none" else f"{cfg.dataset} has no built-in test split"
+        print(f"no evaluation at the end: {why}; pass --eval-dataset FILE, "
+              f"or run eval.py --model {run_dir}/final --dataset FILE afterwards")
+    if tiny and not cfg.dataset.startswith("synth:"):
+        print("note: the built-in tiny model knows only the synthetic images it was warmed up on; on your own images "
+              "its answers will not parse. Train a real VLM: --model Qwen/Qwen2.5-VL-3B-Instruct (README, On a "
+              "real model)")
 
 
 # ----------------------------------------------------------------------------- policy and task
@@ -232,14 +260,16 @@ def check_models(cfg):
     """From the configs alone, before anything loads: the starting model is of a family this code
     trains (model.FAMILIES), and a --ref-model reads token ids and image patches as the policy does
     (a reference with another vocabulary would otherwise fail at its first forward, after the
-    set-up and any warm start)."""
+    set-up and any warm start). Returns the starting model's (family, whether it is the tiny one)."""
     start, flag = cfg.init or cfg.model, "--init" if cfg.init else "--model"
     policy_config = None if start == "tiny" else config_of(start, flag)  # the built-in model is a Qwen2.5-VL
     problem = None if policy_config is None else unsupported(policy_config)
     if problem:
         raise RunError(f"{flag} {start}: {problem}")
+    family = ("qwen2_5_vl", True) if policy_config is None else (policy_config.model_type,
+                                                                  bool(getattr(policy_config, "medloc_tiny", False)))
     if cfg.ref_model in (None, "none"):
-        return
+        return family
     policy_config, ref_config = policy_config or config_of(start, flag), config_of(cfg.ref_model, "--ref-model")
     for field in READ_ALIKE:
         mine, theirs = (functools.reduce(lambda c, key: getattr(c, key, None), field.split("."), config)
@@ -248,6 +278,7 @@ def check_models(cfg):
             raise RunError(f"--ref-model {cfg.ref_model}: its {field} is {theirs!r}, the policy's ({start}) "
                            f"{mine!r}; the reference scores the policy's tokens and image patches, so both must "
                            "read them alike")
+    return family
 
 
 def config_of(name, flag):

@@ -305,12 +305,9 @@ def report(policy, task, eval_set, max_new_tokens, path, title):
 # ----------------------------------------------------------------------------- a whole run
 def train(cfg, run_dir, device):
     """Load the data, start or resume, train, save final/ and evaluate."""
-    start.check_models(cfg)
+    family = start.check_models(cfg)
     train_set, eval_set, eval_spec, labels = start.load_data(cfg)
-    if eval_set is None and dist.is_main():
-        why = "--eval-dataset none" if cfg.eval_dataset == "none" else f"{cfg.dataset} has no built-in test split"
-        print(f"no evaluation at the end: {why}; pass --eval-dataset FILE, "
-              f"or run eval.py --model {run_dir}/final --dataset FILE afterwards")
+    start.banner(cfg, family, device, train_set, eval_set, eval_spec, run_dir)
     if cfg.resume and rundir.checkpoints(run_dir):
         run, step = start.resume(cfg, run_dir, device, labels)
     else:
@@ -337,6 +334,7 @@ def train(cfg, run_dir, device):
         tracker.log_eval(metrics, cfg.steps)
     tracker.close()
     dist.barrier()
+    rundir.say_written(run_dir)
 
 
 def main(argv=None):

@@ -87,3 +87,51 @@ def test_a_failed_run_leaves_no_folder_it_made_and_keeps_one_the_user_made(tmp_p
     with pytest.raises(SystemExit):
         train.main(["--dataset", str(bad), "--eval-dataset", "none", "--steps", "1", "--out", "mine"])
     assert os.listdir(tmp_path / "mine") == []  # the user's folder stays, emptied of nothing it held
+
+
+def test_a_run_says_first_where_everything_goes_and_last_what_it_wrote(tmp_path, capsys):
+    import prepare
+    prepare.main(["synth", "--kind", "derm", "--n", "4", "--out", str(tmp_path / "data")])
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(["--dataset", str(tmp_path / "data" / "data.jsonl"), "--eval-dataset", "none", "--steps", "1",
+                "--batch-prompts", "2", "--group-size", "2", "--threads", "1", "--out", run])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert said[0] == f"run folder  {run}: metrics.jsonl and curves.png as it goes, checkpoint-N/, final/ (the model), eval.json"
+    assert said[1] == "model       tiny (qwen2_5_vl; boxes in pixels of the resized input) on cpu, fp32"
+    assert said[2] == f"data        {tmp_path / 'data' / 'data.jsonl'}: 4 training records; evaluation: none"
+    assert said[3] == "method      GRPO, B=2 x G=2, schedule medloc, 1 steps"
+    assert said[4].startswith("no evaluation at the end: --eval-dataset none")
+    assert said[5].startswith("note: the built-in tiny model knows only the synthetic images")
+    assert said[-1] == f"wrote {run}: final/, metrics.jsonl, curves.png, checkpoint-000001 (resumable with --resume {run})"
+
+
+def test_curves_are_two_rows_of_panels_and_the_kl_is_in_its_legend(tmp_path):
+    import json
+    import rundir
+    from PIL import Image
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (1, 2, 3):
+            f.write(json.dumps({"step": step, "tau": 0.3, "hit_rate": 0.5, "r_bar": 0.5, "sigma": 0.1, "P": 0.8,
+                                "S": 0.2, "m_bar": 0.2, "reward_mean": 1.5, "kl": 0.01, "entropy": 0.4}) + "\n")
+    legends = rundir.plot_curves(str(tmp_path), margin=0.1)
+    assert legends["reward and KL"] == ["reward_mean (10-step mean)", "kl (10-step mean, right axis)"]
+    assert legends["window: margin check"] == ["m_bar", "Delta = 0.1"]
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert len(legends) == 5 and width / height < 2  # 3 x 2 panels, not a 5 x 1 strip
+
+
+def test_save_vis_draws_truth_and_prediction_in_two_colours_at_a_readable_size(tmp_path):
+    import eval as ev
+    from data import load_dataset
+    from PIL import Image
+    samples = load_dataset("synth:derm:test", n=1)
+    truth = samples[0].box
+    shifted = (truth[0] + 5, truth[1], truth[2] + 5, truth[3])
+    from reward import iou
+    ev.save_visualisations(samples, [{"box": shifted, "iou": iou(shifted, truth), "parse_fail": False}], 1, str(tmp_path))
+    [png] = list(tmp_path.iterdir())
+    img = Image.open(png).convert("RGB")
+    assert 512 <= max(img.size) <= 1024 and png.name == f"0000_iou{iou(shifted, truth):.2f}.png"
+    colours = {c for _, c in img.getcolors(1 << 20)}
+    assert (0, 200, 0) in colours and (230, 0, 0) in colours  # the truth's green, the prediction's red
