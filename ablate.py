@@ -17,7 +17,8 @@ each row starts from, the contrasts it reports and the curves it plots. One runn
 runs each stage's `train.py` subprocesses in parallel (results/runs/<study>/...): a run with an
 eval.json is finished and is not redone, one that stopped part-way is resumed from its checkpoint.
 One writer (`report`) turns the finished runs into results/<study>.md, .json, _curves.csv and
-PNG plots: mean ± std over seeds, and differences paired by seed with 95 % t intervals.
+PNG plots: mean ± std over seeds (the population SD), and differences paired by seed with 95 % t
+intervals (the sample SD of the differences).
 The protocols, and what the studies showed, are in results/README.md. --gpus queues the runs over
 GPUs, --print-commands hands them to another scheduler and --report brings their folders back into
 the table; --report-to sends every run to TensorBoard / W&B in the study's group (docs/usage.md).
@@ -673,7 +674,7 @@ def interaction_table(study, records):
                     continue
                 gain_none, gain_group = [p - q for p, q in zip(x, y)], [p - q for p, q in zip(z, w)]
                 mean, half = paired_ci(gain_none, gain_group)
-                positive = sum(p > q for p, q in zip(gain_none, gain_group))
+                positive = sum(round(p - q, 9) > 0 for p, q in zip(gain_none, gain_group))  # 0.4 - 0.2 = 0.3 - 0.1
                 cells.append(f"{mean:+.1f} ± {half:.1f} ({positive}/{len(x)} > 0)")
             lines.append(f"| {label(kind)} | ({a} − {b}) − ({c} − {d}) | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -757,7 +758,8 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
                   for key, ylabel, k in study.curves if key != "completions_sampled"]
     for key, ylabel, k, x, png in plots:
         plot(curves, study, seeds, key, ylabel, os.path.join(out, png), k, x)
-    md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades, box areas as ratios), mean ± std over seeds", "",
+    md = [f"# {name}: {len(seeds)} seed(s), metrics in % (mae in grades, box areas as ratios), mean ± std over seeds "
+          "(the population SD)", "",
           f"`{' '.join(['python', 'ablate.py'] + sys.argv[1:])}`: {wall / 60:.1f} min of wall time on this "
           "2-core machine (summed over invocations if it was resumed)", *header, "",
           table(study, records, columns(study, records))]

@@ -41,6 +41,8 @@ class Config:
     box_format: str = knob("xyxy", "what the JSONL boxes hold: xyxy pixels, xywh pixels, norm1 (0..1) or "
                                    "norm1000 (0..1000)", tuple(BOX_FORMATS))
     skip_invalid: bool = knob(False, "drop invalid records (and say how many) instead of stopping")
+    train_size: int = knob(None, "train on the first N records of the training set only (default: all of them), "
+                                 "a built-in set's too: a small set SFT can overfit, as on a real benchmark")
     eval_dataset: str = knob("auto", "evaluation set; 'auto' = the synthetic test split, 'none' = skip")
     eval_every: int = knob(0, "evaluate every N steps (0: only at the end)")
     eval_n: int = knob(200, "evaluate on at most N samples")
@@ -251,7 +253,7 @@ def _positive():
 
 MERGED_PATCH = 28 * 28  # one merged 2x2 block of 14-pixel patches: the smallest image Qwen encodes
 RANGES = {  # flag -> (test, allowed values in words); None means "the model's default"
-    "eval_every": _at_least(0), "eval_n": _at_least(1),
+    "eval_every": _at_least(0), "eval_n": _at_least(1), "train_size": _at_least(1),
     "min_pixels": _at_least(MERGED_PATCH), "max_pixels": _at_least(MERGED_PATCH),
     "steps": _at_least(1), "batch_prompts": _at_least(1), "group_size": _at_least(2),
     "temperature": _between(0, 10, lo_open=True), "max_new_tokens": _between(1, 32768),

@@ -8,6 +8,7 @@ original-image pixels and where it came from (file:line). `load_dataset(spec)` t
 or `synth:KIND[:SPLIT]` with KIND in derm, xray, us, mix, multi (several boxes); `load_class_dataset` the same for
 classification (`synth:grade|type`). Data sets are written by prepare.py, never here.
 """
+import copy
 import difflib
 import functools
 import json
@@ -328,6 +329,17 @@ class MadeOnAccess(Sequence):
         if i not in self.made:
             self.made[i] = self.make(i)
         return self.made[i]
+
+
+def first_records(samples, n, spec):
+    """The first n records of a training set (--train-size); more than it holds is an error."""
+    if n > len(samples):
+        raise DataError(f"--train-size {n}: {spec} holds {len(samples):,} training records")
+    if isinstance(samples, MadeOnAccess):  # still made on access, the first n alone
+        part = copy.copy(samples)
+        part.n = n
+        return part
+    return samples[:n]
 
 
 class SynthSet(MadeOnAccess):

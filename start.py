@@ -17,8 +17,8 @@ import lora
 import rundir
 import tasks
 from config import PATH_KEYS, Config, check, load_config, parse_args, parse_box_scale, parse_stages, to_config_path
-from data import (DataError, labels_from_json, load_class_dataset, load_dataset, several_boxes, synth_spec,
-                  with_knowledge)
+from data import (DataError, first_records, labels_from_json, load_class_dataset, load_dataset, several_boxes,
+                  synth_spec, with_knowledge)
 from model import FAMILIES, FRAMES, TINY_WARM_START, load_vlm, model_config, unsupported
 from files import RunError, write_json
 from scheduler import make_schedule
@@ -72,6 +72,7 @@ def load_data(cfg):
         knowledge_file = cfg.knowledge if isinstance(cfg.knowledge, str) else None
         train_set, labels = load_class_dataset(cfg.dataset, cfg.labels or knowledge_file, "train", cfg.image_root,
                                                cfg.skip_invalid)
+        train_set = first_records(train_set, cfg.train_size, cfg.dataset) if cfg.train_size else train_set
         if knowledge_file:
             labels = with_knowledge(labels, knowledge_file)
         eval_set = None if spec == "none" else load_class_dataset(spec, labels, "test", cfg.image_root,
@@ -82,6 +83,7 @@ def load_data(cfg):
             raise DataError(f"--knowledge: the labels of {cfg.dataset} have no descriptions to inject")
         return train_set, eval_set, spec, labels
     train_set = load_dataset(cfg.dataset, "train", cfg.image_root, cfg.skip_invalid, box_format=cfg.box_format)
+    train_set = first_records(train_set, cfg.train_size, cfg.dataset) if cfg.train_size else train_set
     eval_set = None if spec == "none" else load_dataset(spec, "test", cfg.image_root, cfg.skip_invalid,
                                                          cfg.eval_n, box_format=cfg.box_format)
     if cfg.task == "ground" and several_boxes(train_set):

@@ -2,7 +2,9 @@
 not redone, and the tables and paired differences average the right runs."""
 import dataclasses
 import json
+import math
 import os
+import statistics
 
 import pytest
 
@@ -475,3 +477,49 @@ def test_the_sparsity_study_starts_very_loose_and_compares_rows_at_equal_complet
     assert "| synth:derm | dapo − fixed | DAPO instead of fixed | +0.0 ± 0.0 | +0.0 ± 0.0 |" in md
     assert "| synth:derm | dapo − fixed | DAPO instead of fixed | -30.0 ± 0.0 |" in md  # A@0.5
     assert (out / "sparsity_entropy_by_completions.png").stat().st_size > 1000
+
+
+def test_the_scaling_study_s_rows_starts_and_order():
+    """Each of raw-iou, medloc and fixed with and without the group std from two warm starts (the
+    sparsity study's and the loose study's), stages and low stages on the sparse one; the rows run
+    seed by seed, so a study stopped part-way has whole seeds."""
+    study = ablate.STUDIES["scaling"]
+    assert study.rows["sparse-raw-iou-none"] == ["--schedule", "raw-iou", "--adv-scale", "none"]
+    assert study.rows["loose-fixed-group"] == ["--schedule", "fixed", "--tau", "0.5"]
+    assert study.rows["sparse-low-stages-group"] == ["--schedule", "stages", "--stages", "0:0.3,0.3333:0.55,0.6667:0.8"]
+    assert len(study.rows) == 14 and not any(r.startswith("loose-") and "stages" in r for r in study.rows)
+    args = ablate.parse_args(["--study", "scaling", "--seeds", "2"])
+    cells = [(k, s) for k in study.sets for s in range(2)]
+    warm, runs = ablate.planned(study, args, "/r", "scaling", cells)
+    assert [(d, f[f.index("--sft-box-scale") + 1]) for d, f in warm] == [("/r/warmstart-sparse", "1.7,1.9"),
+                                                                          ("/r/warmstart-loose", "1.15,1.35")]
+    assert [d.split("/")[2] for d, _ in runs] == ["derm-s0"] * 14 + ["us-s0"] * 14 + ["derm-s1"] * 14 + ["us-s1"] * 14
+    for d, f in runs:
+        assert f[f.index("--init") + 1] == f"/r/warmstart-{d.split('/')[3].split('-')[0]}/final"
+
+
+def test_the_interaction_is_the_paired_difference_of_two_contrasts_with_its_t_interval(tmp_path):
+    """Hand-built runs: A@0.8 of each row by seed; the interaction (a - b) - (c - d) by seed is
+    [0.2, 0.1, 0.3] (in points: 20, 10, 30), so mean 20 and half-width t(2) * sd / sqrt(3)."""
+    rows = {"sparse-medloc-none": [0.5, 0.4, 0.6], "sparse-raw-iou-none": [0.2, 0.2, 0.2],
+            "sparse-medloc-group": [0.3, 0.3, 0.3], "sparse-raw-iou-group": [0.2, 0.2, 0.2]}
+    study = dataclasses.replace(ablate.STUDIES["scaling"], sets=("derm",), rows=dict.fromkeys(rows, []),
+                                interactions=(("sparse-medloc-none", "sparse-raw-iou-none", "sparse-medloc-group",
+                                               "sparse-raw-iou-group", "H1"),), contrasts=())
+    root = tmp_path / "runs"
+    for row, values in rows.items():
+        for seed, v in enumerate(values):
+            folder = root / f"derm-s{seed}" / row
+            fake_run(str(folder), 2 * v, taus=(0.3,) * 3)  # fake_run's A@0.8 is half its A@0.5
+            with open(folder / "metrics.jsonl", "w") as f:
+                for step in (1, 2, 3):
+                    f.write(json.dumps({"step": step, "tau": 0.3, "group_reward_std": 0.1 * step * (seed + 1),
+                                        "parse_fail": 0.25}) + "\n")
+    records = ablate.report(dataclasses.replace(study, early=2), "scaling", str(root), [("derm", s) for s in range(3)],
+                            str(tmp_path), 60.0)
+    md = (tmp_path / "scaling.md").read_text()
+    half = 4.303 * statistics.stdev([20, 10, 30]) / math.sqrt(3)
+    assert f"| synth:derm | (sparse-medloc-none − sparse-raw-iou-none) − (sparse-medloc-group − sparse-raw-iou-group) | H1 | " \
+           f"+20.0 ± {half:.1f} (3/3 > 0) |" in md
+    first = next(r for r in records if r["row"] == "sparse-medloc-none" and r["seed"] == 1)
+    assert first["early_group_reward_std"] == pytest.approx((0.2 + 0.4) / 2) and first["parse_fail"] == 0.25

@@ -163,3 +163,27 @@ def test_synth_cli_writes_a_loadable_jsonl(tmp_path):
     s = load_jsonl(str(tmp_path / "data.jsonl"))
     ref = SynthSet("us", "train", 3)
     assert [x.box for x in s] == [tuple(float(round(v)) for v in r.box) for r in ref]
+
+
+def test_train_size_keeps_the_first_n_records_of_a_file_or_a_built_in_set(folder):
+    from data import SynthSet, first_records
+    full = SynthSet("derm")
+    part = first_records(full, 5, "synth:derm")
+    assert len(part) == 5 and isinstance(part, SynthSet) and len(full) == 2000
+    assert [s.box for s in part] == [full[i].box for i in range(5)] and [s.query for s in part[:2]] == [full[0].query] * 2
+    with pytest.raises(IndexError):
+        part[5]
+    rows = [{"image": "a.png", "problem": f"q{k}", "solution": [0, 0, 1 + k, 1 + k]} for k in range(4)]
+    samples = load_jsonl(write_lines(folder / "d.jsonl", [json.dumps(r) for r in rows]))
+    assert [s.query for s in first_records(samples, 2, "d.jsonl")] == ["q0", "q1"]
+    with pytest.raises(DataError, match="--train-size 5: d.jsonl holds 4 training records"):
+        first_records(samples, 5, "d.jsonl")
+
+
+def test_train_size_below_one_or_beyond_the_set_is_refused_before_anything_loads(tmp_path):
+    import train
+    with pytest.raises(SystemExit, match="--train-size 0: must be >= 1"):
+        train.main(["--train-size", "0", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--train-size 2001: synth:mix holds 2,000 training records"):
+        train.main(["--train-size", "2001", "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
