@@ -502,6 +502,10 @@ def load_config(given, restarted=False):
         with open(path) as f:
             saved = json.load(f)
     except FileNotFoundError:
+        if int(os.environ.get("RANK", "0")) > 0:  # said only if rank 0 has no problem (dist.agree): it sees the folder
+            raise RunError(f"--resume {run_dir}: this rank's host cannot see the run folder that rank 0 sees (no "
+                           "config.json there): every node needs the run folder on the same shared storage "
+                           "(docs/clusters.md)")
         raise RunError(f"--resume {run_dir}: no config.json there (not a run folder)")
     except (OSError, ValueError) as e:
         raise RunError(f"{path}: unreadable ({e})")

@@ -523,3 +523,11 @@ def test_the_interaction_is_the_paired_difference_of_two_contrasts_with_its_t_in
            f"+20.0 ± {half:.1f} (3/3 > 0) |" in md
     first = next(r for r in records if r["row"] == "sparse-medloc-none" and r["seed"] == 1)
     assert first["early_group_reward_std"] == pytest.approx((0.2 + 0.4) / 2) and first["parse_fail"] == 0.25
+
+
+@pytest.mark.parametrize("study", ["compare", "multi", "scaling", "vrft"])
+def test_loose_scale_where_a_study_would_ignore_it_is_refused_in_one_line(study, capsys):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--study", study, "--loose-scale", "1.2,1.4"])
+    assert capsys.readouterr().err.endswith(f"error: --loose-scale 1.2,1.4: only the loose and sparsity studies start "
+                                            f"from loosened boxes (the {study} study would ignore it)\n")

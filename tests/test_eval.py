@@ -50,6 +50,9 @@ def test_eval_out_in_folders_that_do_not_exist_yet_is_written_there(tmp_path, ca
     assert json.loads(out.read_text())["n"] == 2 and len(preds.read_text().splitlines()) == 2
     said = capsys.readouterr().out
     assert f"wrote the metrics to {out}" in said and f"wrote 2 predictions to {preds}" in said
+    lines = said.splitlines()
+    assert lines[0] == "eval.py: tiny (qwen2_5_vl; boxes in pixels of the resized input) on cpu, 2 records of synth:derm"
+    assert lines[lines.index("tiny on synth:derm: 2 samples") + 1].startswith("subset ")  # the table's title
 
 
 @pytest.mark.parametrize("case", ["file in the way", "same file", "predictions a folder"])

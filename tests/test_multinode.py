@@ -158,7 +158,9 @@ def test_a_node_that_cannot_see_the_folder_it_resumes_stops_every_rank_in_one_li
     results = [finish(p, timeout=120) for p in two_nodes(nodes, None, None, extra=["--resume", "res"])]
     for rc, text in results:  # node 1 has no res/: both nodes stop with its line, neither hangs nor prints a traceback
         assert rc != 0 and "start.py\", line" not in text and "dist.py\", line" not in text, text[-1500:]
-        assert "error: rank 1 on " in text and "--resume res: no config.json there (not a run folder)" in text
+        assert "error: rank 1 on " in text and ("--resume res: this rank's host cannot see the run folder that rank 0 "
+                                                "sees (no config.json there): every node needs the run folder on the "
+                                                "same shared storage (docs/clusters.md)") in text
     assert os.listdir(nodes / "node0" / "res") == ["config.json"]  # nothing began
 
 
