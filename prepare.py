@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
-from data import DataError, GROUNDING_KINDS, IMAGE_EXTS, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
-from files import Lock, RunError, first_line, make_folder, regular_file, why, write_json
+from data import DataError, GROUNDING_KINDS, IMAGE_EXTS, MAX_BOXES, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
+from files import Lock, RunError, first_line, make_folder, regular_file, why, write_json, write_whole
 from synth import SPLITS, tight_box
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -60,7 +60,8 @@ TOO_LARGE = f"image over {MAX_IMAGE_PIXELS:,} pixels (as its header declares: ne
 NO_MASK, UNKNOWN_ID = "no mask for this image", "annotation names no known image or category"
 NEGATIVE, SEVERAL, CROWD = ("negative (no box)", "several boxes for one query (--multi-box skip; keep trains them)",
                             "crowd annotation (iscrowd)")
-POLICY = (NEGATIVE, SEVERAL, CROWD)
+TOO_MANY = f"more than {MAX_BOXES} boxes for one query (a record train.py refuses)"
+POLICY = (NEGATIVE, SEVERAL, CROWD, TOO_MANY)
 
 
 class PrepareError(DataError):
@@ -683,7 +684,7 @@ class Record:
     rows: list
 
 
-def image_records(rows, answer, opts, tally, fused):
+def image_records(rows, answer, opts, tally, merged):
     """The records of one image: its rows checked against the image, grouped by query (fused, then
     the multi-box rule), boxes scaled to the file the record points at."""
     if "reason" in answer:
@@ -702,12 +703,16 @@ def image_records(rows, answer, opts, tally, fused):
     sx, sy = answer["size"][0] / W, answer["size"][1] / H
     records = []
     for query, group in by_query.items():
-        lesions = fuse(group, opts.fuse_iou)
-        fused[0] += len(group) - len(lesions)
+        same = {}  # a row repeated (a duplicated COCO instance): one box, its rows all in the record
+        for r in group:
+            same.setdefault(tuple(r.box), r)
+        lesions = fuse(list(same.values()), opts.fuse_iou)
+        merged["duplicate"] += len(group) - len(same)
+        merged["fused"] += len(same) - len(lesions)
         boxes = record_boxes([b for b, _ in lesions], opts.multi_box)
-        if boxes is None:
+        if boxes is None or len(boxes) > MAX_BOXES:
             for r in group:
-                tally.add(r.where, SEVERAL)
+                tally.add(r.where, SEVERAL if boxes is None else TOO_MANY)
             continue
         scaled = [[round(v * s, 2) for v, s in zip(box, (sx, sy, sx, sy))] for box in boxes]
         records.append(Record(relative(answer["image"], opts.out), query, scaled, group[0].patient,
@@ -717,9 +722,7 @@ def image_records(rows, answer, opts, tally, fused):
 
 def write_jsonl(records, out_dir, name="data.jsonl"):
     path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
+    write_whole(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -757,18 +760,18 @@ def convert(fmt, annotations, opts):
             else:
                 by_image[row.image].append(row)
     answers = open_images(by_image, opts)
-    records, fused, made = [], [0], Counter()
+    records, merged, made = [], Counter(), Counter()
     for name in list(by_image):  # rows and answers given up as their records are made: what is held shrinks
         answer = answers.pop(name)
         made[answer.get("made", "left out")] += 1
-        records += image_records(by_image.pop(name), answer, opts, tally, fused)
+        records += image_records(by_image.pop(name), answer, opts, tally, merged)
     split_of = assign_splits(records, opts)
     out = {s: [r for r in records if split_of[r.patient] == s] for s in SPLIT_NAMES}
     report = {"format": fmt, "annotations": [os.path.abspath(p) for p in annotations], "images_dir": os.path.abspath(opts.images),
               "rows_read": rows_read, "rows_in_records": sum(len(r.rows) for r in records),
               "records": {s: len(out[s]) for s in SPLIT_NAMES},
               "patients": {s: len({r.patient for r in out[s]}) for s in SPLIT_NAMES},
-              "left_out": tally.to_json(), "boxes_fused": fused[0],
+              "left_out": tally.to_json(), "boxes_fused": merged["fused"], "boxes_duplicated": merged["duplicate"],
               "boxes_per_record": boxes_per_record(len(r.boxes) for r in records),
               "images": {k: made.get(k, 0) for k in ("converted", "reused", "as is", "left out")},
               "settings": settings_of(opts)}
@@ -821,6 +824,8 @@ def summary_lines(report, out_dir):
     lines.append("boxes    " + ", ".join(f"{v:,} records of {k}" for k, v in report["boxes_per_record"].items()))
     if report["boxes_fused"]:
         lines.append(f"fused    {report['boxes_fused']:,} readers' boxes into the mean of an overlapping one")
+    if report["boxes_duplicated"]:
+        lines.append(f"merged   {report['boxes_duplicated']:,} boxes given twice for one query into one")
     for reason, v in report["left_out"].items():
         lines.append(f"left out {v['count']:,} rows: {reason}, e.g. {v['examples'][0]}")
     return lines + [f"wrote {', '.join(f'{s}.jsonl' for s in SPLIT_NAMES)} and report.json to {out_dir}", "next: "
@@ -1147,7 +1152,10 @@ def run(a):
         print("leaks across files: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
         return summary
     if a.format == "synth":
-        path = write_synth(a.kind, a.n, a.out, a.split, a.seed)
+        try:
+            path = write_synth(a.kind, a.n, a.out, a.split, a.seed)
+        except OSError as e:  # a full disk: the images written so far stay, no half-written JSONL
+            raise PrepareError(f"{a.out}: could not write the synthetic set ({why(e)})")
         print(f"wrote {path}\nnext: python train.py --dataset {path}")
         return None
     if a.format == "npz":

@@ -141,12 +141,16 @@ _MULTI_FORMATS = {  # the answer structure; the box list itself is checked by pa
 }
 
 
+MAX_ANSWER_BOXES = 100  # an answer of more is unparsed: no record holds more (data.MAX_BOXES), and it bounds the matching
+
+
 def _box_of(item):
-    """A box from one JSON item: [x1, y1, x2, y2] or {"bbox_2d": [...]} of finite numbers; else None."""
+    """A box from one JSON item: [x1, y1, x2, y2] or {"bbox_2d": [...]} of finite numbers; else None
+    (a JSON integer too large for a float too)."""
     if isinstance(item, dict):
         item = item.get("bbox_2d")
     ok = isinstance(item, list) and len(item) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in item)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e300 for v in item)
     return tuple(float(v) for v in item) if ok else None
 
 
@@ -160,12 +164,12 @@ def parse_boxes(text):
     fenced = _FENCE.match(body)
     try:
         value = json.loads(fenced.group(1) if fenced else body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or brackets nested deeper than Python recurses
         return None
     one = _box_of(value)
     if one is not None:
         return [one]
-    if not isinstance(value, list):
+    if not isinstance(value, list) or len(value) > MAX_ANSWER_BOXES:
         return None
     boxes = [_box_of(item) for item in value]
     return None if any(b is None for b in boxes) else boxes
@@ -207,19 +211,37 @@ def best_assignment(weights):
     return {owner[j] - 1: j - 1 for j in range(1, n + 1) if owner[j] - 1 < rows and j - 1 < cols}
 
 
+def overlaps(pred, true):
+    """The IoU of every predicted box (a row) with every true box (a column)."""
+    return [[iou(p, t) for t in true] for p in pred]
+
+
 def match_boxes(pred, true):
     """IoUs of the predicted-true pairs of the assignment with the largest total IoU (METHOD.md 4.2),
     pairs that do not overlap left out: a duplicate prediction finds no second partner."""
     if not pred or not true:
         return []
-    overlap = [[iou(p, t) for t in true] for p in pred]
+    overlap = overlaps(pred, true)
     return [overlap[i][j] for i, j in sorted(best_assignment(overlap).items()) if overlap[i][j] > 0]
 
 
-def f1_at(matched, n_pred, n_true, tau):
-    """F1 at tau: 2 TP / (P + T), a matched pair a true positive when its IoU >= tau (MedLoc-R1's
-    threshold reward for several boxes; 1[IoU >= tau] for one box each)."""
-    return 2 * sum(v >= tau for v in matched) / (n_pred + n_true) if n_pred + n_true else 0.0
+def most_hits(overlap, tau):
+    """The true positives at tau: pairs with IoU >= tau in the one-to-one matching that has the most
+    of them, ties broken by its total IoU. The matching of largest total IoU can hold fewer (one
+    pair at 0.571 loses to two at 0.467 + 0.207), so it is its own assignment: a hit weighs more
+    than any total of IoUs (at most min(P, T) < n + 1), one Hungarian pass, O(n^3)."""
+    if not overlap or not overlap[0]:
+        return 0
+    heavy = min(len(overlap), len(overlap[0])) + 1
+    weights = [[heavy * (v >= tau) + v for v in row] for row in overlap]
+    return sum(overlap[i][j] >= tau for i, j in best_assignment(weights).items())
+
+
+def f1_at(overlap, n_pred, n_true, tau):
+    """F1 at tau: 2 TP / (P + T), TP the most pairs at IoU >= tau of any one-to-one matching
+    (most_hits; `overlap` the IoU matrix of overlaps). MedLoc-R1's threshold reward for several
+    boxes; 1[IoU >= tau] for one box each."""
+    return 2 * most_hits(overlap, tau) / (n_pred + n_true) if n_pred + n_true else 0.0
 
 
 def soft_f1(matched, n_pred, n_true):
@@ -244,7 +266,8 @@ def score_multi(texts, gt_boxes, image_sizes, input_sizes, coord, tau, mode="thr
         boxes = [to_image_frame(b, coord, size, in_size) for b in raw or []]
         matched = match_boxes(boxes, truth)
         soft = soft_f1(matched, len(boxes), len(truth)) if raw is not None else 0.0
-        hit = f1_at(matched, len(boxes), len(truth), 0.5 if tau is None else tau) if raw is not None else 0.0
+        hit = (f1_at(overlaps(boxes, truth), len(boxes), len(truth), 0.5 if tau is None else tau)
+               if raw is not None else 0.0)
         fmt = 1.0 if raw is not None and _MULTI_FORMATS[template].fullmatch(text) else 0.0
         acc = hit if mode == "threshold" else soft
         for key, value in (("iou", soft), ("hit", hit), ("acc", acc), ("fmt", fmt), ("reward", acc + w_fmt * fmt),

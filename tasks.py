@@ -16,7 +16,7 @@ import zlib
 
 from data import labels_from_json
 from model import model_config
-from reward import (area_ratio, f1_at, from_image_frame, iou, match_boxes, parse_box, parse_boxes, parse_class,
+from reward import (area_ratio, f1_at, from_image_frame, iou, match_boxes, overlaps, parse_box, parse_boxes, parse_class,
                     score_classes, score_completions, score_multi, soft_f1, to_image_frame)
 
 # METHOD.md section 3: the R1 template asks for reasoning, then the answer.
@@ -243,16 +243,16 @@ class MultiGrounding(Grounding):
         raw = parse_boxes(text)
         boxes = [to_image_frame(b, self.coord, sample.image_size, input_size) for b in raw or []]
         truth = sample.truth()
-        matched = match_boxes(boxes, truth)
+        matched, overlap = match_boxes(boxes, truth), overlaps(boxes, truth)
         P, T = len(boxes), len(truth)
-        return {"text": text, "boxes": boxes, "matched": matched, "parse_fail": raw is None, "truths": T,
-                "f1@0.5": f1_at(matched, P, T, 0.5), "f1@0.8": f1_at(matched, P, T, 0.8),
+        return {"text": text, "boxes": boxes, "matched": matched, "overlap": overlap, "parse_fail": raw is None,
+                "truths": T, "f1@0.5": f1_at(overlap, P, T, 0.5), "f1@0.8": f1_at(overlap, P, T, 0.8),
                 "soft_f1": soft_f1(matched, P, T), "ap50": ap50(boxes, truth),
                 "iou": soft_f1(matched, P, T)}  # what the curriculum's margin reads (eval.sampled_hits)
 
     @staticmethod
     def hit(pred, tau):
-        return f1_at(pred["matched"], len(pred["boxes"]), pred["truths"], tau) if not pred["parse_fail"] else 0.0
+        return f1_at(pred["overlap"], len(pred["boxes"]), pred["truths"], tau) if not pred["parse_fail"] else 0.0
 
     @staticmethod
     def record(sample, pred):

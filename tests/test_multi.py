@@ -11,7 +11,7 @@ import torch
 import eval as ev
 import train
 from data import DataError, load_dataset, several_boxes
-from reward import (best_assignment, f1_at, iou, match_boxes, parse_box, parse_boxes, score_completions, score_multi,
+from reward import (best_assignment, f1_at, iou, match_boxes, overlaps, parse_box, parse_boxes, score_completions, score_multi,
                     soft_f1)
 from scheduler import MedLocScheduler
 from tasks import MultiGrounding, ap50, boxes_text
@@ -59,27 +59,29 @@ def test_the_one_to_one_matching_beats_greedy_where_greedy_is_wrong():
     assert [iou(p, t) for p in P for t in T] == pytest.approx([0.5, 0.8, 0.3, 0.75])
     matched = match_boxes(P, T)
     assert matched == pytest.approx([0.5, 0.75])
-    assert f1_at(matched, 2, 2, 0.5) == 1.0 and soft_f1(matched, 2, 2) == pytest.approx(2 * 1.25 / 4)
-    assert f1_at(matched, 2, 2, 0.6) == pytest.approx(0.5)
+    assert f1_at(overlaps(P, T), 2, 2, 0.5) == 1.0 and soft_f1(matched, 2, 2) == pytest.approx(2 * 1.25 / 4)
+    assert f1_at(overlaps(P, T), 2, 2, 0.6) == pytest.approx(0.5)
 
 
 def test_f1_and_soft_f1_by_hand_for_none_to_three_boxes_a_side():
     # 0 predicted, 2 true: nothing matched, F1 0
-    assert match_boxes([], [A, B]) == [] and f1_at([], 0, 2, 0.5) == 0 and soft_f1([], 0, 2) == 0
+    assert match_boxes([], [A, B]) == [] and f1_at(overlaps([], [A, B]), 0, 2, 0.5) == 0 and soft_f1([], 0, 2) == 0
     # 1 predicted (A exactly), 2 true: TP 1, F1 = 2 / 3, soft = 2 * 1 / 3
     m = match_boxes([A], [A, B])
-    assert m == [1.0] and f1_at(m, 1, 2, 0.5) == pytest.approx(2 / 3) and soft_f1(m, 1, 2) == pytest.approx(2 / 3)
+    assert m == [1.0] and f1_at(overlaps([A], [A, B]), 1, 2, 0.5) == pytest.approx(2 / 3)
+    assert soft_f1(m, 1, 2) == pytest.approx(2 / 3)
     # 3 predicted: A, A again (a duplicate: no second partner), and B shifted by 5 (IoU 5/15 = 1/3); 2 true
     shifted = (25, 0, 35, 10)
     m = match_boxes([A, A, shifted], [A, B])
     assert sorted(m) == pytest.approx([1 / 3, 1.0])
-    assert f1_at(m, 3, 2, 0.5) == pytest.approx(2 * 1 / 5) and f1_at(m, 3, 2, 0.3) == pytest.approx(2 * 2 / 5)
+    three = overlaps([A, A, shifted], [A, B])
+    assert f1_at(three, 3, 2, 0.5) == pytest.approx(2 * 1 / 5) and f1_at(three, 3, 2, 0.3) == pytest.approx(2 * 2 / 5)
     assert soft_f1(m, 3, 2) == pytest.approx(2 * (1 + 1 / 3) / 5)
     # 2 predicted, 3 true, both exact: F1 = 4 / 5
     m = match_boxes([C, A], [A, B, C])
-    assert m == [1.0, 1.0] and f1_at(m, 2, 3, 0.8) == pytest.approx(4 / 5)
+    assert m == [1.0, 1.0] and f1_at(overlaps([C, A], [A, B, C]), 2, 3, 0.8) == pytest.approx(4 / 5)
     # 3 and 3, all exact in another order: 1
-    assert f1_at(match_boxes([C, B, A], [A, B, C]), 3, 3, 0.95) == 1.0
+    assert f1_at(overlaps([C, B, A], [A, B, C]), 3, 3, 0.95) == 1.0
 
 
 def test_one_box_a_side_gives_the_one_box_rewards_and_the_one_box_curriculum():
@@ -225,3 +227,50 @@ def test_one_box_options_on_several_boxes_are_one_line_before_anything_loads(tmp
         train.main(["--task", "ground-multi", "--sft-box-scale", "1.1,1.2", "--out", str(tmp_path / "b")])
     assert "--sft-box-scale and --reward giou have no several-box form" in str(e.value)
     assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
+
+
+def test_f1_at_tau_counts_the_most_hits_of_any_one_to_one_matching():
+    """The review's case: IoUs [[.571, .467], [.207, 0]]. The matching of largest total IoU
+    (P1-T2 + P2-T1 = 0.674) has no pair at >= 0.5; P1-T1 alone has one: F1@0.5 = 2 * 1 / 4 = 0.5.
+    On random cases the count equals brute force over every one-to-one matching."""
+    import itertools
+    import random
+    P, T = [(10, 12, 18, 19), (16, 16, 20, 20)], [(10, 14, 19, 20), (11, 11, 15, 19)]
+    assert [[round(v, 3) for v in row] for row in overlaps(P, T)] == [[0.571, 0.467], [0.207, 0.0]]
+    assert f1_at(overlaps(P, T), 2, 2, 0.5) == 0.5
+
+    def brute(overlap, tau):
+        rows, cols = len(overlap), len(overlap[0])
+        best = 0
+        for perm in itertools.permutations(range(max(rows, cols)), rows):
+            best = max(best, sum(overlap[i][j] >= tau for i, j in enumerate(perm) if j < cols))
+        return best
+    rng = random.Random(0)
+    for _ in range(300):
+        rows, cols = rng.randint(1, 5), rng.randint(1, 5)
+        overlap = [[rng.choice([0.0, rng.random()]) for _ in range(cols)] for _ in range(rows)]
+        tau = rng.choice([0.3, 0.5, 0.8])
+        assert f1_at(overlap, rows, cols, tau) == pytest.approx(2 * brute(overlap, tau) / (rows + cols)), (overlap, tau)
+
+
+def test_the_largest_total_iou_can_hold_fewer_hits_than_another_matching():
+    """Two pairs at 0.45 + 0.45 (total 0.9) against one at 0.85 and one at 0.0: the largest total
+    IoU keeps the two, with no hit at 0.5; the most hits at 0.5 is one."""
+    overlap = [[0.85, 0.45], [0.45, 0.0]]
+    assert sum(v >= 0.5 for v in [overlap[i][j] for i, j in best_assignment(overlap).items()]) == 0
+    assert f1_at(overlap, 2, 2, 0.5) == 0.5
+
+
+def test_huge_numbers_deep_nesting_and_too_many_boxes_are_unparsed_answers_never_exceptions():
+    import json
+    from reward import MAX_ANSWER_BOXES
+    huge = "<answer>[[" + "1" * 400 + ", 2, 3, 4]]</answer>"
+    nested = "<answer>" + "[" * 100_000 + "]" * 100_000 + "</answer>"
+    boxes = [[k, k, k + 5, k + 5] for k in range(1000)]
+    for text in (huge, nested, "<answer>" + json.dumps(boxes) + "</answer>",
+                 "<answer>" + json.dumps(boxes[:MAX_ANSWER_BOXES + 1]) + "</answer>"):
+        assert parse_boxes(text) is None
+    assert len(parse_boxes(json.dumps(boxes[:MAX_ANSWER_BOXES]))) == MAX_ANSWER_BOXES
+    scores = score_multi([huge, nested, json.dumps(boxes)], [[(0, 0, 5, 5)]] * 3, [(100, 100)] * 3, [(100, 100)] * 3,
+                         "abs", 0.5)
+    assert scores["parse_fail"].tolist() == [1.0, 1.0, 1.0] and scores["reward"].tolist() == [0.0, 0.0, 0.0]

@@ -572,3 +572,35 @@ def test_a_jsonl_naming_its_images_by_absolute_paths_still_loads(tmp_path):
                                                           "solution": [1, 2, 30, 40]}) + "\n")
     [sample] = load_jsonl(str(tmp_path / "set" / "t.jsonl"))
     assert sample.image_size == (64, 48) and sample.box == (1, 2, 30, 40)
+
+
+def test_coco_duplicates_merge_and_a_record_over_the_box_limit_is_left_out_with_its_reason(tmp_path):
+    """An instance given twice is one true box (counted as merged); an image of 120 boxes for one
+    query is a record train.py refuses (at most 100), so it is left out and counted, never written."""
+    images = tmp_path / "img"
+    blank(str(images / "1.png"), (300, 300), "RGB")
+    blank(str(images / "2.png"), (300, 300), "RGB")
+    many = [{"image_id": 2, "category_id": 7, "bbox": [2 * k, 2 * k, 3, 3]} for k in range(120)]
+    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": 300, "height": 300} for i in (1, 2)],
+            "annotations": [{"image_id": 1, "category_id": 7, "bbox": [1, 2, 10, 20]}] * 2
+            + [{"image_id": 1, "category_id": 7, "bbox": [50, 50, 10, 10]}] + many,
+            "categories": [{"id": 7, "name": "Polyp"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    report, splits = run("coco", tmp_path / "instances.json", "--images", images, "--out", tmp_path / "o",
+                         "--multi-box", "keep", "--split", "1,0,0")
+    [record] = splits["train"]
+    assert record["boxes"] == [[1.0, 2.0, 11.0, 22.0], [50.0, 50.0, 60.0, 60.0]] and len(record["rows"]) == 3
+    assert report["boxes_duplicated"] == 1
+    assert {k: v["count"] for k, v in report["left_out"].items()} == {prepare.TOO_MANY: 120} and accounted(report)
+    assert len(load_jsonl(str(tmp_path / "o" / "train.jsonl"))) == 1  # what was written, train.py reads
+
+
+def test_prepare_synth_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
+    monkeypatch.setattr(prepare, "write_whole", full)
+    message = error_of("synth", "--kind", "derm", "--n", "2", "--out", tmp_path / "s")
+    assert message == f"error: {tmp_path / 's'}: could not write the synthetic set (disk full)"
+    assert not [n for n in os.listdir(tmp_path / "s") if n.endswith(".tmp")]
