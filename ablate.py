@@ -70,7 +70,7 @@ LOOSE = {**COMPARE, "without-margin": ["--schedule", "medloc", "--no-margin-chec
 LOOSE_SCALE, LOOSE_WARM_STEPS = "1.15,1.35", 1000  # chosen before the rows ran (results/README.md)
 TINY_WARM_START = os.path.join(HERE, "tiny-warmstart")
 # Several boxes per query (METHOD.md 4.2; results/multi-protocol.md): MedLoc-R1's curriculum on F1 at
-# tau against the fixed threshold, the soft F1 (RadVLM-GRPO's reward: --schedule raw-iou) and SFT
+# tau against the fixed threshold, the soft F1 (Raw-IoU's analogue: --schedule raw-iou) and SFT
 MULTI = {"sft": ["--algo", "sft"], "fixed": ["--schedule", "fixed", "--tau", "0.5"],
          "soft-f1": ["--schedule", "raw-iou"], "medloc": ["--schedule", "medloc"]}
 MULTI_METRICS = ("F1@0.5", "F1@0.8", "soft_F1", "mAP@0.5")

@@ -182,7 +182,8 @@ def boxes_text(boxes, template):
 
 
 def ap50(pred, true):
-    """RadVLM's per-sample AP at IoU 0.5, without confidences (METHOD.md 7): the predictions in the
+    """A per-sample AP at IoU 0.5 without confidences, this project's (METHOD.md 7 says how RadVLM's
+    and COCO's differ): the predictions in the
     order written, each a true positive when the unmatched true box it overlaps most has IoU >= 0.5
     (greedy), AP = sum over true positives of precision at that rank / the number of true boxes.
     An empty prediction or truth scores 0."""

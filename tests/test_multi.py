@@ -1,5 +1,5 @@
 """Several boxes per query (METHOD.md 4.2 and 7): the strict list parser, the one-to-one matching
-of largest total IoU, F1 at tau, the soft F1 and RadVLM's per-sample AP, by hand; one box on each
+of largest total IoU, F1 at tau, the soft F1 and the per-sample AP, by hand; one box on each
 side gives the one-box task's numbers; the data, the task and a run through train.py and eval.py."""
 import itertools
 import json
