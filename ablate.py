@@ -7,6 +7,8 @@
     python ablate.py --study vrft      # VRFT-Aug's augmentations on synth:grade and synth:type
     python ablate.py --study multi     # several boxes per query: fixed 0.5, soft F1, MedLoc-R1 on F1 at tau, SFT
     python ablate.py --study sparsity  # the curriculum against DAPO's dynamic sampling where rewards are sparse
+    python ablate.py --study scaling   # raw-iou, medloc, fixed with and without the group std (why the dense reward wins)
+    python ablate.py --study headline  # the paper's claim at 1,000 steps on 128 records (after scaling: its rule)
     python ablate.py --study compare --quick   # 1 seed, a third of the steps: a smoke test
     python ablate.py --study compare --dataset TRAIN --eval-dataset TEST --model M --gpus 0,1 -- --lora-rank 64
                                                # on your data and model, rows queued over your GPUs
@@ -136,6 +138,43 @@ def two_starts(starts):
     return stages
 
 
+# The paper's headline at its own horizon (results/headline-protocol.md): MedLoc-R1 against each other
+# row of the comparison, 1,000 steps on the first HEADLINE_SIZE records from the sparse start, under
+# the advantage scale that the scaling study's result picks (its protocol's rule, headline_scale)
+HEADLINE_SIZE, HEADLINE_STEPS, HEADLINE_EVERY = 128, 1000, 250
+
+
+def headline_scale(out):
+    """The scaling protocol's rule: 'none' if H1 holds on the sparse start on both sets (the
+    interaction on A@0.8 with its 95 % interval above 0), else 'group'; read from OUT/scaling.json,
+    which must hold all five seeds of those four rows on both sets."""
+    path, rows = os.path.join(out, "scaling.json"), ("medloc-none", "raw-iou-none", "medloc-group", "raw-iou-group")
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: the headline study takes its advantage scale from the scaling study's result "
+                         f"({path}: {first_line(e)}); run python ablate.py --study scaling first")
+    holds = []
+    for kind in ("derm", "us"):
+        x, y, z, w = (by_seed(records, kind, f"sparse-{row}", "A@0.8") for row in rows)
+        if not len(x) == len(y) == len(z) == len(w) == 5:
+            raise SystemExit(f"error: {path}: the sparse start's rows {', '.join(rows)} on {kind} are not finished "
+                             "on all 5 seeds; the headline study waits for them (its protocol's rule)")
+        mean, half = paired_ci([a - b for a, b in zip(x, y)], [a - b for a, b in zip(z, w)])
+        holds.append(mean - half > 0)
+    return "none" if all(holds) else "group"
+
+
+def headline_stages(args, root, cells):
+    """The headline's rows from the sparse start: --train-size, the horizon, evaluations on the way."""
+    scale = ADV_SCALES[headline_scale(args.out)]
+    steps = HEADLINE_STEPS // 3 if args.quick else HEADLINE_STEPS
+    rows = {row: flags + ["--train-size", str(HEADLINE_SIZE), "--eval-every", str(HEADLINE_EVERY)]
+            + (scale if row != "sft" else []) for row, flags in COMPARE.items()}
+    return from_warm_start(rows, loose=SPARSE_SCALE)(argparse.Namespace(**{**vars(args), "steps": steps}), root, cells)
+
+
 # VRFT-Aug (METHOD.md section 10) on the built-in classification sets, every row with the r1 template (so there is reasoning to recite)
 VRFT_SETS = ("grade", "type")
 VRFT = {
@@ -181,7 +220,9 @@ class Study:
     drew (each at its last evaluation at or before that budget); contrasted: the metrics the
     contrasts take (default: those that A@0.5, mIoU or macro-F1 do not already summarise);
     interactions: (a, b, c, d, what it measures), the difference of two contrasts (a - b) - (c - d),
-    paired by seed."""
+    paired by seed; seeds: set -> how many seeds it runs (default --seeds); ranked: the steps at
+    which the rows are ranked by their mean first metric (from their evaluations on the way, and
+    eval.json at the end)."""
     sets: tuple
     rows: dict
     stages: object
@@ -193,6 +234,8 @@ class Study:
     equal_completions: bool = False
     contrasted: tuple = None
     interactions: tuple = ()
+    seeds: dict = None
+    ranked: tuple = ()
 
     def rows_for(self, kind):
         return self.rows_of(kind) if self.rows_of else list(self.rows)
@@ -317,6 +360,10 @@ STUDIES = {
     "scaling": Study(("derm", "us"), SCALING, two_starts(SCALING_STARTS), GROUNDING, scaling_contrasts(),
                      CURRICULUM[:3] + (("group_reward_std", "reward std within a group (mean over groups)", 10),),
                      early=30, interactions=scaling_interactions()),
+    "headline": Study(("derm", "us"), COMPARE, headline_stages, GROUNDING,
+                      tuple(("medloc", o, f"MedLoc-R1 instead of {o}") for o in COMPARE if o != "medloc"),
+                      CURRICULUM[:3], contrasted=("A@0.8", "mAP"), seeds={"derm": 5, "us": 10},
+                      ranked=tuple(range(HEADLINE_EVERY, HEADLINE_STEPS + 1, HEADLINE_EVERY))),
     "vrft": Study(VRFT_SETS, VRFT, vrft_stages, CLASSIFICATION,
                   (("sft", "rft", "SFT instead of RL"), ("+PA_p", "rft", "knowledge in the prompt"),
                    ("+PA_pi", "rft", "grounding SFT + RL first"), ("+ground-sft", "rft", "grounding SFT first"),
@@ -680,6 +727,26 @@ def interaction_table(study, records):
     return "\n".join(lines)
 
 
+def ranking_table(study, curves, steps):
+    """Per set and step, the rows from best to worst by their mean first metric over seeds: from the
+    evaluations on the way (eval_* in metrics.jsonl), and the final one (eval.json) at the last step."""
+    key, lines = study.metrics[1] if "A@0.8" in study.metrics else study.metrics[0], []
+    lines = [f"| set | step | rows by mean {key} over seeds, best first |", "|---|---|---|"]
+    for kind in study.sets:
+        for step in steps:
+            means = {}
+            for row in study.rows_for(kind):
+                runs = [(log, final) for (k, r, _), (log, final) in curves.items() if k == kind and r == row]
+                values = [final[key] if log and log[-1]["step"] == step else
+                          next((x[f"eval_{key}"] for x in log if x["step"] == step and f"eval_{key}" in x), None)
+                          for log, final in runs]
+                if runs and None not in values:
+                    means[row] = statistics.mean(values)
+            order = sorted(means, key=means.get, reverse=True)
+            lines.append(f"| {label(kind)} | {step} | " + ", ".join(f"{r} {100 * means[r]:.1f}" for r in order) + " |")
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib's pyplot drawing to files (no display needed), imported only when plotting."""
     import matplotlib
@@ -766,6 +833,11 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
     if study.contrasts:
         md += ["", "Differences paired by seed, in points, mean ± half-width of the 95 % t interval:", "",
                contrast_table(study, records)]
+    if study.ranked:
+        finals = {cell: json.load(open(os.path.join(cell_dir(root, (cell[0], cell[2]), cell[1]), "eval.json")))
+                  for cell in curves}
+        md += ["", "Ranking at each evaluation:", "",
+               ranking_table(study, {c: (curves[c], finals[c]) for c in curves}, study.ranked)]
     if study.interactions:
         md += ["", "Interactions, paired by seed, in points, mean ± half-width of the 95 % t interval "
                "(seeds on which it is positive):", "", interaction_table(study, records)]
@@ -965,9 +1037,10 @@ def main(argv=None):
     root = os.path.join(args.out, "runs", name)
     if args.report and not os.path.isdir(root):
         raise SystemExit(f"error: --report: no {name} study in {args.out} (no runs/{name}/ there); nothing written")
+    cells = [(kind, seed) for kind in study.sets
+             for seed in range(args.seeds if args.quick or not study.seeds else study.seeds[kind])]
+    stages = planned(study, args, root, name, cells)  # a refusal here leaves no folder behind
     os.makedirs(root, exist_ok=True)
-    cells = [(kind, seed) for kind in study.sets for seed in range(args.seeds)]
-    stages = planned(study, args, root, name, cells)
     try:
         with Lock(root, "ablate.py"):  # one command at a time writes a study: no row deleted under another's feet
             return run_study(args, study, name, root, cells, stages)

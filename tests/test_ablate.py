@@ -531,3 +531,46 @@ def test_loose_scale_where_a_study_would_ignore_it_is_refused_in_one_line(study,
         ablate.parse_args(["--study", study, "--loose-scale", "1.2,1.4"])
     assert capsys.readouterr().err.endswith(f"error: --loose-scale 1.2,1.4: only the loose and sparsity studies start "
                                             f"from loosened boxes (the {study} study would ignore it)\n")
+
+
+def scaling_records(gains_none, gains_group):
+    """scaling.json records of the sparse start's four rows: per seed, medloc-none minus raw-iou-none
+    is gains_none[s] and medloc-group minus raw-iou-group gains_group[s] (A@0.8), on both sets."""
+    out = []
+    for kind in ("derm", "us"):
+        for seed, (gn, gg) in enumerate(zip(gains_none, gains_group)):
+            for row, value in (("medloc-none", 0.3 + gn), ("raw-iou-none", 0.3), ("medloc-group", 0.3 + gg),
+                               ("raw-iou-group", 0.3)):
+                out.append({"set": kind, "seed": seed, "row": f"sparse-{row}", "A@0.8": value})
+    return out
+
+
+def test_the_headline_takes_its_scale_from_the_scaling_study_by_its_protocols_rule(tmp_path):
+    (tmp_path / "scaling.json").write_text(json.dumps(scaling_records([0.2, 0.25, 0.3, 0.22, 0.28], [0.0] * 5)))
+    assert ablate.headline_scale(str(tmp_path)) == "none"  # H1 holds on both sets
+    (tmp_path / "scaling.json").write_text(json.dumps(scaling_records([0.2, -0.25, 0.3, -0.22, 0.28], [0.0] * 5)))
+    assert ablate.headline_scale(str(tmp_path)) == "group"  # an interval that covers 0
+    (tmp_path / "scaling.json").write_text(json.dumps(scaling_records([0.2] * 4, [0.0] * 4)))
+    with pytest.raises(SystemExit, match="not finished on all 5 seeds"):
+        ablate.headline_scale(str(tmp_path))
+    (tmp_path / "scaling.json").write_text(json.dumps(scaling_records([0.2, 0.25, 0.3, 0.22, 0.28], [0.0] * 5)))
+    args = ablate.parse_args(["--study", "headline", "--out", str(tmp_path)])
+    study = ablate.STUDIES["headline"]
+    cells = [(k, s) for k in study.sets for s in range(study.seeds[k])]
+    warm, runs = ablate.planned(study, args, str(tmp_path / "r"), "headline", cells)
+    assert len(runs) == 5 * (5 + 10) and warm[0][1][warm[0][1].index("--sft-box-scale") + 1] == "1.7,1.9"
+    medloc = next(f for d, f in runs if d.endswith("us-s9/medloc"))
+    assert medloc[medloc.index("--steps") + 1] == "1000" and medloc[medloc.index("--train-size") + 1] == "128"
+    assert medloc[-2:] == ["--adv-scale", "none"] and medloc[medloc.index("--eval-every") + 1] == "250"
+    sft = next(f for d, f in runs if d.endswith("derm-s0/sft"))
+    assert "--adv-scale" not in sft
+
+
+def test_the_ranking_at_each_evaluation_orders_the_rows_by_their_mean(tmp_path):
+    study = dataclasses.replace(ablate.STUDIES["headline"], sets=("derm",), rows={"a": [], "b": []}, ranked=(1, 2))
+    curves = {("derm", "a", 0): ([{"step": 1, "eval_A@0.8": 0.2}, {"step": 2}], {"A@0.8": 0.1}),
+              ("derm", "a", 1): ([{"step": 1, "eval_A@0.8": 0.4}, {"step": 2}], {"A@0.8": 0.3}),
+              ("derm", "b", 0): ([{"step": 1, "eval_A@0.8": 0.1}, {"step": 2}], {"A@0.8": 0.5}),
+              ("derm", "b", 1): ([{"step": 1, "eval_A@0.8": 0.1}, {"step": 2}], {"A@0.8": 0.5})}
+    assert ablate.ranking_table(study, curves, (1, 2)).splitlines()[2:] == [
+        "| synth:derm | 1 | a 30.0, b 10.0 |", "| synth:derm | 2 | b 50.0, a 20.0 |"]

@@ -85,3 +85,14 @@ def test_eval_on_a_full_disk_says_so_in_one_line_and_leaves_no_temp_file(tmp_pat
     with pytest.raises(SystemExit, match="error: cannot write .*p.jsonl \\(disk full\\)$"):
         ev.main(["--model", "tiny", "--dataset", "synth:derm", "--n", "2", "--predictions", str(preds)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_as_a_command_makes_the_missing_folders_of_out(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "results" / "m.json"
+    done = subprocess.run([sys.executable, "eval.py", "--model", "tiny", "--dataset", "synth:derm", "--n", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert json.loads(out.read_text())["n"] == 1 and done.stdout.strip().splitlines()[-1] == f"wrote the metrics to {out}"
