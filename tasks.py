@@ -199,6 +199,37 @@ def ap50(pred, true):
     return total / len(true)
 
 
+COCO_RECALLS = [k / 100 for k in range(101)]  # COCOeval's recThrs
+
+
+def coco_ap50(pred, true):
+    """COCO's AP at IoU 0.5 of one image, as pycocotools' COCOeval computes it for one category
+    (tested against it): the predictions ranked in the order written (no confidences; at most 100,
+    its maxDets), each taking the not yet matched true box of highest IoU >= 0.5 (the later of
+    equals); the precision made non-increasing from the right and read at the 101 recalls 0, 0.01,
+    ..., 1 (0 beyond the last recall reached), averaged. An empty prediction scores 0."""
+    if not true:
+        raise ValueError("COCO's AP is undefined for an image without true boxes")
+    taken, hits = set(), []
+    for box in pred[:100]:
+        best, m = 0.5, None
+        for g, t in enumerate(true):
+            if g not in taken and iou(box, t) >= best:
+                best, m = iou(box, t), g
+        if m is not None:
+            taken.add(m)
+        hits.append(m is not None)
+    recall, precision, tp = [], [], 0
+    for k, hit in enumerate(hits, 1):
+        tp += hit
+        recall.append(tp / len(true))
+        precision.append(tp / k)
+    for k in range(len(precision) - 1, 0, -1):
+        precision[k - 1] = max(precision[k - 1], precision[k])
+    reached = [next((precision[k] for k, r in enumerate(recall) if r >= level), 0.0) for level in COCO_RECALLS]
+    return sum(reached) / len(reached)
+
+
 def summarize_multi(preds):
     """F1@0.5, F1@0.8, soft F1, mean matched IoU, mAP@0.5 and parse failures over samples (METHOD.md 7)."""
     n = len(preds)
@@ -206,7 +237,7 @@ def summarize_multi(preds):
     matched = [v for p in preds for v in p["matched"]]
     return {"F1@0.5": mean("f1@0.5"), "F1@0.8": mean("f1@0.8"), "soft_F1": mean("soft_f1"),
             "matched_IoU": sum(matched) / len(matched) if matched else 0.0, "mAP@0.5": mean("ap50"),
-            "parse_fail": mean("parse_fail"), "n": n}
+            "COCO_AP@0.5": mean("coco_ap50"), "parse_fail": mean("parse_fail"), "n": n}
 
 
 class MultiGrounding(Grounding):
@@ -248,7 +279,7 @@ class MultiGrounding(Grounding):
         P, T = len(boxes), len(truth)
         return {"text": text, "boxes": boxes, "matched": matched, "overlap": overlap, "parse_fail": raw is None,
                 "truths": T, "f1@0.5": f1_at(overlap, P, T, 0.5), "f1@0.8": f1_at(overlap, P, T, 0.8),
-                "soft_f1": soft_f1(matched, P, T), "ap50": ap50(boxes, truth),
+                "soft_f1": soft_f1(matched, P, T), "ap50": ap50(boxes, truth), "coco_ap50": coco_ap50(boxes, truth),
                 "iou": soft_f1(matched, P, T)}  # what the curriculum's margin reads (eval.sampled_hits)
 
     @staticmethod
@@ -275,7 +306,7 @@ class MultiGrounding(Grounding):
     @staticmethod
     def table(metrics):
         """Plain-text table: one row overall, one per number of true boxes, metrics in percent."""
-        cols = ("F1@0.5", "F1@0.8", "soft_F1", "matched_IoU", "mAP@0.5", "parse_fail")
+        cols = ("F1@0.5", "F1@0.8", "soft_F1", "matched_IoU", "mAP@0.5", "COCO_AP@0.5", "parse_fail")
         rows = [("all", metrics)] + [(f"{k} box", v) for k, v in metrics["by_count"].items()]
         lines = [f"{'subset':<8}{'n':>6}" + "".join(f"{c:>13}" for c in cols)]
         for name, m in rows:

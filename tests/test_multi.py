@@ -274,3 +274,48 @@ def test_huge_numbers_deep_nesting_and_too_many_boxes_are_unparsed_answers_never
     scores = score_multi([huge, nested, json.dumps(boxes)], [[(0, 0, 5, 5)]] * 3, [(100, 100)] * 3, [(100, 100)] * 3,
                          "abs", 0.5)
     assert scores["parse_fail"].tolist() == [1.0, 1.0, 1.0] and scores["reward"].tolist() == [0.0, 0.0, 0.0]
+
+
+def pycocotools_ap50(pred, true):
+    """One image's AP@0.5 by pycocotools' own COCOeval: one category, the predictions scored in the
+    order written, boxes as COCO's x, y, w, h."""
+    import contextlib
+    import io
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]  # noqa: E731
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 200, "height": 200}], "categories": [{"id": 1, "name": "f"}],
+                  "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": xywh(t), "iscrowd": 0,
+                                   "area": (t[2] - t[0]) * (t[3] - t[1])} for k, t in enumerate(true)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes([{"image_id": 1, "category_id": 1, "bbox": xywh(p), "score": 1 - k / 1000}
+                         for k, p in enumerate(pred)]) if pred else COCO()
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.iouThrs, ev.params.areaRng, ev.params.areaRngLbl = np.array([0.5]), [[0, 1e10]], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    return float(np.mean(ev.eval["precision"][0, :, 0, 0, -1]))
+
+
+def test_the_coco_ap50_equals_pycocotools_cocoeval_per_image():
+    pytest.importorskip("pycocotools")
+    import random
+    from tasks import coco_ap50
+    rng = random.Random(1)
+
+    def box():
+        x, y = rng.uniform(0, 150), rng.uniform(0, 150)
+        return (x, y, x + rng.uniform(5, 50), y + rng.uniform(5, 50))
+    for _ in range(150):
+        true = [box() for _ in range(rng.randint(1, 4))]
+        moved = [[v + rng.uniform(-8, 8) for v in t] for t in rng.sample(true, rng.randint(0, len(true)))]
+        pred = [(min(x1, x2), min(y1, y2), max(x1, x2) + 1, max(y1, y2) + 1) for x1, y1, x2, y2 in moved]
+        pred += [box() for _ in range(rng.randint(0, 3))]  # near the truth, and anywhere
+        rng.shuffle(pred)
+        assert coco_ap50(pred, true) == pytest.approx(pycocotools_ap50(pred, true), abs=1e-12), (pred, true)
+    # by hand: a miss, then a hit, on one true box: precision 1/2 at recall 1, so AP = 0.5
+    assert coco_ap50([(50, 50, 60, 60), (0, 0, 10, 10)], [(0, 0, 10, 10)]) == 0.5
+    assert coco_ap50([], [(0, 0, 10, 10)]) == 0.0
