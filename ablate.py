@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import config
 from config import MAY_CHANGE_ON_RESUME
-from files import Lock, RunError, first_line
+from files import Lock, RunError, first_line, write_json, write_whole
 from trackers import parse_report_to
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -222,7 +222,7 @@ class Study:
     interactions: (a, b, c, d, what it measures), the difference of two contrasts (a - b) - (c - d),
     paired by seed; seeds: set -> how many seeds it runs (default --seeds); ranked: the steps at
     which the rows are ranked by their mean first metric (from their evaluations on the way, and
-    eval.json at the end)."""
+    eval.json at the end); data: the --dataset of the one set "data" a study on the user's data runs."""
     sets: tuple
     rows: dict
     stages: object
@@ -236,6 +236,7 @@ class Study:
     interactions: tuple = ()
     seeds: dict = None
     ranked: tuple = ()
+    data: str = None
 
     def rows_for(self, kind):
         return self.rows_of(kind) if self.rows_of else list(self.rows)
@@ -404,8 +405,7 @@ def record_settings(flags, run_dir):
     """Before a run's folder exists: the settings it is started with, beside it."""
     os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
     if not os.path.isdir(run_dir):
-        with open(settings_file(run_dir), "w") as f:
-            json.dump(settings_of(flags), f)
+        write_json(settings_of(flags), settings_file(run_dir), indent=None)
 
 
 def settings_differ(flags, run_dir):
@@ -516,8 +516,7 @@ def print_commands(stages, args, path):
     lines = [" ".join(shlex.quote(c) for c in ["cd", HERE]) + " && " +
              " ".join(shlex.quote(c) for c in command(flags, run_dir, args.gpus_per_row))
              for stage in stages for run_dir, flags in stage]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_whole(path, lambda f: f.write("\n".join(lines) + "\n"))
     print(f"wrote {len(lines)} commands to {path} (stages: {', '.join(str(len(s)) for s in stages)} runs)")
 
 
@@ -528,8 +527,7 @@ def wall_so_far(root, spent):
     if os.path.exists(timing):
         with open(timing) as f:
             spent += json.load(f)
-    with open(timing, "w") as f:
-        json.dump(spent, f)
+    write_json(spent, timing, indent=None)
     return spent
 
 
@@ -660,12 +658,9 @@ def budget_columns(study, records):
     return [c for c in cols if any(r.get(c[0]) is not None for r in records)]
 
 
-def label(kind):
+def label(study, kind):
     """A set's name in the tables: a built-in one, or the --dataset given (the cells' kind "data")."""
-    return DATASET_LABEL.get(kind, f"synth:{kind}")
-
-
-DATASET_LABEL = {}  # "data" -> the --dataset path, set by main
+    return study.data if kind == "data" else f"synth:{kind}"
 
 
 def table(study, records, cols):
@@ -680,7 +675,7 @@ def table(study, records, cols):
                 digits = 2 if key in ("final_tau", "mae", "box_area_ratio", "start_box_area_ratio", "late_entropy",
                                       "early_group_reward_std") else 1
                 cells.append(mean_std(values, scale, digits) if len(values) == len(mine) and values else "-")
-            lines.append(f"| {label(kind)} | {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(study, kind)} | {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -702,7 +697,7 @@ def contrast_table(study, records, prefix=""):
             for k in keys:
                 x, y = by_seed(records, kind, a, prefix + k), by_seed(records, kind, b, prefix + k)
                 cells.append(("{:+.1f} ± {:.1f}".format(*paired_ci(x, y))) if x and len(x) == len(y) else "-")
-            lines.append(f"| {label(kind)} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(study, kind)} | {a} − {b} | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -723,7 +718,7 @@ def interaction_table(study, records):
                 mean, half = paired_ci(gain_none, gain_group)
                 positive = sum(round(p - q, 9) > 0 for p, q in zip(gain_none, gain_group))  # 0.4 - 0.2 = 0.3 - 0.1
                 cells.append(f"{mean:+.1f} ± {half:.1f} ({positive}/{len(x)} > 0)")
-            lines.append(f"| {label(kind)} | ({a} − {b}) − ({c} − {d}) | {meaning} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(study, kind)} | ({a} − {b}) − ({c} − {d}) | {meaning} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -743,7 +738,7 @@ def ranking_table(study, curves, steps):
                 if runs and None not in values:
                     means[row] = statistics.mean(values)
             order = sorted(means, key=means.get, reverse=True)
-            lines.append(f"| {label(kind)} | {step} | " + ", ".join(f"{r} {100 * means[r]:.1f}" for r in order) + " |")
+            lines.append(f"| {label(study, kind)} | {step} | " + ", ".join(f"{r} {100 * means[r]:.1f}" for r in order) + " |")
     return "\n".join(lines)
 
 
@@ -778,7 +773,7 @@ def plot(curves, study, seeds, key, ylabel, path, k=1, x=None):
             xs = [statistics.mean(log[i][x] for log in logs) for i in range(n)] if x else range(1, n + 1)
             ax.plot(xs, mean, label=row)
             ax.fill_between(xs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], alpha=0.2)
-        ax.set_title(label(kind))
+        ax.set_title(label(study, kind))
         ax.set_xlabel(x.replace("_", " ") + " (mean over seeds)" if x else "step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -791,13 +786,13 @@ def plot(curves, study, seeds, key, ylabel, path, k=1, x=None):
 
 def write_curves(curves, keys, path):
     """Every run's per-step numbers (`keys`; empty where a run has none) as one CSV."""
-    with open(path + ".tmp", "w") as f:
+    def write(f):
         f.write("set,row,seed,step," + ",".join(keys) + "\n")
         for (kind, row, seed), log in sorted(curves.items()):
             for r in log:
                 values = ["" if r.get(k) is None else f"{r[k]:.4g}" for k in keys]
                 f.write(f"{kind},{row},{seed},{r['step']}," + ",".join(values) + "\n")
-    os.replace(path + ".tmp", path)
+    write_whole(path, write)
 
 
 def report(study, name, root, cells, out, wall, header=(), failed=None):
@@ -814,8 +809,7 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
             curves[(cell[0], row, cell[1])] = read_run(folder)[1]
     budget = budget_of(curves.values()) if study.equal_completions else None
     records = [record(study, root, (kind, seed), row, budget) for kind, row, seed in curves]
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(records, os.path.join(out, f"{name}.json"), indent=1)
     keys = list(dict.fromkeys([k for k, _, _ in study.curves] + ["reward_mean", "iou_mean", "kl", "loss", "completions_total"]))
     write_curves(curves, keys, os.path.join(out, f"{name}_curves.csv"))
     seeds = sorted({seed for _, seed in cells})
@@ -852,8 +846,7 @@ def report(study, name, root, cells, out, wall, header=(), failed=None):
     if missing:  # the table's '-' cells: runs that failed or have not run (here, or on another machine)
         md += ["", f"Missing ({len(missing)} runs; rerun the same command to run them, or --report once they are done):", ""]
         md += [f"- {m}" for m in missing]
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    write_whole(os.path.join(out, f"{name}.md"), lambda f: f.write("\n".join(md) + "\n"))
     print("\n".join(md))
     print(f"wrote {os.path.join(out, name)}.md, .json, _curves.csv and {len(plots)} plots")
     return records
@@ -1013,8 +1006,7 @@ def study_of(args):
         rows = [r.strip() for r in args.rows.split(",")]
         study = dataclasses.replace(study, rows={r: f for r, f in study.rows.items() if r in rows})
     if args.dataset:
-        DATASET_LABEL["data"] = args.dataset
-        study = dataclasses.replace(study, sets=("data",))
+        study = dataclasses.replace(study, sets=("data",), data=args.dataset)
     return study
 
 
@@ -1053,7 +1045,7 @@ def run_study(args, study, name, root, cells, stages):
     if args.print_commands:
         return print_commands(stages, args, args.print_commands)
     runs = sum(map(len, stages))
-    print(f"ablate.py --study {args.study}: {len(study.rows)} rows on {', '.join(label(k) for k in study.sets)}, "
+    print(f"ablate.py --study {args.study}: {len(study.rows)} rows on {', '.join(label(study, k) for k in study.sets)}, "
           f"{len({s for _, s in cells})} seed(s); {runs} runs in {len(stages)} stage(s) under {root}, "
           f"{'none run (--report)' if args.report else f'{args.jobs} at a time; finished ones are kept'}; "
           f"the report: {os.path.join(args.out, name)}.md", flush=True)
