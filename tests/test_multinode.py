@@ -180,17 +180,18 @@ def test_a_frozen_rank_is_named_once_the_dist_timeout_has_passed(nodes):
     node0, node1 = two_nodes(nodes, shared, shared, extra=["--dist-timeout", "10"], env={"MEDLOC_TEST_KILL": "2:1:STOP"})
     try:
         t0 = time.time()
-        while not (shared / "checkpoint-000002").exists() and time.time() - t0 < 120:
+        while not (shared / "checkpoint-000002").exists() and time.time() - t0 < 300:
             time.sleep(0.2)
-        rc, text = finish(node0, timeout=120)  # not past 90 s as before: the timeout, then the line
-        waited = time.time() - t0
+        frozen = time.time()  # rank 1 stops after this checkpoint: from here rank 0 waits out the timeout
+        rc, text = finish(node0, timeout=300)
+        waited = time.time() - frozen
     finally:  # the frozen worker runs in a session of its own (torchrun's): found by its run folder
         os.killpg(node1.pid, signal.SIGKILL)
         for pid in processes_of(shared):
             os.kill(pid, signal.SIGKILL)
         finish(node1)
     assert rc == 1 and "error: rank 0: rank 1 of this job stopped" in text and "Timed out" in text
-    assert waited < 10 + 30, waited
+    assert waited < 10 + 60, waited  # the 10 s timeout and the way out, on a busy machine; not torch's 600 s default
 
 
 def test_an_elastic_restart_resumes_by_itself_and_ends_as_if_never_stopped(tmp_path, uninterrupted):
