@@ -182,8 +182,7 @@ OTHER_TOOLS = {"num_generations": "--group-size", "learning_rate": "--lr", "outp
                "epsilon": "--eps", "epsilon_high": "--eps-high", "num_iterations": "--updates-per-rollout",
                "scale_rewards": "--adv-scale", "save_steps": "--save-every", "max_grad_norm": "--grad-clip",
                "lora_r": "--lora-rank", "lora_target_modules": "--lora-targets", "bf16": "--precision bf16-mixed",
-               "resume_from_checkpoint": "--resume", "mask_truncated_completions": "--max-new-tokens",
-               "generation_batch_size": "--batch-prompts"}
+               "resume_from_checkpoint": "--resume"}
 
 
 def did_you_mean(token, parser):
