@@ -67,7 +67,8 @@ def claim(run_dir, resume):
             raise RunError(problem)
         yield
     except BaseException:  # a refusal, an error or Ctrl-C before anything could be resumed
-        if lock and not checkpoints(run_dir) and not os.path.isdir(os.path.join(run_dir, "final")):
+        kept = ("config.json", "final", os.path.join("warmstart", "model"))  # resumable, or work done (a warm start)
+        if lock and not checkpoints(run_dir) and not any(os.path.exists(os.path.join(run_dir, k)) for k in kept):
             if made:
                 shutil.rmtree(made, ignore_errors=True)  # the folders this command made, and nothing else
             elif not had_lock:  # the user's own folder, as it was

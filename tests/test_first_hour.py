@@ -135,3 +135,18 @@ def test_save_vis_draws_truth_and_prediction_in_two_colours_at_a_readable_size(t
     assert 512 <= max(img.size) <= 1024 and png.name == f"0000_iou{iou(shifted, truth):.2f}.png"
     colours = {c for _, c in img.getcolors(1 << 20)}
     assert (0, 200, 0) in colours and (230, 0, 0) in colours  # the truth's green, the prediction's red
+
+
+def test_a_failed_run_keeps_its_folder_once_it_holds_a_config_or_a_warm_start(tmp_path, monkeypatch):
+    """A run that stops after its config.json is written (resumable: it starts again with its
+    settings) or after its warm start's model is saved keeps its folder."""
+    import start
+    run = tmp_path / "run"
+
+    def fail_after_config(cfg, run_dir, *a, **k):
+        (run / "config.json").write_text("{}")
+        raise train.RunError("stopped for the test")
+    monkeypatch.setattr(start, "begin", fail_after_config)
+    with pytest.raises(SystemExit, match="stopped for the test"):
+        train.main(["--dataset", "synth:derm", "--eval-dataset", "none", "--steps", "1", "--out", str(run)])
+    assert (run / "config.json").exists()
