@@ -117,7 +117,7 @@ def is_main():
     return rank() == 0
 
 
-def _wire():
+def collective_device():
     """Where collectives run: NCCL moves CUDA tensors only, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -126,7 +126,7 @@ def total(value):
     """Sum of a number over all ranks."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor(float(value), dtype=torch.float64, device=_wire())
+    t = torch.tensor(float(value), dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.item()
 
@@ -135,7 +135,7 @@ def gather(t):
     """Every rank's equally-sized 1-D tensor, concatenated in rank order (on t's device)."""
     if not dist.is_initialized():
         return t
-    mine = t.detach().to(_wire()).contiguous()
+    mine = t.detach().to(collective_device()).contiguous()
     parts = [torch.empty_like(mine) for _ in range(world())]
     dist.all_gather(parts, mine)
     return torch.cat(parts).to(t.device)
@@ -203,7 +203,7 @@ def sharder(fsdp, shard_size=0):
     if fsdp != "hybrid":
         return shard
     size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world()))
-    mesh = init_device_mesh(_wire().type, (world() // size, size), mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh(collective_device().type, (world() // size, size), mesh_dim_names=("replicate", "shard"))
     return functools.partial(shard, mesh=mesh)
 
 

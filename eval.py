@@ -14,7 +14,7 @@ import json
 import os
 
 from config import BOX_FORMATS, OneLineParser, data_problem, device_problems, model_problem
-from files import cannot_write, why, write_json, write_whole
+from files import cannot_write, reason_of, write_json, write_whole
 
 
 def output_problems(out, predictions):
@@ -214,7 +214,7 @@ def main(argv=None):
         write_outputs(a, task, metrics, samples, preds)
     except OSError as e:  # a full disk: said in one line; write_whole leaves no half-written file
         name = str(e.filename or a.out or a.predictions).removesuffix(".tmp")  # the file asked for, not its temp
-        raise SystemExit(f"error: cannot write {name} ({why(e)})")
+        raise SystemExit(f"error: cannot write {name} ({reason_of(e)})")
 
 
 def write_outputs(a, task, metrics, samples, preds):

@@ -19,7 +19,7 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def why(error):
+def reason_of(error):
     """Why a write failed, in a few words: 'disk full' for ENOSPC, the OS's words, or the message's first line."""
     if isinstance(error, OSError):
         return "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 from data import DataError, GROUNDING_KINDS, IMAGE_EXTS, MAX_BOXES, MAX_IMAGE_PIXELS, SynthSet, load_jsonl, read_image, read_labels
-from files import Lock, RunError, first_line, make_folder, regular_file, why, write_json, write_whole
+from files import Lock, RunError, first_line, make_folder, regular_file, reason_of, write_json, write_whole
 from synth import SPLITS, tight_box
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -801,7 +801,7 @@ def write_splits(out, report, out_dir, keep=False):
         for path in paths:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-        raise PrepareError(f"{out_dir}: could not write the splits ({why(e)}); what was there before is as it was")
+        raise PrepareError(f"{out_dir}: could not write the splits ({reason_of(e)}); what was there before is as it was")
     for path in paths:
         os.replace(path + ".tmp", path)
 
@@ -1155,7 +1155,7 @@ def run(a):
         try:
             path = write_synth(a.kind, a.n, a.out, a.split, a.seed)
         except OSError as e:  # a full disk: the images written so far stay, no half-written JSONL
-            raise PrepareError(f"{a.out}: could not write the synthetic set ({why(e)})")
+            raise PrepareError(f"{a.out}: could not write the synthetic set ({reason_of(e)})")
         print(f"wrote {path}\nnext: python train.py --dataset {path}")
         return None
     if a.format == "npz":

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from dist import (barrier, everywhere, from_main, full_state, gather_objects, gathered_tensor, is_main, is_sharded, local,
                   save_shards, world)
-from files import Lock, RunError, first_line, make_folder, why
+from files import Lock, RunError, first_line, make_folder, reason_of
 from model import file_key
 
 
@@ -178,7 +178,7 @@ def save_checkpoint(run_dir, step, policy, optimizer_state, schedule, keep, rngs
             raise
         previous = checkpoints(run_dir)
         kept = f"{os.path.basename(previous[-1])} is intact" if previous else "no earlier checkpoint exists"
-        raise RunError(f"step {step}: could not write the checkpoint ({why(e)}); {kept}")
+        raise RunError(f"step {step}: could not write the checkpoint ({reason_of(e)}); {kept}")
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -209,7 +209,7 @@ def save_sharded_checkpoint(run_dir, step, run, rngs):
     except (OSError, RuntimeError) as e:  # a rank's failed write fails the collective save on every rank
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"step {step}: could not write the sharded checkpoint ({why(e)})")
+        raise RunError(f"step {step}: could not write the sharded checkpoint ({reason_of(e)})")
     barrier()
     if is_main():
         for old in checkpoints(run_dir)[:-run.cfg.keep_checkpoints]:
@@ -249,7 +249,7 @@ def save_model(policy, folder, weights=None, dtype=None):
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
-        raise RunError(f"could not write {folder} ({why(e)}); the last checkpoint is intact")
+        raise RunError(f"could not write {folder} ({reason_of(e)}); the last checkpoint is intact")
 
 
 def save_final(policy, folder, cfg):

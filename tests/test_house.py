@@ -60,9 +60,9 @@ def test_first_line_takes_the_first_line_or_the_type_and_bounds_it():
 
 def test_why_names_a_full_disk(tmp_path):
     import errno
-    assert files.why(OSError(errno.ENOSPC, "No space left on device")) == "disk full"
-    assert files.why(OSError(errno.EACCES, "Permission denied")) == "Permission denied"
-    assert files.why(ValueError("one\ntwo")) == "one"
+    assert files.reason_of(OSError(errno.ENOSPC, "No space left on device")) == "disk full"
+    assert files.reason_of(OSError(errno.EACCES, "Permission denied")) == "Permission denied"
+    assert files.reason_of(ValueError("one\ntwo")) == "one"
 
 
 def test_write_json_replaces_whole_and_leaves_no_temporary(tmp_path):
